@@ -1,0 +1,40 @@
+# The commands anyone needs: make test, make bench, make gpu-check.
+# `make test` and `make bench` set everything up on a new machine: a virtualenv in
+# .venv with torch (TORCH_SPEC), then an in-place build of ln_ext._C.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          ?= $(VENV)/bin/python
+TORCH_SPEC  ?= torch==2.14.1
+DEPS        ?= numpy pytest ninja setuptools wheel matplotlib tqdm
+# The CUDA toolkit, when this machine has one (auto-detection finds /usr/local and fails).
+CUDA_HOME   ?= $(firstword $(wildcard /usr/local/cuda))
+MAX_JOBS    ?= $(shell nproc)
+export CUDA_HOME MAX_JOBS
+
+.PHONY: test bench build gpu-check clean
+
+$(VENV)/.ready:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(DEPS)
+	touch $@
+
+# Depends on the venv only when PY is the venv's python (not with PY=python3 on a GPU box).
+build: $(if $(filter $(VENV)/%,$(PY)),$(VENV)/.ready)
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q -ra tests
+
+bench: build
+	$(PY) benchmarks/bench_layer_norm.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_rnn.py $(BENCH_ARGS)
+
+# On a machine with an NVIDIA GPU: build for it, CUDA tests, compute-sanitizer,
+# quick benchmarks; results under $(GPU_CHECK_OUT).
+GPU_CHECK_OUT ?= gpu_out
+gpu-check:
+	GPU_CHECK_OUT=$(GPU_CHECK_OUT) bash scripts/gpu_check.sh
+
+clean:
+	rm -rf build ln_ext/_C*.so
