@@ -4,7 +4,8 @@
 On a GPU: measures the copy and read-2-write-1 ceilings, then forward, backward (dx, dweight,
 dbias) and forward+backward for each provider over N at M*N ~ 2^26, plus a few-rows latency
 set. On the CPU: ln_ext vs nn.LayerNorm on a few shapes. Every provider's output and gradients
-are checked once against a float64 reference before it is timed; a mismatch is marked WRONG.
+are checked once against a float64 reference before it is timed; a mismatch is marked ✗ in
+every table and listed under the header, and a mismatching ln_ext makes the exit status 1.
 
 Writes <out>/layer_norm.json (raw numbers), layer_norm.md (tables) and layer_norm.png (plots).
 See benchmarks/README.md for the columns and the JSON schema.
@@ -36,9 +37,10 @@ LATENCY_N = 4096
 GPU_DEFAULTS = dict(dtypes=["bf16", "fp16", "fp32", "mixed"], n=sorted(N_POW + N_ODD), elements=2**26,
                     latency_m=[1, 16, 128])
 GPU_QUICK = dict(dtypes=["bf16"], n=[1024, 4096, 5127, 16384, 65536, 262144], elements=2**26, latency_m=[16])
-CPU_DEFAULTS = dict(dtypes=["fp32", "bf16"], n=[256, 1024, 4096, 5127, 16384], elements=2**22,
+# CPU: M*N = 2^23 puts an fp32 tensor (32 MiB) beyond most last-level caches.
+CPU_DEFAULTS = dict(dtypes=["fp32", "bf16"], n=[256, 1024, 4096, 5127, 16384], elements=2**23,
                     latency_m=[1, 16, 128])
-CPU_QUICK = dict(dtypes=["fp32", "bf16"], n=[1024, 5127], elements=2**20, latency_m=[16])
+CPU_QUICK = dict(dtypes=["fp32", "bf16"], n=[1024, 5127], elements=2**21, latency_m=[16])
 MODES = ("fwd", "bwd", "fwd_bwd")
 MODE_TITLES = {"fwd": "forward", "bwd": "backward (dx, dweight, dbias)", "fwd_bwd": "forward + backward"}
 
@@ -252,7 +254,7 @@ def run_case(case: Case, providers: list[Provider], device, args, bar) -> list[d
             bar.update(len(MODES) if case.kind == "throughput" else 1)
             continue
         if not verdict["ok"]:
-            print(f"\nWRONG: {provider.name} {case.dtype} M={case.m} N={case.n}: {verdict}", file=sys.stderr)
+            print(f"\nMISMATCH: {provider.name} {case.dtype} M={case.m} N={case.n}: {verdict}", file=sys.stderr)
         inputs = [x, *params]
         if case.kind == "throughput":
             y = fn(x)
@@ -290,11 +292,11 @@ def run_case(case: Case, providers: list[Provider], device, args, bar) -> list[d
 def add_relative_numbers(records: list[dict], ceilings: dict) -> None:
     """% of copy for every timing, and speed-ups vs nn.LayerNorm (same shape, dtype, mode)."""
     key = lambda r: (r["kind"], r["dtype"], r["M"], r["N"], r["mode"])  # noqa: E731
-    torch_ms = {key(r): r["ms"] for r in records if r["provider"] == "torch" and "ms" in r and r["correct"]}
+    torch_ms = {key(r): r["ms"] for r in records if r["provider"] == "torch" and "ms" in r}
     for r in records:
         if "gbps" in r:
             r["pct_copy"] = 100 * r["gbps"] / ceilings["copy_gbps"]
-        if "ms" in r and r["correct"] and key(r) in torch_ms:
+        if "ms" in r and key(r) in torch_ms:
             r["speedup_vs_torch"] = torch_ms[key(r)] / r["ms"]
 
 
@@ -306,10 +308,8 @@ def _cell(r: Optional[dict]) -> str:
         return "—"
     if "error" in r:
         return "n/a"
-    if not r["correct"]:
-        worst = max(r["check"]["error_ratio"].values())
-        return f"**WRONG** (err {worst:.3g}× tol)"
-    return f"{r['gbps']:.0f} ({r['pct_copy']:.0f}%)"
+    mark = "" if r["correct"] else " " + common.MISMATCH
+    return f"{r['gbps']:.0f} ({r['pct_copy']:.0f}%){mark}"
 
 
 def _lookup(records, kind, dtype, m, n, provider, mode):
@@ -331,10 +331,12 @@ def markdown_report(payload: dict) -> str:
     missing = payload["missing"]
     if missing:
         out.append("Not measured: " + "; ".join(f"{labels[p]} ({why})" for p, why in missing.items()) + ".")
-    wrong = [r for r in records if r.get("correct") is False]
-    if wrong:
-        out.append(f"**{len(wrong)} timings come from outputs that did not match the float64 reference "
-                   "(marked WRONG).**")
+    notes = common.mismatch_notes(
+        records, lambda r: f"{labels[r['provider']]} {r['dtype']} M={r['M']} N={r['N']}")
+    notes += common.error_notes(records, lambda p: labels[p])
+    if notes:
+        out += ["", f"**Notes** ({common.MISMATCH}: outputs missed the float64 reference; n/a: the provider "
+                "failed):", ""] + notes
     out.append("")
     throughput = [r for r in records if r["kind"] == "throughput"]
     for dtype in payload["config"]["dtypes"]:
@@ -354,16 +356,20 @@ def markdown_report(payload: dict) -> str:
                     ours = cells["ln_ext"]
                     for p in peers:
                         peer = cells[p]
-                        ok = all(c is not None and c.get("correct") for c in (ours, peer))
-                        row.append(common.fmt_ratio(peer["ms"] / ours["ms"]) if ok else "—")
+                        if not all(c is not None and "ms" in c for c in (ours, peer)):
+                            row.append("—")
+                            continue
+                        mark = "" if ours["correct"] and peer["correct"] else " " + common.MISMATCH
+                        row.append(common.fmt_ratio(peer["ms"] / ours["ms"]) + mark)
                 rows.append(row)
             dt = f"{dtype} (x {str(x_dt)[6:]}, weight/bias {str(p_dt)[6:]})" if dtype == "mixed" else dtype
             out += [f"### {dt}, {MODE_TITLES[mode]}", "", common.markdown_table(headers, rows), ""]
     latency = [r for r in records if r["kind"] == "latency"]
     if latency:
+        alone = "the device time alone" if env["device"] == "cuda" else "the median of single timed calls"
         out += [f"### Few rows: forward + backward per call, N = {LATENCY_N}", "",
-                "Wall time per call of back-to-back calls (Python and launch included), and in brackets the "
-                "device time alone.", ""]
+                f"Wall time per call of back-to-back calls (Python and launch included), and in brackets {alone}.",
+                ""]
         headers = ["dtype", "M"] + [labels[p] for p in names]
         rows = []
         for dtype, m in sorted({(r["dtype"], r["M"]) for r in latency}, key=lambda k: (payload["config"]["dtypes"].index(k[0]), k[1])):
@@ -372,10 +378,9 @@ def markdown_report(payload: dict) -> str:
                 r = _lookup(latency, "latency", dtype, m, LATENCY_N, p, "fwd_bwd")
                 if r is None or "error" in r:
                     row.append("n/a" if r else "—")
-                elif not r["correct"]:
-                    row.append("**WRONG**")
                 else:
-                    row.append(f"{r['wall_us']:.1f} µs ({r['ms'] * 1e3:.1f} µs)")
+                    mark = "" if r["correct"] else " " + common.MISMATCH
+                    row.append(f"{r['wall_us']:.1f} µs ({r['ms'] * 1e3:.1f} µs){mark}")
             rows.append(row)
         out += [common.markdown_table(headers, rows), ""]
     return "\n".join(out)
@@ -441,7 +446,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=common.csv_list(int), help="hidden sizes N (default: by device)")
     p.add_argument("--m", type=common.csv_list(int),
                    help="row counts M, each run with each N (default: M = elements / N)")
-    p.add_argument("--elements", type=int, help="M*N target when --m is not given (GPU 2^26, CPU 2^22)")
+    p.add_argument("--elements", type=int, help="M*N target when --m is not given (GPU 2^26, CPU 2^23)")
     p.add_argument("--latency-m", type=common.csv_list(int),
                    help=f"M of the few-rows latency set at N={LATENCY_N}; '' for none")
     p.add_argument("--providers", type=common.csv_list(),

@@ -149,8 +149,10 @@ def ln_ext_missing() -> Optional[str]:
         import ln_ext
     except Exception as exc:  # noqa: BLE001
         return f"ln_ext does not import: {type(exc).__name__}: {exc}".splitlines()[0]
-    absent = [n for n in ("LayerNormLSTM", "LayerNormGRU") if not hasattr(ln_ext, n)]
-    return f"this ln_ext has no {' / '.join(absent)} yet" if absent else None
+    # With one of the two, the other cell's rows say n/a with the reason.
+    if not any(hasattr(ln_ext, n) for n in ("LayerNormLSTM", "LayerNormGRU")):
+        return "this ln_ext has no LayerNormLSTM / LayerNormGRU yet"
+    return None
 
 
 # ----------------------------------------------------------------------------- one shape
@@ -191,7 +193,7 @@ def run_shape(cell, dtype, hidden, providers, device, args, bar) -> list[dict]:
             bar.update(len(MODES))
             continue
         if not verdict["ok"]:
-            print(f"\nWRONG: {provider.name} {cell} {dtype} H={hidden}: {verdict}", file=sys.stderr)
+            print(f"\nMISMATCH: {provider.name} {cell} {dtype} H={hidden}: {verdict}", file=sys.stderr)
         xg = x.detach().requires_grad_()
         inputs = [xg, *module.parameters()]
 
@@ -218,7 +220,7 @@ def run_shape(cell, dtype, hidden, providers, device, args, bar) -> list[dict]:
 def add_relative_numbers(records: list[dict]) -> None:
     """ln_ext time / nn.LSTM time (target <= 1.5) and naive time / each provider's time."""
     key = lambda r: (r["cell"], r["dtype"], r["H"], r["mode"])  # noqa: E731
-    timed = [r for r in records if "ms" in r and r["correct"]]
+    timed = [r for r in records if "ms" in r]
     torch_ms = {key(r): r["ms"] for r in timed if r["provider"] == "torch"}
     naive_ms = {key(r): r["ms"] for r in timed if r["provider"] == "naive"}
     for r in timed:
@@ -243,7 +245,7 @@ def _cell(r: Optional[dict]) -> str:
         return "—"
     if "error" in r:
         return "n/a"
-    return common.fmt_ms(r["ms"]) if r["correct"] else "**WRONG**"
+    return common.fmt_ms(r["ms"]) + ("" if r["correct"] else " " + common.MISMATCH)
 
 
 def markdown_report(payload: dict) -> str:
@@ -257,28 +259,34 @@ def markdown_report(payload: dict) -> str:
            f"cuDNN {env.get('tf32_cudnn')}."]
     if payload["missing"]:
         out.append("Not measured: " + "; ".join(f"{labels[p]} ({why})" for p, why in payload["missing"].items()) + ".")
+    notes = common.mismatch_notes(
+        records, lambda r: f"{labels[r['provider']]} {r['cell']} {r['dtype']} H={r['H']}")
+    notes += common.error_notes(records, lambda p: labels[p])
+    if notes:
+        out += ["", f"**Notes** ({common.MISMATCH}: outputs missed their float64 CPU copy; n/a: the provider "
+                "failed):", ""] + notes
     out.append("")
-    headers = ["cell", "dtype", "H"]
     for mode in MODES:
-        headers += [f"{labels[p]} {'fwd' if mode == 'fwd' else 'fwd+bwd'}" for p in names]
-    if "ln_ext" in names and "torch" in names:
-        headers.append("ln_ext / nn (fwd+bwd, target ≤ 1.5×)")
-    if "ln_ext" in names and "naive" in names:
-        headers.append("naive / ln_ext (fwd+bwd, target ≥ 8×)")
-    rows = []
-    for cell in cfg["cells"]:
-        for dtype in cfg["dtypes"]:
-            for hidden in cfg["hidden"]:
-                row = [cell, dtype, hidden]
-                for mode in MODES:
-                    row += [_cell(_lookup(records, cell, dtype, hidden, p, mode)) for p in names]
-                ours = _lookup(records, cell, dtype, hidden, "ln_ext", "fwd_bwd") or {}
-                if "ln_ext" in names and "torch" in names:
-                    row.append(common.fmt_ratio(ours.get("time_vs_torch")))
-                if "ln_ext" in names and "naive" in names:
-                    row.append(common.fmt_ratio(ours.get("speedup_vs_naive")))
-                rows.append(row)
-    out += [common.markdown_table(headers, rows), ""]
+        headers = ["cell", "dtype", "H"] + [labels[p] for p in names]
+        ratios = mode == "fwd_bwd"
+        if ratios and "ln_ext" in names and "torch" in names:
+            headers.append("ln_ext / nn (target ≤ 1.5×)")
+        if ratios and "ln_ext" in names and "naive" in names:
+            headers.append("naive / ln_ext (target ≥ 8×)")
+        rows = []
+        for cell in cfg["cells"]:
+            for dtype in cfg["dtypes"]:
+                for hidden in cfg["hidden"]:
+                    row = [cell, dtype, hidden] + [_cell(_lookup(records, cell, dtype, hidden, p, mode)) for p in names]
+                    ours = _lookup(records, cell, dtype, hidden, "ln_ext", mode) or {}
+                    mark = " " + common.MISMATCH if ours.get("correct") is False else ""
+                    if ratios and "ln_ext" in names and "torch" in names:
+                        row.append(common.fmt_ratio(ours.get("time_vs_torch")) + mark)
+                    if ratios and "ln_ext" in names and "naive" in names:
+                        row.append(common.fmt_ratio(ours.get("speedup_vs_naive")) + mark)
+                    rows.append(row)
+        title = "forward (inference)" if mode == "fwd" else "forward + backward"
+        out += [f"### {title}, time per call", "", common.markdown_table(headers, rows), ""]
     return "\n".join(out)
 
 

@@ -303,6 +303,29 @@ def error_ratio(out: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
     return float(((out - ref).abs() / (tol * (ref.abs() + scale))).max())
 
 
+MISMATCH = "✗"  # marks a timing whose outputs missed the reference, in every table
+
+
+def mismatch_notes(records: Iterable[dict], describe: Callable[[dict], str]) -> list[str]:
+    """Markdown bullets naming each provider/shape whose check failed, with its worst output."""
+    notes = {}
+    for r in records:
+        if r.get("correct") is False:
+            ratios = r["check"]["error_ratio"]
+            worst = max(ratios, key=ratios.get)
+            notes[describe(r)] = f"- {MISMATCH} {describe(r)}: {worst} off by {ratios[worst]:.3g}× the tolerance"
+    return list(notes.values())
+
+
+def error_notes(records: Iterable[dict], label: Callable[[str], str]) -> list[str]:
+    """Markdown bullets for the 'n/a' cells: each provider's distinct failure reasons."""
+    notes = {}
+    for r in records:
+        if "error" in r:
+            notes.setdefault((r["provider"], r["error"]), f"- n/a, {label(r['provider'])}: {r['error']}")
+    return list(notes.values())
+
+
 # ----------------------------------------------------------------------------- progress
 
 
