@@ -11,7 +11,7 @@ Writes <out>/layer_norm.json (raw numbers), layer_norm.md (tables) and layer_nor
 See benchmarks/README.md for the columns and the JSON schema.
 
     python benchmarks/bench_layer_norm.py                 # everything this machine can run
-    python benchmarks/bench_layer_norm.py --quick         # a subset, < 3 min on an H100
+    python benchmarks/bench_layer_norm.py --quick         # a subset (no torch.compile), about a minute
     python benchmarks/bench_layer_norm.py --dtypes bf16 --n 4096,5127 --providers ln_ext,torch
 """
 from __future__ import annotations
@@ -155,6 +155,8 @@ PROVIDERS = [
 ]
 BY_NAME = {p.name: p for p in PROVIDERS}
 CPU_DEFAULT_PROVIDERS = ["ln_ext", "torch"]
+# --quick on a GPU leaves out torch.compile unless named: its compiles would be most of the run.
+GPU_QUICK_PROVIDERS = [p.name for p in PROVIDERS if p.name != "compile"]
 
 
 def why_missing(provider: Provider, device: torch.device) -> Optional[str]:
@@ -324,6 +326,9 @@ def markdown_report(payload: dict) -> str:
     labels = {p: payload["providers"][p]["label"] for p in payload["providers"]}
     peers = [p for p in names if p != "ln_ext"]
     out = [f"## LayerNorm: {common.card_name(env)}", "", common.header_line(env), ""]
+    done, total = payload["completed"].split(" of ")
+    if done != total:
+        out += [f"**Interrupted: {payload['completed']} measured.**", ""]
     out.append(f"Ceilings measured in this run: copy **{ceilings['copy_gbps']:.0f} GB/s**, read-2-write-1 "
                f"(`torch.add(x, y, out=z)`) {ceilings['read2_write1_gbps']:.0f} GB/s. "
                f"Timing: {payload['timing']}. Cells: GB/s (% of copy); forward counts 2·M·N elements moved, "
@@ -450,8 +455,10 @@ def parse_args(argv=None):
     p.add_argument("--latency-m", type=common.csv_list(int),
                    help=f"M of the few-rows latency set at N={LATENCY_N}; '' for none")
     p.add_argument("--providers", type=common.csv_list(),
-                   help=f"from {[q.name for q in PROVIDERS]} (default: all on a GPU, ln_ext,torch on the CPU)")
-    p.add_argument("--quick", action="store_true", help="a small subset (bf16, 6 N, M=16 latency)")
+                   help=f"from {[q.name for q in PROVIDERS]} (default: all on a GPU, but compile only "
+                   "without --quick; ln_ext,torch on the CPU)")
+    p.add_argument("--quick", action="store_true",
+                   help="a small subset: bf16, 6 N, M=16 latency, no torch.compile unless named")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--rep-ms", type=float, help="time budget per measurement (default 100, quick 40)")
     p.add_argument("--warmup-ms", type=float, default=25)
@@ -483,7 +490,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     env = common.environment(device)
-    wanted = args.providers or ([p.name for p in PROVIDERS] if on_gpu else CPU_DEFAULT_PROVIDERS)
+    if args.providers:
+        wanted = args.providers
+    elif on_gpu:
+        wanted = GPU_QUICK_PROVIDERS if args.quick else [p.name for p in PROVIDERS]
+    else:
+        wanted = CPU_DEFAULT_PROVIDERS
     provider_info, missing, providers = {}, {}, []
     for p in PROVIDERS:
         reason = why_missing(p, device)
@@ -515,11 +527,16 @@ def main(argv=None) -> int:
 
     steps = sum(len(providers) * (len(MODES) if c.kind == "throughput" else 1) for c in cases)
     bar = common.progress(steps, "layer_norm")
-    records = []
-    for case in cases:
-        records += run_case(case, providers, device, args, bar)
-        if on_gpu:
-            torch.cuda.empty_cache()
+    records, done = [], 0
+    common.interrupt_on_sigterm()
+    try:
+        for case in cases:
+            records += run_case(case, providers, device, args, bar)
+            done += 1
+            if on_gpu:
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: writing the {done} of {len(cases)} shapes finished", file=sys.stderr)
     bar.close()
     add_relative_numbers(records, ceilings)
 
@@ -532,6 +549,7 @@ def main(argv=None) -> int:
         "ceilings": ceilings,
         "providers": provider_info,
         "missing": missing,
+        "completed": f"{done} of {len(cases)} shapes",
         "results": records,
     }
     out_dir = args.out or common.default_out_dir(env)
@@ -546,6 +564,8 @@ def main(argv=None) -> int:
     if wrong:
         print(f"outputs that did not match the float64 reference: {', '.join(wrong)}", file=sys.stderr)
     # A wrong ln_ext fails the run (and `make bench`); a wrong peer is reported only.
+    if done < len(cases):
+        return 130
     return 1 if "ln_ext" in wrong else 0
 
 

@@ -252,7 +252,9 @@ def markdown_report(payload: dict) -> str:
     env, cfg, records = payload["env"], payload["config"], payload["results"]
     names = [p for p in payload["providers"] if payload["providers"][p]["available"]]
     labels = {p: payload["providers"][p]["label"] for p in payload["providers"]}
-    out = [f"## LN-RNN: {common.card_name(env)}", "", common.header_line(env), "",
+    done, total = payload["completed"].split(" of ")
+    interrupted = [f"**Interrupted: {payload['completed']} measured.**", ""] if done != total else []
+    out = [f"## LN-RNN: {common.card_name(env)}", "", common.header_line(env), "", *interrupted,
            f"T = {cfg['seq_len']}, B = {cfg['batch']}, input size = hidden size H, one layer. "
            f"Timing: {payload['timing']}. Forward: inference (no autograd graph); forward + backward: "
            f"gradients of the input and every parameter. TF32: matmul {env.get('tf32_matmul')}, "
@@ -394,11 +396,16 @@ def main(argv=None) -> int:
         print("not measured: " + "; ".join(f"{k} ({v})" for k, v in missing.items()), file=sys.stderr)
     shapes = [(c, d, h) for c in args.cells for d in args.dtypes for h in args.hidden]
     bar = common.progress(len(shapes) * len(providers) * len(MODES), "rnn")
-    records = []
-    for cell, dtype, hidden in shapes:
-        records += run_shape(cell, dtype, hidden, providers, device, args, bar)
-        if on_gpu:
-            torch.cuda.empty_cache()
+    records, done = [], 0
+    common.interrupt_on_sigterm()
+    try:
+        for cell, dtype, hidden in shapes:
+            records += run_shape(cell, dtype, hidden, providers, device, args, bar)
+            done += 1
+            if on_gpu:
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: writing the {done} of {len(shapes)} shapes finished", file=sys.stderr)
     bar.close()
     add_relative_numbers(records)
 
@@ -410,6 +417,7 @@ def main(argv=None) -> int:
                    "batch": args.batch, "rep_ms": args.rep_ms, "quick": args.quick},
         "providers": provider_info,
         "missing": missing,
+        "completed": f"{done} of {len(shapes)} shapes",
         "results": records,
     }
     out_dir = args.out or common.default_out_dir(env)
@@ -423,6 +431,8 @@ def main(argv=None) -> int:
     wrong = sorted({r["provider"] for r in records if r.get("correct") is False})
     if wrong:
         print(f"outputs that did not match their float64 CPU copy: {', '.join(wrong)}", file=sys.stderr)
+    if done < len(shapes):
+        return 130
     return 1 if "ln_ext" in wrong else 0
 
 

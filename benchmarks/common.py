@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -324,6 +325,16 @@ def error_notes(records: Iterable[dict], label: Callable[[str], str]) -> list[st
         if "error" in r:
             notes.setdefault((r["provider"], r["error"]), f"- n/a, {label(r['provider'])}: {r['error']}")
     return list(notes.values())
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM (what `timeout` sends) raise KeyboardInterrupt, so that a benchmark
+    stopped early still writes the shapes it finished."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 # ----------------------------------------------------------------------------- progress

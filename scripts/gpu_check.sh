@@ -16,7 +16,9 @@
 # Every step runs under `timeout`, bounded by what is left of GPU_CHECK_BUDGET_S (default
 # 280 s, so the whole check ends within 5 minutes); a failing step never stops the others.
 # Environment: GPU_CHECK_BUDGET_S, GPU_CHECK_SKIP (step names, e.g. "initcheck pytest_rest"),
-# PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the visible GPU's), MAX_JOBS (16).
+# GPU_CHECK_BENCH_ARGS (more bench_layer_norm.py arguments, e.g. "--dtypes bf16,fp32" or
+# "--providers ln_ext,torch,compile"), PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default:
+# the visible GPU's), MAX_JOBS (default 16).
 # Exit status: 0 when every step that ran passed, 1 otherwise.
 
 set -uo pipefail
@@ -128,7 +130,7 @@ print('smoke: max |ln_ext - F.layer_norm| =', (ln_ext.layer_norm(x, (1024,)) - t
 "
 
 # ---------------------------------------------------------------- tests and sanitizers
-run_step pytest_cuda 100 "$PYTEST_LOG" "$PY" -m pytest -m cuda -v -ra --durations=15 -p no:cacheprovider "${XDIST[@]}" tests
+run_step pytest_cuda 90 "$PYTEST_LOG" "$PY" -m pytest -m cuda -v -ra --durations=15 -p no:cacheprovider "${XDIST[@]}" tests
 
 sanitize() {  # sanitize TOOL: one compute-sanitizer tool over the small cases
   if [[ -z $SANITIZER ]]; then
@@ -140,15 +142,17 @@ sanitize() {  # sanitize TOOL: one compute-sanitizer tool over the small cases
   run_step "$1" "$2" "$SAN_LOG" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SANITIZER" --tool "$1" --error-exitcode 86 --print-limit 40 "$PY" scripts/sanitizer_cases.py
 }
-sanitize memcheck 75
-sanitize racecheck 75
+sanitize memcheck 60
+sanitize racecheck 60
 
 # ---------------------------------------------------------------- benchmarks
-run_step bench_layer_norm 100 "$BENCH_LOG" "$PY" benchmarks/bench_layer_norm.py --quick --out "$WORK/bench"
+# shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of words
+run_step bench_layer_norm 90 "$BENCH_LOG" "$PY" benchmarks/bench_layer_norm.py --quick ${GPU_CHECK_BENCH_ARGS:-} \
+  --out "$WORK/bench"
 run_step bench_rnn 60 "$BENCH_LOG" "$PY" benchmarks/bench_rnn.py --quick --out "$WORK/bench"
 
 # ---------------------------------------------------------------- with what time is left
-sanitize initcheck 60
+sanitize initcheck 45
 run_step pytest_rest 200 "$PYTEST_LOG" "$PY" -m pytest -m "not cuda" -v -ra --durations=15 -p no:cacheprovider "${XDIST[@]}" tests
 
 # ---------------------------------------------------------------- collect and summarize
