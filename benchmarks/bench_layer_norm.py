@@ -168,6 +168,11 @@ def why_missing(provider: Provider, device: torch.device) -> Optional[str]:
             __import__(provider.module)
         except Exception as exc:  # noqa: BLE001  (broken installs fail in many ways)
             return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if provider.name == "ln_ext" and device.type == "cuda":
+        import ln_ext
+
+        if not ln_ext.has_cuda_kernels():
+            return "this ln_ext build has no CUDA kernels (rebuild with CUDA_HOME set)"
     return None
 
 
