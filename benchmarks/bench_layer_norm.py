@@ -331,9 +331,9 @@ def markdown_report(payload: dict) -> str:
     labels = {p: payload["providers"][p]["label"] for p in payload["providers"]}
     peers = [p for p in names if p != "ln_ext"]
     out = [f"## LayerNorm: {common.card_name(env)}", "", common.header_line(env), ""]
-    done, total = payload["completed"].split(" of ")
-    if done != total:
-        out += [f"**Interrupted: {payload['completed']} measured.**", ""]
+    done = payload["completed"]
+    if done["shapes"] < done["of"]:
+        out += [f"**Interrupted: {done['shapes']} of {done['of']} shapes measured.**", ""]
     out.append(f"Ceilings measured in this run: copy **{ceilings['copy_gbps']:.0f} GB/s**, read-2-write-1 "
                f"(`torch.add(x, y, out=z)`) {ceilings['read2_write1_gbps']:.0f} GB/s. "
                f"Timing: {payload['timing']}. Cells: GB/s (% of copy); forward counts 2·M·N elements moved, "
@@ -554,7 +554,7 @@ def main(argv=None) -> int:
         "ceilings": ceilings,
         "providers": provider_info,
         "missing": missing,
-        "completed": f"{done} of {len(cases)} shapes",
+        "completed": {"shapes": done, "of": len(cases)},
         "results": records,
     }
     out_dir = args.out or common.default_out_dir(env)

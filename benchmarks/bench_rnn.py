@@ -252,8 +252,9 @@ def markdown_report(payload: dict) -> str:
     env, cfg, records = payload["env"], payload["config"], payload["results"]
     names = [p for p in payload["providers"] if payload["providers"][p]["available"]]
     labels = {p: payload["providers"][p]["label"] for p in payload["providers"]}
-    done, total = payload["completed"].split(" of ")
-    interrupted = [f"**Interrupted: {payload['completed']} measured.**", ""] if done != total else []
+    done = payload["completed"]
+    interrupted = ([f"**Interrupted: {done['shapes']} of {done['of']} shapes measured.**", ""]
+                   if done["shapes"] < done["of"] else [])
     out = [f"## LN-RNN: {common.card_name(env)}", "", common.header_line(env), "", *interrupted,
            f"T = {cfg['seq_len']}, B = {cfg['batch']}, input size = hidden size H, one layer. "
            f"Timing: {payload['timing']}. Forward: inference (no autograd graph); forward + backward: "
@@ -417,7 +418,7 @@ def main(argv=None) -> int:
                    "batch": args.batch, "rep_ms": args.rep_ms, "quick": args.quick},
         "providers": provider_info,
         "missing": missing,
-        "completed": f"{done} of {len(shapes)} shapes",
+        "completed": {"shapes": done, "of": len(shapes)},
         "results": records,
     }
     out_dir = args.out or common.default_out_dir(env)

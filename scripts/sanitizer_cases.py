@@ -177,7 +177,9 @@ def run_rnn_case(cls, dtype: str, kwargs: dict, device: torch.device) -> dict[st
 
     out, state, dx = run(layer, x.to(device))
     ref_out, ref_state, ref_dx = run(ref_layer, x.double())
-    tol = 2 * TOLERANCE[x_dtype][1]  # a few recurrent steps compound the rounding
+    # Steps, layers and both directions compound the rounding of every reduced-precision
+    # intermediate (bf16 dx of the 2-layer bidirectional LSTM reached 0.9x of 2x on the CPU).
+    tol = 4 * TOLERANCE[x_dtype][1]
     ratios = {"output": common.error_ratio(out.cpu(), ref_out, tol), "dx": common.error_ratio(dx.cpu(), ref_dx, tol)}
     for i, (s, r) in enumerate(zip(state, ref_state)):
         ratios[f"state{i}"] = common.error_ratio(s.cpu(), r, tol)

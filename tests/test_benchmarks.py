@@ -51,6 +51,7 @@ def test_layer_norm_benchmark_writes_json_markdown_and_plot(tmp_path):
     report = (tmp_path / "layer_norm.md").read_text()
     assert "bench_layer_norm.py" in report and "torch " + torch.__version__ in report  # self-contained header
     assert "### fp32, backward (dx, dweight, dbias)" in report and "| 100 |" in report
+    assert payload["completed"] == {"shapes": 6, "of": 6} and "Interrupted" not in report
     assert (tmp_path / "layer_norm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -98,7 +99,8 @@ def test_rnn_benchmark_writes_reports(tmp_path):
             for provider in providers:
                 for mode in ("fwd", "fwd_bwd"):
                     assert timed[(cell, hidden, provider, mode)]["correct"], (cell, hidden, provider, mode)
-    assert "| lstm | fp32 | 16 |" in (tmp_path / "rnn.md").read_text()
+    report = (tmp_path / "rnn.md").read_text()
+    assert "| lstm | fp32 | 16 |" in report and "Interrupted" not in report
     assert (tmp_path / "rnn.png").read_bytes()[:4] == b"\x89PNG"
 
 
