@@ -65,12 +65,15 @@ def csv_list(kind: Callable = str) -> Callable[[str], list]:
 
 
 def pick_device(requested: Optional[str]) -> torch.device:
-    if requested:
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
+    """--device, else the GPU when torch sees one; a CUDA device always with its index
+    (torch.cuda.set_device rejects a bare 'cuda')."""
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
             raise SystemExit("--device cuda was asked for, but torch sees no CUDA GPU")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 # ----------------------------------------------------------------------------- environment
