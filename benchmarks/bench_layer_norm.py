@@ -397,30 +397,31 @@ def markdown_report(payload: dict) -> str:
 
 
 def plot(payload: dict, path: Path) -> Optional[Path]:
-    """GB/s against N, one column per dtype, rows forward / backward, copy line drawn."""
+    """GB/s against N, one column per dtype, rows forward / backward, copy line drawn.
+    Timings whose outputs missed the reference are ringed in red."""
     plt = common.pyplot()
     if plt is None:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return None
-    records = [r for r in payload["results"] if r["kind"] == "throughput" and r.get("correct")]
+    records = [r for r in payload["results"] if r["kind"] == "throughput" and "gbps" in r]
     dtypes = [d for d in payload["config"]["dtypes"] if any(r["dtype"] == d for r in records)]
     if not dtypes:
         return None
     names = [p for p in payload["providers"] if payload["providers"][p]["available"]]
     ceilings = payload["ceilings"]
-    fig, axes = plt.subplots(2, len(dtypes), figsize=(5.2 * len(dtypes), 8), squeeze=False, sharex=True)
+    top = 1.12 * max([ceilings["copy_gbps"], ceilings["read2_write1_gbps"]] + [r["gbps"] for r in records])
+    fig, axes = plt.subplots(2, len(dtypes), figsize=(5.2 * len(dtypes), 8.4), squeeze=False, sharex=True)
     colors = {p: f"C{list(BY_NAME).index(p)}" for p in names}  # stable across runs
     for col, dtype in enumerate(dtypes):
         for row, mode in enumerate(("fwd", "bwd")):
             ax = axes[row][col]
             ax.axhline(ceilings["copy_gbps"], color="black", lw=1.2, label="copy")
-            if mode == "bwd":
-                ax.axhline(ceilings["read2_write1_gbps"], color="gray", lw=1, ls="--", label="read-2-write-1")
+            ax.axhline(ceilings["read2_write1_gbps"], color="gray", lw=1, ls="--", label="read-2-write-1")
             for p in names:
-                pts = sorted((r["N"], r["gbps"]) for r in records
-                             if r["provider"] == p and r["dtype"] == dtype and r["mode"] == mode)
-                regular = [(n, g) for n, g in pts if n % 256 == 0]
-                odd = [(n, g) for n, g in pts if n % 256]
+                mine = sorted((r["N"], r["gbps"], r["correct"]) for r in records
+                              if r["provider"] == p and r["dtype"] == dtype and r["mode"] == mode)
+                regular = [(n, g) for n, g, _ in mine if n % 256 == 0]
+                odd = [(n, g) for n, g, _ in mine if n % 256]
                 label = payload["providers"][p]["label"]
                 lw = 2.2 if p == "ln_ext" else 1.2
                 if regular:
@@ -428,19 +429,22 @@ def plot(payload: dict, path: Path) -> Optional[Path]:
                 if odd:  # N like 1000 or 5127 off the line: a different regime (ragged or unaligned rows)
                     ax.plot(*zip(*odd), ls="none", marker="x", ms=7, mew=2, color=colors[p],
                             label=None if regular else label)
+                wrong = [(n, g) for n, g, ok in mine if not ok]
+                if wrong:
+                    ax.plot(*zip(*wrong), ls="none", marker="o", ms=11, mfc="none", mec="red", mew=1.5,
+                            label=f"{common.MISMATCH} missed the reference")
             ax.set_xscale("log", base=2)
-            ax.set_ylim(bottom=0, top=1.12 * max(ceilings["copy_gbps"], ceilings["read2_write1_gbps"]))
+            ax.set_ylim(bottom=0, top=top)
             ax.set_title(f"{dtype}, {MODE_TITLES[mode].split(' (')[0]}")
             ax.grid(True, which="both", alpha=0.3)
             if row == 1:
                 ax.set_xlabel("N (×: N not a multiple of 256)")
             if col == 0:
                 ax.set_ylabel("GB/s")
-    axes[0][0].legend(fontsize=8, loc="lower left")
     env = payload["env"]
     fig.suptitle(f"LayerNorm, M·N ≈ {payload['config']['elements']:,} elements: {common.card_name(env)} "
                  f"({env['date_utc']}, torch {env['torch']})", fontsize=10)
-    fig.tight_layout()
+    common.figure_legend(fig, axes)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -297,35 +297,39 @@ def markdown_report(payload: dict) -> str:
 
 
 def plot(payload: dict, path: Path) -> Optional[Path]:
-    """Time against H, one panel per (cell, dtype): fwd+bwd solid, fwd dashed, log scale."""
+    """Time against H, one panel per (cell, dtype): fwd+bwd solid, fwd dashed, log scale.
+    Timings whose outputs missed the float64 check are ringed in red."""
     plt = common.pyplot()
     if plt is None:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return None
-    cfg, records = payload["config"], [r for r in payload["results"] if r.get("correct")]
+    cfg, records = payload["config"], [r for r in payload["results"] if "ms" in r]
     panels = [(c, d) for c in cfg["cells"] for d in cfg["dtypes"]]
     names = [p for p in payload["providers"] if payload["providers"][p]["available"]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.8), squeeze=False)
     for ax, (cell, dtype) in zip(axes[0], panels):
         for p in names:
             color = f"C{list(BY_NAME).index(p)}"  # stable across runs with different providers
             for mode, style in (("fwd_bwd", "-"), ("fwd", "--")):
-                pts = sorted((r["H"], r["ms"]) for r in records
+                pts = sorted((r["H"], r["ms"], r["correct"]) for r in records
                              if (r["cell"], r["dtype"], r["provider"], r["mode"]) == (cell, dtype, p, mode))
                 if pts:
                     label = f"{payload['providers'][p]['label']} {'fwd+bwd' if mode == 'fwd_bwd' else 'fwd'}"
-                    ax.plot(*zip(*pts), ls=style, marker="o", ms=4, color=color, label=label,
-                            lw=2.2 if p == "ln_ext" else 1.2)
+                    ax.plot([h for h, _, _ in pts], [ms for _, ms, _ in pts], ls=style, marker="o", ms=4,
+                            color=color, label=label, lw=2.2 if p == "ln_ext" else 1.2)
+                wrong = [(h, ms) for h, ms, ok in pts if not ok]
+                if wrong:
+                    ax.plot(*zip(*wrong), ls="none", marker="o", ms=11, mfc="none", mec="red", mew=1.5,
+                            label=f"{common.MISMATCH} missed the float64 check")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"{cell.upper()}, {dtype}, T={cfg['seq_len']}, B={cfg['batch']}")
         ax.set_xlabel("hidden size H")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("ms per call")
-    axes[0][0].legend(fontsize=7)
     env = payload["env"]
     fig.suptitle(f"LN-RNN: {common.card_name(env)} ({env['date_utc']}, torch {env['torch']})", fontsize=10)
-    fig.tight_layout()
+    common.figure_legend(fig, axes)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

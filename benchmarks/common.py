@@ -409,6 +409,19 @@ def pyplot():
     return plt
 
 
+def figure_legend(fig, axes) -> None:
+    """One legend under all panels (each label once, as many columns as the width holds),
+    then lay the panels out above it."""
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    ncol = max(1, min(len(handles), int(fig.get_figwidth() // 3.3)))
+    rows = -(-len(handles) // ncol)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, (0.1 + 0.2 * rows) / fig.get_figheight(), 1, 1))
+
+
 def fmt_ms(ms: Optional[float]) -> str:
     if ms is None:
         return "—"
