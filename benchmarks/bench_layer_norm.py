@@ -537,13 +537,13 @@ def main(argv=None) -> int:
     steps = sum(len(providers) * (len(MODES) if c.kind == "throughput" else 1) for c in cases)
     bar = common.progress(steps, "layer_norm")
     records, done = [], 0
-    common.interrupt_on_sigterm()
     try:
-        for case in cases:
-            records += run_case(case, providers, device, args, bar)
-            done += 1
-            if on_gpu:
-                torch.cuda.empty_cache()
+        with common.sigterm_as_interrupt():
+            for case in cases:
+                records += run_case(case, providers, device, args, bar)
+                done += 1
+                if on_gpu:
+                    torch.cuda.empty_cache()
     except KeyboardInterrupt:
         print(f"\ninterrupted: writing the {done} of {len(cases)} shapes finished", file=sys.stderr)
     bar.close()

@@ -405,13 +405,13 @@ def main(argv=None) -> int:
     shapes = [(c, d, h) for c in args.cells for d in args.dtypes for h in args.hidden]
     bar = common.progress(len(shapes) * len(providers) * len(MODES), "rnn")
     records, done = [], 0
-    common.interrupt_on_sigterm()
     try:
-        for cell, dtype, hidden in shapes:
-            records += run_shape(cell, dtype, hidden, providers, device, args, bar)
-            done += 1
-            if on_gpu:
-                torch.cuda.empty_cache()
+        with common.sigterm_as_interrupt():
+            for cell, dtype, hidden in shapes:
+                records += run_shape(cell, dtype, hidden, providers, device, args, bar)
+                done += 1
+                if on_gpu:
+                    torch.cuda.empty_cache()
     except KeyboardInterrupt:
         print(f"\ninterrupted: writing the {done} of {len(shapes)} shapes finished", file=sys.stderr)
     bar.close()

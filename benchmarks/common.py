@@ -7,6 +7,7 @@ is then what gets benchmarked, even when another ln_ext is installed.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -334,10 +335,15 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def interrupt_on_sigterm() -> None:
-    """Make SIGTERM (what `timeout` sends) raise KeyboardInterrupt, so that a benchmark
-    stopped early still writes the shapes it finished."""
-    signal.signal(signal.SIGTERM, _interrupt)
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM (what `timeout` sends) raises KeyboardInterrupt, so that a
+    benchmark stopped early can still write the shapes it finished."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------- progress
