@@ -171,8 +171,9 @@ void bwd_rows(const LayerNormBwdArgs& a) {
       db_out[j] = sb;
     }
   });
-  if (a.dweight.defined()) a.dweight.copy_(dw_acc);
-  if (a.dbias.defined()) a.dbias.copy_(db_acc);
+  // dweight/dbias have normalized_shape, which may have several dims.
+  if (a.dweight.defined()) a.dweight.copy_(dw_acc.view(a.dweight.sizes()));
+  if (a.dbias.defined()) a.dbias.copy_(db_acc.view(a.dbias.sizes()));
 }
 
 }  // namespace
