@@ -1,6 +1,9 @@
 """LayerNorm forward and backward against a float64 reference, on every sample input."""
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -184,3 +187,18 @@ def test_int64_offsets(device):
         want_db += dy[start : start + (1 << 18)].double().sum(0)
     assert_close_scaled(db, want_db, bwd_tol, scale=math.sqrt(M) * float(dy[:1024].abs().max()), what="dbias")
     assert torch.isfinite(dw).all()
+
+
+def test_generic_cpu_build_matches_reference():
+    """The CPU row kernels are built twice (generic and, on x86-64, AVX2) and the best
+    one for the CPU is picked at run time: run the reference comparison again with the
+    generic build forced, as on a CPU without AVX2 (or a non-x86 one)."""
+    env = dict(os.environ, LN_EXT_CPU_ISA="generic")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           f"{tests}/test_layer_norm.py::test_matches_float64_reference",
+           f"{tests}/test_layer_norm.py::test_non_finite_row_stays_in_its_row",
+           f"{tests}/test_layer_norm_autograd.py::test_gradients_independent_of_thread_count"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
