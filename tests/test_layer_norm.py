@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import ln_ext
-from samples import (CUDA_ONLY, DEVICES, STATS_TOL_DEFAULT, STATS_TOLERANCES, TOLERANCES, Tol, assert_close_scaled,
+from samples import (CUDA_ONLY, DEVICES, STATS_TOL_DEFAULT, STATS_TOLERANCES, TOLERANCES, Sample, Tol, assert_close_scaled,
                      make_sample, reference, sample_inputs)
 
 
@@ -149,45 +149,78 @@ def test_output_mask_and_missing_params(device):
     assert dw.shape == (0,) and db.shape == (0,) and dx.shape == s.x.shape
 
 
+def check_many_rows_in_chunks(M, N, device, chunk):
+    """bfloat16 [M, N] with float32 weight/bias, too big for a float64 copy: filled and
+    checked chunk by chunk; y and dx on rows at the start, middle and end, dweight and
+    dbias over all rows against float64 sums."""
+    x = torch.empty(M, N, dtype=torch.bfloat16, device=device)
+    dy = torch.empty_like(x)
+    for start in range(0, M, chunk):  # a float32 temporary of the whole would not fit
+        stop = min(M, start + chunk)
+        x[start:stop] = (torch.randn(stop - start, N, device=device) * 2 + 1).to(torch.bfloat16)
+        dy[start:stop] = torch.randn(stop - start, N, device=device).to(torch.bfloat16)
+    w = torch.randn(N, device=device) * 0.5 + 1
+    b = torch.randn(N, device=device)
+    y, mean, rstd = torch.ops.ln_ext.layer_norm_fwd(x, [N], w, b, 1e-5, None)
+    dx, dw, db = torch.ops.ln_ext.layer_norm_bwd(dy, x, mean, rstd, w, b, [True, True, True])
+    fwd_tol, bwd_tol = TOLERANCES[torch.bfloat16]
+    for rows in (slice(0, 4), slice(M // 2, M // 2 + 4), slice(M - 8, M)):
+        s = Sample("rows", x[rows], (N,), w, b, 1e-5, dy[rows])
+        want = reference(s)
+        assert_close_scaled(y[rows], want.y, fwd_tol, what=f"y[{rows}]")
+        assert_close_scaled(dx[rows], want.dx, bwd_tol, scale=want.dx_term, what=f"dx[{rows}]")
+    want_dw = torch.zeros(N, dtype=torch.float64, device=device)
+    want_db = torch.zeros(N, dtype=torch.float64, device=device)
+    dw_term = db_term = 0.0
+    for start in range(0, M, chunk):
+        xc, dyc = x[start : start + chunk].double(), dy[start : start + chunk].double()
+        xhat = (xc - xc.mean(-1, keepdim=True)) * torch.rsqrt(xc.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        want_dw += (dyc * xhat).sum(0)
+        want_db += dyc.sum(0)
+        dw_term = max(dw_term, float((dyc * xhat).abs().max()))
+        db_term = max(db_term, float(dyc.abs().max()))
+    assert_close_scaled(dw, want_dw, bwd_tol, scale=math.sqrt(M) * dw_term, what="dweight")
+    assert_close_scaled(db, want_db, bwd_tol, scale=math.sqrt(M) * db_term, what="dbias")
+
+
+def test_many_rows_in_chunks_cpu():
+    """The chunked check of test_int64_offsets, at a size the CPU runs in a second."""
+    check_many_rows_in_chunks(M=3001, N=1024, device="cpu", chunk=1000)
+
+
 @pytest.mark.parametrize("device", CUDA_ONLY)
 def test_int64_offsets(device):
     """M*N > 2^31 elements: rows past the 32-bit offset limit are normalized correctly,
     forward and backward (a 32-bit index would wrap around into the first rows)."""
     N = 1024
     M = (1 << 31) // N + 3
-    elem = 2  # bfloat16
-    need = 4 * M * N * elem + (1 << 30)  # x, y, dy, dx
+    need = 4 * M * N * 2 + (3 << 30)  # x, y, dy, dx in bfloat16 and float64 chunks
+    torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info()
     if free < need:
         pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
-    torch.cuda.empty_cache()
-    x = torch.empty(M, N, dtype=torch.bfloat16, device=device)
-    # Fill in chunks (a float32 temporary of the whole would not fit everywhere).
-    for start in range(0, M, 1 << 18):
-        stop = min(M, start + (1 << 18))
-        x[start:stop] = (torch.randn(stop - start, N, device=device) * 2 + 1).to(torch.bfloat16)
-    w = torch.randn(N, device=device)
-    b = torch.randn(N, device=device)
-    y, mean, rstd = torch.ops.ln_ext.layer_norm_fwd(x, [N], w, b, 1e-5, None)
-    dy = torch.empty_like(x)
-    for start in range(0, M, 1 << 18):
-        stop = min(M, start + (1 << 18))
-        dy[start:stop] = torch.randn(stop - start, N, device=device).to(torch.bfloat16)
-    dx, dw, db = torch.ops.ln_ext.layer_norm_bwd(dy, x, mean, rstd, w, b, [True, True, True])
-    fwd_tol, bwd_tol = TOLERANCES[torch.bfloat16]
-    for rows in (slice(0, 4), slice(M // 2, M // 2 + 4), slice(M - 8, M)):
-        s = make_sample("rows", (4, N))
-        s.x, s.weight, s.bias, s.dy = x[rows], w, b, dy[rows]
-        want = reference(s)
-        assert_close_scaled(y[rows], want.y, fwd_tol, what=f"y[{rows}]")
-        assert_close_scaled(dx[rows], want.dx, bwd_tol, what=f"dx[{rows}]")
-    # dweight/dbias over all rows: float32 sums in chunks as the reference.
-    want_db = torch.zeros(N, dtype=torch.float64, device=device)
-    for start in range(0, M, 1 << 18):
-        want_db += dy[start : start + (1 << 18)].double().sum(0)
-    assert_close_scaled(db, want_db, bwd_tol, scale=math.sqrt(M) * float(dy[:1024].abs().max()), what="dbias")
-    assert torch.isfinite(dw).all()
+    check_many_rows_in_chunks(M, N, device, chunk=1 << 16)
 
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_cuda_side_stream_and_second_device(device):
+    """The ops run on the current stream (results right after that stream syncs) and
+    on a tensor of cuda:1 when there is one (device guard)."""
+    s = make_sample("stream", (333, 1025), dtype=torch.bfloat16, device=device)
+    want = ln_ext.layer_norm(*s.args())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # queue work so that a launch on the wrong stream would race
+            got = ln_ext.layer_norm(*s.args())
+    side.synchronize()
+    assert torch.equal(got, want)
+    if torch.cuda.device_count() < 2:
+        return
+    s1 = make_sample("dev1", (37, 4097), device="cuda:1")
+    got1 = ln_ext.layer_norm(*s1.with_grad().args())
+    assert got1.device == torch.device("cuda:1")
+    check_against_reference(s1)
 
 def test_generic_cpu_build_matches_reference():
     """The CPU row kernels are built twice (generic and, on x86-64, AVX2) and the best

@@ -108,3 +108,18 @@ def test_cuda_input_without_cuda_kernels(monkeypatch):
     monkeypatch.setattr(ln_ext.ops, "_HAS_CUDA_KERNELS", False)
     with pytest.raises(RuntimeError, match="input is a CUDA tensor but this ln_ext build has no CUDA kernels"):
         ln_ext.layer_norm(_x(device="cuda"), (6,))
+
+
+def test_cuda_input_without_cuda_kernels_message(monkeypatch):
+    """The same refusal, on any machine: a tensor that claims to be on CUDA."""
+    import ln_ext.ops
+
+    class ClaimsCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    monkeypatch.setattr(ln_ext.ops, "_HAS_CUDA_KERNELS", False)
+    x = torch.Tensor._make_subclass(ClaimsCuda, _x())
+    with pytest.raises(RuntimeError, match="input is a CUDA tensor but this ln_ext build has no CUDA kernels"):
+        ln_ext.layer_norm(x, (6,))
