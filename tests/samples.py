@@ -120,24 +120,11 @@ def make_sample(
     "sliced" (x is a column window of a wider tensor); "strided_rows" (every other
     row of a taller tensor); "misaligned" (contiguous but starting one element into
     its storage, so the data pointer is not 16-byte aligned; weight/bias likewise).
+    dy has the same layout as x.
     """
     scale, offset = _X_SCALES[variant % len(_X_SCALES)]
     shape = tuple(x_shape)
-    if layout == "contiguous":
-        x = randn(shape, dtype, device, scale, offset)
-    elif layout == "transposed":
-        assert len(shape) == 2
-        x = randn(shape[::-1], dtype, device, scale, offset).t()
-    elif layout == "sliced":
-        wide = randn(shape[:-1] + (shape[-1] + 7,), dtype, device, scale, offset)
-        x = wide[..., 3 : 3 + shape[-1]]
-    elif layout == "strided_rows":
-        tall = randn((2 * shape[0],) + shape[1:], dtype, device, scale, offset)
-        x = tall[::2]
-    elif layout == "misaligned":
-        x = randn((math.prod(shape) + 1,), dtype, device, scale, offset)[1:].view(shape)
-    else:
-        raise ValueError(layout)
+    x = _laid_out(shape, dtype, device, scale, offset, layout)
     assert x.shape == shape
     norm_shape = shape[len(shape) - normalized_ndim :]
     pdt = param_dtype or dtype
@@ -149,8 +136,24 @@ def make_sample(
 
     w = param(1.0, 0.5) if weight else None
     b = param(0.2, 0.5) if bias else None
-    dy = randn(shape, dtype, device, 1.0 / (1 + variant % 3), 0.1)
+    dy = _laid_out(shape, dtype, device, 1.0 / (1 + variant % 3), 0.1, layout)  # the same layout as x
     return Sample(name, x, norm_shape, w, b, eps, dy)
+
+
+def _laid_out(shape, dtype, device, scale, offset, layout) -> torch.Tensor:
+    """randn(shape) * scale + offset with the memory layout make_sample describes."""
+    if layout == "contiguous":
+        return randn(shape, dtype, device, scale, offset)
+    if layout == "transposed":
+        assert len(shape) == 2
+        return randn(shape[::-1], dtype, device, scale, offset).t()
+    if layout == "sliced":
+        return randn(shape[:-1] + (shape[-1] + 7,), dtype, device, scale, offset)[..., 3 : 3 + shape[-1]]
+    if layout == "strided_rows":
+        return randn((2 * shape[0],) + shape[1:], dtype, device, scale, offset)[::2]
+    if layout == "misaligned":
+        return randn((math.prod(shape) + 1,), dtype, device, scale, offset)[1:].view(shape)
+    raise ValueError(layout)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -210,7 +213,8 @@ def sample_inputs(device: str = "cpu", dtypes: Sequence[torch.dtype] = DTYPES, s
         layouts = ["transposed", "sliced", "strided_rows", "misaligned"]
         shapes = [(5, 4), (3, 7)] if small else [(37, 127), (7, 1023)]
         for layout in layouts:
-            for M, N in shapes:
+            # Even N too: a misaligned start then misaligns every row the same way.
+            for M, N in shapes + ([(6, 1024)] if layout == "misaligned" and not small else []):
                 yield make_sample(f"{dn}-[{M},{N}]-{layout}", (M, N), dtype=dtype, device=device,
                                   layout=layout, variant=nxt())
         # Mixed precision: reduced-precision x with float32 weight/bias.
