@@ -43,8 +43,9 @@ class Tol:
 TOLERANCES = {
     torch.float64: (Tol(atol=1e-13, rtol=1e-13), Tol(atol=1e-12, rtol=1e-12)),
     torch.float32: (Tol(atol=1e-5, rtol=1e-5), Tol(atol=5e-5, rtol=5e-5)),
-    # rtol 2x / 4-5x half an ulp (fp16: 2^-11, bf16: 2^-9).
-    torch.float16: (Tol(atol=1e-3, rtol=1e-3), Tol(atol=2e-3, rtol=2e-3)),
+    # Forward rtol just above half an ulp (at most 2^-11 of the value for fp16, 2^-8 for
+    # bf16), so a kernel that truncates instead of rounding fails; backward 4x / 2.5x that.
+    torch.float16: (Tol(atol=6e-4, rtol=6e-4), Tol(atol=2e-3, rtol=2e-3)),
     torch.bfloat16: (Tol(atol=4e-3, rtol=4e-3), Tol(atol=1e-2, rtol=1e-2)),
 }
 # mean/rstd are float32 (float64) whatever the input: only accumulation error.
