@@ -2,8 +2,8 @@
 // kernels in row_kernels_impl.h.
 //
 // Forward: rows split across threads (at::parallel_for); each row's mean and
-// centered sum of squares come from two passes over it and y from a third, all
-// accumulated in acc_t (float32, float64 for double input). Backward: rows are cut
+// centered sum of squares, then y, all accumulated in acc_t (float32, float64 for
+// double input). Backward: rows are cut
 // into a number of blocks fixed by M and N alone, never by the thread count; each
 // block writes dx and its own partial dweight/dbias, and the partials are summed in
 // block order, so the gradients are bitwise reproducible on any number of threads.
@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <vector>
 
 namespace ln_ext {
 namespace cpu {
