@@ -68,6 +68,18 @@ def cuda_arch_list():
     return DEFAULT_ARCHS
 
 
+def openmp_flags():
+    """at::parallel_for is a header template whose OpenMP backend is a `#pragma omp
+    parallel`: without -fopenmp it silently runs every CPU kernel on one thread.
+    Only compiled with it, not linked: the OpenMP symbols then resolve to the runtime
+    torch itself loaded, so torch.set_num_threads governs our kernels too."""
+    import torch
+
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def extensions():
     build_cuda, cuda_home, reason = want_cuda()
     if build_cuda:
@@ -76,7 +88,7 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fdiagnostics-color=always"]
+    cxx_flags = ["-O3", "-fdiagnostics-color=always"] + openmp_flags()
     if build_cuda:
         archs = cuda_arch_list() or "the visible GPUs"
         say(f"CUDA kernels: YES, for {archs} (CUDA_HOME={cuda_home})")

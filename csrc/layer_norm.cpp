@@ -147,8 +147,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_impl(
   args.weight = contiguous_or_undefined(weight);
   args.rows = rows;
   args.cols = cols;
-  // Outputs not asked for (or without a parameter) come back as empty [0] tensors.
-  const auto none = x.new_empty({0});
+  // Outputs not asked for (or without a parameter) come back as empty [0] tensors,
+  // each its own: outputs of an op must not alias one another.
+  const auto none = [&x] { return x.new_empty({0}); };
   args.dx = output_mask[0] ? at::empty(x.sizes(), x.options()) : at::Tensor();
   args.dweight = (output_mask[1] && has_w) ? at::empty_like(*weight, at::MemoryFormat::Contiguous) : at::Tensor();
   args.dbias = (output_mask[2] && has_b) ? at::empty_like(*bias, at::MemoryFormat::Contiguous) : at::Tensor();
@@ -158,9 +159,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_impl(
   } else if (args.dx.defined() || args.dweight.defined() || args.dbias.defined()) {
     kernel(args);
   }
-  return {args.dx.defined() ? args.dx : none,
-          args.dweight.defined() ? args.dweight : none,
-          args.dbias.defined() ? args.dbias : none};
+  return {args.dx.defined() ? args.dx : none(),
+          args.dweight.defined() ? args.dweight : none(),
+          args.dbias.defined() ? args.dbias : none()};
 }
 
 }  // namespace ln_ext

@@ -39,10 +39,12 @@ def _layer_norm_fwd_fake(x, normalized_shape, weight, bias, eps, out_dtype=None)
 
 @torch.library.register_fake("ln_ext::layer_norm_bwd")
 def _layer_norm_bwd_fake(dy, x, mean, rstd, weight, bias, output_mask):
-    none = x.new_empty((0,))
-    dx = x.new_empty(x.shape) if output_mask[0] else none
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] and weight is not None else none
-    db = torch.empty_like(bias, memory_format=torch.contiguous_format) if output_mask[2] and bias is not None else none
+    def none():  # a fresh one per output: outputs of an op must not alias
+        return x.new_empty((0,))
+
+    dx = x.new_empty(x.shape) if output_mask[0] else none()
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] and weight is not None else none()
+    db = torch.empty_like(bias, memory_format=torch.contiguous_format) if output_mask[2] and bias is not None else none()
     return dx, dw, db
 
 

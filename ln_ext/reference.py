@@ -54,4 +54,7 @@ def layer_norm_grads(
     xhat = (x - mean) * rstd
     g = dy if weight is None else dy * weight.to(acc)
     dx = rstd * (g - g.mean(dim=dims, keepdim=True) - xhat * (g * xhat).mean(dim=dims, keepdim=True))
-    return dx, (dy * xhat).sum(dim=row_dims), dy.sum(dim=row_dims)
+    dweight, dbias = dy * xhat, dy
+    if row_dims:  # sum(dim=()) would sum over every dim, not over none
+        dweight, dbias = dweight.sum(dim=row_dims), dbias.sum(dim=row_dims)
+    return dx, dweight, dbias

@@ -1,200 +1,142 @@
-// LayerNorm on the CPU.
+// LayerNorm on the CPU: the torch side (threads, dtypes, parameters) of the row
+// kernels in row_kernels_impl.h.
 //
-// Forward: rows split across threads (at::parallel_for); each row is converted
-// once into an acc_t buffer, then mean and the centered sum of squares come from
-// two vectorized passes over that copy, and y from a third. acc_t is float32
-// (float64 for double input). Backward: rows are cut into a fixed number of
-// blocks, independent of the thread count; each block writes dx and its own
-// partial dweight/dbias, and the partials are summed in block order, so the
-// gradients are bitwise reproducible.
+// Forward: rows split across threads (at::parallel_for); each row's mean and
+// centered sum of squares, then y, all accumulated in acc_t (float32, float64 for
+// double input). Backward: rows are cut
+// into a number of blocks fixed by M and N alone, never by the thread count; each
+// block writes dx and its own partial dweight/dbias, and the partials are summed in
+// block order, so the gradients are bitwise reproducible on any number of threads.
 #include "../layer_norm.h"
+#include "row_kernels.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <vector>
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 namespace ln_ext {
+namespace cpu {
+
+const RowKernels& row_kernels() {
+  static const RowKernels chosen = [] {
+    const char* want = std::getenv("LN_EXT_CPU_ISA");
+    const bool force_generic = want != nullptr && std::strcmp(want, "generic") == 0;
+#ifdef LN_EXT_CPU_AVX2
+    if (!force_generic && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
+      return row_kernels_avx2();
+    }
+#endif
+    (void)force_generic;
+    return row_kernels_generic();
+  }();
+  return chosen;
+}
+
+}  // namespace cpu
+
 namespace {
 
-using at::vec::Vectorized;
-
-// The row as acc_t: the input itself when it already is acc_t, else a converted copy.
-template <typename T, typename acc_t>
-const acc_t* row_as_acc(const T* src, int64_t n, std::vector<acc_t>& buf) {
-  if constexpr (std::is_same_v<T, acc_t>) {
-    return src;
-  } else {
-    at::vec::convert(src, buf.data(), n);
-    return buf.data();
+cpu::Elem elem_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cpu::Elem::f32;
+    case at::kDouble: return cpu::Elem::f64;
+    case at::kHalf: return cpu::Elem::f16;
+    case at::kBFloat16: return cpu::Elem::bf16;
+    default: TORCH_CHECK(false, "ln_ext.layer_norm: unsupported dtype ", t);
   }
 }
 
 // weight/bias as acc_t [N]; an absent one becomes `fill` (1 for weight, 0 for bias).
-template <typename acc_t>
-at::Tensor param_as_acc(const at::Tensor& p, int64_t n, double fill, const at::Tensor& like) {
-  const auto dtype = c10::CppTypeToScalarType<acc_t>::value;
-  return p.defined() ? p.to(dtype).contiguous() : at::full({n}, fill, like.options().dtype(dtype));
+at::Tensor param_as_acc(const at::Tensor& p, int64_t n, double fill, const at::Tensor& x,
+                        at::ScalarType acc) {
+  return p.defined() ? p.to(acc).contiguous().view({n})
+                     : at::full({n}, fill, x.options().dtype(acc));
 }
 
-template <typename T, typename out_t>
-void fwd_rows(const LayerNormFwdArgs& a) {
-  using acc_t = at::opmath_type<T>;
-  using Vec = Vectorized<acc_t>;
-  const int64_t N = a.cols;
-  const at::Tensor w = param_as_acc<acc_t>(a.weight, N, 1.0, a.x);
-  const at::Tensor b = param_as_acc<acc_t>(a.bias, N, 0.0, a.x);
-  const acc_t* w_ptr = w.data_ptr<acc_t>();
-  const acc_t* b_ptr = b.data_ptr<acc_t>();
-  const T* x_ptr = a.x.data_ptr<T>();
-  out_t* y_ptr = a.y.data_ptr<out_t>();
-  acc_t* mean_ptr = a.mean.data_ptr<acc_t>();
-  acc_t* rstd_ptr = a.rstd.data_ptr<acc_t>();
-  const acc_t eps = static_cast<acc_t>(a.eps);
-  const int64_t grain = std::max<int64_t>(1, 32768 / N);
+at::ScalarType acc_type(at::ScalarType x) { return x == at::kDouble ? at::kDouble : at::kFloat; }
 
-  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> x_buf(std::is_same_v<T, acc_t> ? 0 : N);
-    std::vector<acc_t> y_buf(std::is_same_v<out_t, acc_t> ? 0 : N);
-    for (int64_t row = begin; row < end; ++row) {
-      const acc_t* x = row_as_acc(x_ptr + row * N, N, x_buf);
-      const acc_t mu = at::vec::reduce_all<acc_t>(
-                           [](Vec p, Vec q) { return p + q; }, x, N) / N;
-      const acc_t var = at::vec::map_reduce_all<acc_t>(
-                            [mu](Vec v) { const Vec d = v - Vec(mu); return d * d; },
-                            [](Vec p, Vec q) { return p + q; }, x, N) / N;
-      const acc_t rs = acc_t(1) / std::sqrt(var + eps);
-      acc_t* y = y_buf.empty() ? reinterpret_cast<acc_t*>(y_ptr + row * N) : y_buf.data();
-      at::vec::map3<acc_t>(
-          [mu, rs](Vec v, Vec g, Vec s) { return (v - Vec(mu)) * Vec(rs) * g + s; },
-          y, x, w_ptr, b_ptr, N);
-      if (!y_buf.empty()) at::vec::convert(y_buf.data(), y_ptr + row * N, N);
-      mean_ptr[row] = mu;
-      rstd_ptr[row] = rs;
-    }
-  });
-}
-
-// Fixed so that the partial sums, and so the bits of dweight/dbias, do not
-// depend on how many threads run.
-constexpr int64_t kBwdBlocks = 64;
-
-template <typename T, typename dy_t>
-void bwd_rows(const LayerNormBwdArgs& a) {
-  using acc_t = at::opmath_type<T>;
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t kLanes = Vec::size();
-  const int64_t M = a.rows, N = a.cols;
-  const at::Tensor w = param_as_acc<acc_t>(a.weight, N, 1.0, a.x);
-  const acc_t* w_ptr = w.data_ptr<acc_t>();
-  const T* x_ptr = a.x.data_ptr<T>();
-  const dy_t* dy_ptr = a.dy.data_ptr<dy_t>();
-  const acc_t* mean_ptr = a.mean.data_ptr<acc_t>();
-  const acc_t* rstd_ptr = a.rstd.data_ptr<acc_t>();
-  T* dx_ptr = a.dx.defined() ? a.dx.data_ptr<T>() : nullptr;
-  const bool want_params = a.dweight.defined() || a.dbias.defined();
-  const int64_t blocks = std::min(M, kBwdBlocks);
-  // partial[blk]: dweight partial sums [N], then dbias partial sums [N].
-  std::vector<acc_t> partial(want_params ? blocks * 2 * N : 0, acc_t(0));
-
-  at::parallel_for(0, blocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    std::vector<acc_t> x_buf(std::is_same_v<T, acc_t> ? 0 : N);
-    std::vector<acc_t> dy_buf(std::is_same_v<dy_t, acc_t> ? 0 : N);
-    std::vector<acc_t> dx_buf(std::is_same_v<T, acc_t> ? 0 : N);
-    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
-      acc_t* dw_part = want_params ? partial.data() + blk * 2 * N : nullptr;
-      acc_t* db_part = want_params ? dw_part + N : nullptr;
-      for (int64_t row = blk * M / blocks; row < (blk + 1) * M / blocks; ++row) {
-        const acc_t* x = row_as_acc(x_ptr + row * N, N, x_buf);
-        const acc_t* dy = row_as_acc(dy_ptr + row * N, N, dy_buf);
-        const acc_t mu = mean_ptr[row], rs = rstd_ptr[row];
-        // sum(g) and sum(g * xhat) with g = dy * w and xhat = (x - mu) * rs.
-        Vec sum_g(0), sum_gx(0);
-        int64_t i = 0;
-        for (; i + kLanes <= N; i += kLanes) {
-          const Vec g = Vec::loadu(dy + i) * Vec::loadu(w_ptr + i);
-          const Vec xh = (Vec::loadu(x + i) - Vec(mu)) * Vec(rs);
-          sum_g = sum_g + g;
-          sum_gx = sum_gx + g * xh;
-          if (want_params) {
-            (Vec::loadu(dw_part + i) + Vec::loadu(dy + i) * xh).store(dw_part + i);
-            (Vec::loadu(db_part + i) + Vec::loadu(dy + i)).store(db_part + i);
-          }
-        }
-        acc_t s_g = at::vec::vec_reduce_all<acc_t>([](Vec p, Vec q) { return p + q; }, sum_g);
-        acc_t s_gx = at::vec::vec_reduce_all<acc_t>([](Vec p, Vec q) { return p + q; }, sum_gx);
-        for (int64_t j = i; j < N; ++j) {
-          const acc_t g = dy[j] * w_ptr[j];
-          const acc_t xh = (x[j] - mu) * rs;
-          s_g += g;
-          s_gx += g * xh;
-          if (want_params) {
-            dw_part[j] += dy[j] * xh;
-            db_part[j] += dy[j];
-          }
-        }
-        if (dx_ptr == nullptr) continue;
-        // dx = rs * (g - mean(g) - xhat * mean(g * xhat))
-        const acc_t c_g = s_g / N, c_gx = s_gx / N;
-        acc_t* dx = dx_buf.empty() ? reinterpret_cast<acc_t*>(dx_ptr + row * N) : dx_buf.data();
-        at::vec::map3<acc_t>(
-            [mu, rs, c_g, c_gx](Vec xv, Vec dyv, Vec wv) {
-              const Vec xh = (xv - Vec(mu)) * Vec(rs);
-              return Vec(rs) * (dyv * wv - Vec(c_g) - xh * Vec(c_gx));
-            },
-            dx, x, dy, w_ptr, N);
-        if (!dx_buf.empty()) at::vec::convert(dx_buf.data(), dx_ptr + row * N, N);
-      }
-    }
-  });
-
-  if (!want_params) return;
-  // Sum the block partials in block order; columns are independent.
-  at::Tensor dw_acc = at::empty({N}, w.options());
-  at::Tensor db_acc = at::empty({N}, w.options());
-  acc_t* dw_out = dw_acc.data_ptr<acc_t>();
-  acc_t* db_out = db_acc.data_ptr<acc_t>();
-  at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      acc_t sw = 0, sb = 0;
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        sw += partial[blk * 2 * N + j];
-        sb += partial[blk * 2 * N + N + j];
-      }
-      dw_out[j] = sw;
-      db_out[j] = sb;
-    }
-  });
-  if (a.dweight.defined()) a.dweight.copy_(dw_acc);
-  if (a.dbias.defined()) a.dbias.copy_(db_acc);
+// Row blocks of the backward: enough for many threads, few enough that the
+// partial sums (2 * N acc_t per block) stay small. Depends on M and N only.
+int64_t bwd_blocks(int64_t rows, int64_t cols) {
+  constexpr int64_t kMaxBlocks = 64;
+  constexpr int64_t kPartialBudget = int64_t{1} << 21;  // acc_t elements over all blocks
+  const int64_t by_memory = std::max<int64_t>(8, kPartialBudget / (2 * cols));
+  return std::max<int64_t>(1, std::min({rows, kMaxBlocks, by_memory}));
 }
 
 }  // namespace
 
 void layer_norm_fwd_cpu_kernel(const LayerNormFwdArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "layer_norm_fwd_cpu", [&] {
-    if (a.y.scalar_type() == a.x.scalar_type()) {
-      fwd_rows<scalar_t, scalar_t>(a);
-    } else {
-      fwd_rows<scalar_t, float>(a);
-    }
+  const int64_t N = a.cols;
+  const auto acc = acc_type(a.x.scalar_type());
+  const at::Tensor w = param_as_acc(a.weight, N, 1.0, a.x, acc);
+  const at::Tensor b = param_as_acc(a.bias, N, 0.0, a.x, acc);
+  const auto& k = cpu::row_kernels();
+  const auto x_t = elem_of(a.x.scalar_type()), y_t = elem_of(a.y.scalar_type());
+  const void* x = a.x.const_data_ptr();
+  void* y = a.y.mutable_data_ptr();
+  void* mean = a.mean.mutable_data_ptr();
+  void* rstd = a.rstd.mutable_data_ptr();
+  const int64_t grain = std::max<int64_t>(1, 32768 / N);
+  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
+    k.fwd(x_t, y_t, x, w.const_data_ptr(), b.const_data_ptr(), y, mean, rstd, begin, end, N, a.eps);
   });
 }
 
 void layer_norm_bwd_cpu_kernel(const LayerNormBwdArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "layer_norm_bwd_cpu", [&] {
-    if (a.dy.scalar_type() == a.x.scalar_type()) {
-      bwd_rows<scalar_t, scalar_t>(a);
-    } else {
-      bwd_rows<scalar_t, float>(a);
+  const int64_t M = a.rows, N = a.cols;
+  const auto acc = acc_type(a.x.scalar_type());
+  const at::Tensor w = param_as_acc(a.weight, N, 1.0, a.x, acc);
+  const auto& k = cpu::row_kernels();
+  const auto x_t = elem_of(a.x.scalar_type()), dy_t = elem_of(a.dy.scalar_type());
+  const void* x = a.x.const_data_ptr();
+  const void* dy = a.dy.const_data_ptr();
+  const void* mean = a.mean.const_data_ptr();
+  const void* rstd = a.rstd.const_data_ptr();
+  void* dx = a.dx.defined() ? a.dx.mutable_data_ptr() : nullptr;
+  const bool want_params = a.dweight.defined() || a.dbias.defined();
+  if (!want_params) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / N);
+    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+      k.bwd(x_t, dy_t, x, dy, w.const_data_ptr(), mean, rstd, dx, nullptr, nullptr, begin, end, N);
+    });
+    return;
+  }
+  const int64_t blocks = bwd_blocks(M, N);
+  // partial[blk]: dweight partial sums [N], then dbias partial sums [N].
+  at::Tensor partial = at::zeros({blocks, 2, N}, a.x.options().dtype(acc));
+  const int64_t elem_size = partial.element_size();
+  char* part = static_cast<char*>(partial.mutable_data_ptr());
+  at::parallel_for(0, blocks, 1, [&](int64_t blk_begin, int64_t blk_end) {
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+      char* dw_part = part + blk * 2 * N * elem_size;
+      char* db_part = dw_part + N * elem_size;
+      k.bwd(x_t, dy_t, x, dy, w.const_data_ptr(), mean, rstd, dx, dw_part, db_part,
+            blk * M / blocks, (blk + 1) * M / blocks, N);
     }
   });
+  // Sum the block partials in block order (a reduction over dim 0 of a contiguous
+  // tensor would leave the order to ATen): columns are independent.
+  at::Tensor sums = at::empty({2, N}, partial.options());
+  AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "layer_norm_bwd_cpu_partials", [&] {
+    const scalar_t* p = partial.const_data_ptr<scalar_t>();
+    scalar_t* out = sums.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, 2 * N, 4096, [&](int64_t begin, int64_t end) {
+      std::fill(out + begin, out + end, scalar_t(0));
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const scalar_t* row = p + blk * 2 * N;
+        for (int64_t j = begin; j < end; ++j) out[j] += row[j];
+      }
+    });
+  });
+  // dweight/dbias have normalized_shape, which may have several dims.
+  if (a.dweight.defined()) a.dweight.copy_(sums[0].view(a.dweight.sizes()));
+  if (a.dbias.defined()) a.dbias.copy_(sums[1].view(a.dbias.sizes()));
 }
 
 namespace {

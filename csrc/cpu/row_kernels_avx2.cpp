@@ -1,0 +1,36 @@
+// The row kernels built for AVX2 + FMA + F16C (x86-64 only), used when the CPU
+// has them. The target is switched on after the standard headers, so only the
+// kernels themselves (internal linkage, see row_kernels_impl.h) use it; the
+// torch extension is built for the baseline ISA, which is why this file exists.
+#include "row_kernels.h"
+
+#ifdef LN_EXT_CPU_AVX2
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <immintrin.h>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+
+#define LN_EXT_ISA_NAME "avx2"
+#define LN_EXT_F16C 1
+#include "row_kernels_impl.h"
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+namespace ln_ext::cpu {
+RowKernels row_kernels_avx2() { return make_row_kernels(); }
+}  // namespace ln_ext::cpu
+#endif  // LN_EXT_CPU_AVX2
