@@ -1,0 +1,475 @@
+"""Layer-normalized RNNs (Ba, Kiros & Hinton 2016, eq. 4 and supplement) with the
+interface of torch.nn.RNN / LSTM / GRU and their cells.
+
+Per layer and direction, a sequence runs as:
+  1. the input projection of all time steps as one GEMM, and (LSTM, GRU) its
+     layer norm for all T*B rows in one launch of ln_ext's LayerNorm op;
+  2. per step: one GEMM for W_h h, then ONE fused op (torch.ops.ln_ext.*_cell_fwd)
+     for everything element-wise: the layer norm(s) of W_h h, the sum with the
+     normalized input projection and the bias, the gate nonlinearities, the state
+     update, LN(c) for the LSTM, and the output.
+Backward runs through autograd: per step the fused backward op (rnn_ops.py) and
+the GEMMs of step 2; the input weights' gradient is one GEMM over all steps.
+
+Parameters of layer k (suffix `_l{k}`, plus `_reverse` for the backward direction),
+G = 1 (RNN), 4 (LSTM: gates i, f, g, o) or 3 (GRU: z, r, n):
+  weight_ih [G*H, input], weight_hh [G*H, H]    uniform(-1/sqrt(H), 1/sqrt(H)), as nn.LSTM
+  RNN:  ln_weight, ln_bias [H]                   LN(W_x x + W_h h)
+  LSTM: ln_ih_weight, ln_ih_bias [4H]            LN(W_x x)
+        ln_hh_weight, ln_hh_bias [4H]            LN(W_h h)
+        bias [4H]                                b; its forget slice starts at forget_bias
+        ln_cell_weight, ln_cell_bias [H]         LN(c) on the output path
+  GRU:  ln_ih_weight, ln_ih_bias [3H]            LN(W_x x) over [z, r] (2H) and over n (H)
+        ln_hh_weight, ln_hh_bias [3H]            the same for W_h h
+LN gains start at 1 and every shift at 0. bias=False drops every shift (the `*_bias`
+parameters and b). The LSTM's b and LN shifts add to the same pre-activation,
+exactly as in the paper; the kernel receives their sum.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import rnn_ops  # noqa: F401  (registers the cell ops' fake kernels and autograd)
+from .ops import has_cuda_kernels, layer_norm
+
+_ops = torch.ops.ln_ext
+_GATES = {"RNN": 1, "LSTM": 4, "GRU": 3}
+
+
+def _param_shapes(mode: str, input_size: int, H: int, bias: bool) -> dict:
+    """Base name -> (shape, init) of one layer-direction's (or one cell's) parameters."""
+    G = _GATES[mode] * H
+    shapes = {"weight_ih": ((G, input_size), "uniform"), "weight_hh": ((G, H), "uniform")}
+    if mode == "RNN":
+        norms = {"ln": H}
+    elif mode == "LSTM":
+        norms = {"ln_ih": G, "ln_hh": G, "ln_cell": H}
+        if bias:
+            shapes["bias"] = ((G,), "zeros")
+    else:
+        norms = {"ln_ih": G, "ln_hh": G}
+    for prefix, n in norms.items():
+        shapes[f"{prefix}_weight"] = ((n,), "ones")
+        if bias:
+            shapes[f"{prefix}_bias"] = ((n,), "zeros")
+    return shapes
+
+
+def _init_params(module: nn.Module, names: dict, shapes: dict, H: int, forget_bias: float) -> None:
+    """names: base name -> attribute name. nn.LSTM's init for weights; LN gains 1, shifts 0."""
+    bound = 1.0 / math.sqrt(H) if H > 0 else 0.0
+    with torch.no_grad():
+        for base, (_, init) in shapes.items():
+            p = getattr(module, names[base])
+            if init == "uniform":
+                p.uniform_(-bound, bound)
+            elif init == "ones":
+                p.fill_(1.0)
+            else:
+                p.zero_()
+            if base == "bias":  # LSTM b: the forget gate's slice
+                p[H: 2 * H].fill_(forget_bias)
+
+
+def _check_common(cls: str, input_size: int, hidden_size: int, forget_bias: float, bias: bool) -> None:
+    if not isinstance(hidden_size, numbers.Integral) or hidden_size <= 0:
+        raise ValueError(f"{cls}: hidden_size must be a positive integer, got {hidden_size!r}")
+    if not isinstance(input_size, numbers.Integral) or input_size <= 0:
+        raise ValueError(f"{cls}: input_size must be a positive integer, got {input_size!r}")
+    if forget_bias != 0 and not bias:
+        raise ValueError(f"{cls}: forget_bias={forget_bias} needs bias=True")
+
+
+# ---------------------------------------------------------------- one step, functional
+
+def _prepare(mode: str, p: dict, H: int, like: torch.Tensor) -> dict:
+    """The tensors the cell ops take, built once per sequence from one layer-direction's
+    parameters `p` (base name -> tensor or None). A missing shift becomes zeros."""
+    G = _GATES[mode] * H
+
+    def or_zeros(t, n):
+        return t if t is not None else like.new_zeros(n)
+
+    q = dict(p)
+    if mode == "RNN":
+        q["beta"] = or_zeros(p.get("ln_bias"), H)
+    elif mode == "LSTM":
+        shifts = [t for t in (p.get("ln_hh_bias"), p.get("bias")) if t is not None]
+        q["gate_bias"] = sum(shifts[1:], shifts[0]) if shifts else like.new_zeros(G)
+        q["beta_c"] = or_zeros(p.get("ln_cell_bias"), H)
+    else:
+        q["beta_h"] = or_zeros(p.get("ln_hh_bias"), G)
+    return q
+
+
+def _project_inputs(mode: str, x: torch.Tensor, q: dict, H: int, eps: float) -> tuple:
+    """x: [..., input] -> the per-row input terms of the cell op, each [..., n]:
+    RNN (W_x x,), LSTM (LN(W_x x),), GRU (LN(W_zr x), LN(W_n x)). One GEMM and one
+    LN launch each over all leading rows."""
+    w = q["weight_ih"]
+    if mode == "RNN":
+        return (F.linear(x, w),)
+    g, b = q["ln_ih_weight"], q.get("ln_ih_bias")
+    if mode == "LSTM":
+        return (layer_norm(F.linear(x, w), (4 * H,), g, b, eps),)
+
+    def part(t, lo, hi):
+        return None if t is None else t[lo:hi]
+
+    return tuple(
+        layer_norm(F.linear(x, w[lo:hi]), (hi - lo,), part(g, lo, hi), part(b, lo, hi), eps)
+        for lo, hi in ((0, 2 * H), (2 * H, 3 * H))
+    )
+
+
+def _step(mode: str, xs: tuple, state: tuple, q: dict, eps: float) -> tuple:
+    """One time step: xs from _project_inputs (one row block), state (h,) or (h, c)."""
+    h = state[0]
+    hproj = torch.mm(h, q["weight_hh"].t())
+    if mode == "LSTM":
+        h, c, _, _ = _ops.lstm_cell_fwd(xs[0], hproj, state[1], q["ln_hh_weight"], q["gate_bias"],
+                                        q["ln_cell_weight"], q["beta_c"], eps)
+        return h, c
+    if mode == "GRU":
+        h, _, _ = _ops.gru_cell_fwd(xs[0], xs[1], hproj, h, q["ln_hh_weight"], q["beta_h"], eps)
+        return (h,)
+    h, _ = _ops.rnn_cell_fwd(xs[0], hproj, q["ln_weight"], q["beta"], eps)
+    return (h,)
+
+
+def _run_direction(mode, x, state, q, H, eps, reverse, batch_sizes):
+    """One layer-direction over a sequence.
+
+    x: [T, B, input] (batch_sizes None) or packed data [sum(batch_sizes), input];
+    state: (h0,) or (h0, c0), each [B, H]. Returns (output like x with H features,
+    final state), the final state of each sequence taken at its own last step.
+    """
+    xs = _project_inputs(mode, x, q, H, eps)
+    if batch_sizes is None:
+        per_step = list(zip(*(t.unbind(0) for t in xs)))
+        outs = [None] * len(per_step)
+        for t in (reversed(range(len(per_step))) if reverse else range(len(per_step))):
+            state = _step(mode, per_step[t], state, q, eps)
+            outs[t] = state[0]
+        if not outs:
+            return x.new_zeros((0, x.shape[1], H)), state
+        return torch.stack(outs), state
+
+    sizes = batch_sizes.tolist()
+    per_step = list(zip(*(t.split(sizes) for t in xs)))
+    outs = [None] * len(sizes)
+    if not reverse:
+        # Sequences are sorted by length: the batch shrinks; the rows that leave
+        # at step t (indices sizes[t]..) hold their final state.
+        ended = []
+        for t, bs in enumerate(sizes):
+            if bs < state[0].shape[0]:
+                ended.append(tuple(s[bs:] for s in state))
+                state = tuple(s[:bs] for s in state)
+            state = _step(mode, per_step[t], state, q, eps)
+            outs[t] = state[0]
+        final = tuple(torch.cat([s] + [e[k] for e in reversed(ended)]) for k, s in enumerate(state))
+    else:
+        # Backwards in time the batch grows: rows join with their initial state.
+        init = state
+        state = tuple(s[: sizes[-1]] for s in init)
+        for t in reversed(range(len(sizes))):
+            bs = sizes[t]
+            if bs > state[0].shape[0]:
+                state = tuple(torch.cat([s, s0[s.shape[0]: bs]]) for s, s0 in zip(state, init))
+            state = _step(mode, per_step[t], state, q, eps)
+            outs[t] = state[0]
+        final = state
+    return torch.cat(outs), final
+
+
+# ---------------------------------------------------------------- layers
+
+class _LayerNormRNNBase(nn.Module):
+    mode = ""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 eps: float = 1e-5, forget_bias: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        cls = type(self).__name__
+        _check_common(cls, input_size, hidden_size, forget_bias, bias)
+        if not isinstance(num_layers, numbers.Integral) or num_layers <= 0:
+            raise ValueError(f"{cls}: num_layers must be a positive integer, got {num_layers!r}")
+        if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
+            raise ValueError(f"{cls}: dropout must be a number in [0, 1], got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(f"{cls}: dropout={dropout} acts between layers; with num_layers=1 it does nothing")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.eps, self.forget_bias = bidirectional, eps, forget_bias
+        factory = {"device": device, "dtype": dtype}
+        D = 2 if bidirectional else 1
+        self._names = []  # [layer][direction]: base name -> attribute name
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else hidden_size * D
+            dirs = []
+            for d in range(D):
+                suffix = f"_l{layer}" + ("_reverse" if d == 1 else "")
+                shapes = _param_shapes(self.mode, layer_input, hidden_size, bias)
+                names = {base: base + suffix for base in shapes}
+                for base, (shape, _) in shapes.items():
+                    self.register_parameter(names[base], nn.Parameter(torch.empty(shape, **factory)))
+                dirs.append((names, shapes))
+            self._names.append(dirs)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for dirs in self._names:
+            for names, shapes in dirs:
+                _init_params(self, names, shapes, self.hidden_size, self.forget_bias)
+
+    def layer_parameters(self, layer: int, direction: int = 0) -> dict:
+        """Base name -> Parameter (None where bias=False drops it) of one layer-direction."""
+        names, _ = self._names[layer][direction]
+        full = _param_shapes(self.mode, 1, 1, True)
+        return {base: getattr(self, names[base]) if base in names else None for base in full}
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        for key, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
+                             ("dropout", 0.0), ("bidirectional", False), ("eps", 1e-5),
+                             ("forget_bias", 0.0)):
+            if getattr(self, key) != default:
+                s += f", {key}={getattr(self, key)}"
+        return s
+
+    def _num_states(self) -> int:
+        return 2 if self.mode == "LSTM" else 1
+
+    def forward(self, input, hx=None):
+        cls = type(self).__name__
+        D = 2 if self.bidirectional else 1
+        H = self.hidden_size
+        ref = self.weight_ih_l0
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            x, batch_sizes, sorted_indices, unsorted_indices = input
+            batch, unbatched = int(batch_sizes[0]) if len(batch_sizes) else 0, False
+        else:
+            if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
+                raise ValueError(f"{cls}: expected input to be a 2-D (unbatched) or 3-D tensor or a "
+                                 f"PackedSequence, got {getattr(input, 'shape', type(input))}")
+            batch_sizes = sorted_indices = unsorted_indices = None
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+            batch = x.shape[1]
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"{cls}: input.size(-1) must be input_size={self.input_size}, got {x.shape[-1]}")
+        _check_like(cls, "input", x, ref)
+        states = self._initial_states(hx, batch, unbatched, x, sorted_indices, D)
+
+        finals = [[] for _ in states]
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(D):
+                q = _prepare(self.mode, self.layer_parameters(layer, d), H, x)
+                st = tuple(s[layer * D + d] for s in states)
+                out, st = _run_direction(self.mode, x, st, q, H, self.eps, d == 1, batch_sizes)
+                outs.append(out)
+                for k, s in enumerate(st):
+                    finals[k].append(s)
+            x = outs[0] if D == 1 else torch.cat(outs, dim=-1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        finals = [torch.stack(f) for f in finals]
+
+        if packed:
+            output = PackedSequence(x, batch_sizes, sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                finals = [f.index_select(1, unsorted_indices) for f in finals]
+        else:
+            output = x.squeeze(1) if unbatched else (x.transpose(0, 1) if self.batch_first else x)
+            if unbatched:
+                finals = [f.squeeze(1) for f in finals]
+        return output, (tuple(finals) if self.mode == "LSTM" else finals[0])
+
+    def _initial_states(self, hx, batch, unbatched, x, sorted_indices, D):
+        """hx as nn.LSTM/GRU/RNN take it -> tuple of [L * D, B, H] in the sorted batch order."""
+        cls = type(self).__name__
+        shape = (self.num_layers * D, batch, self.hidden_size)
+        if hx is None:
+            zeros = x.new_zeros(shape)
+            return (zeros,) * self._num_states()
+        if self.mode == "LSTM":
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise ValueError(f"{cls}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
+            names = ("h_0", "c_0")
+        else:
+            if not isinstance(hx, torch.Tensor):
+                raise ValueError(f"{cls}: hx must be a tensor h_0, got {type(hx).__name__}")
+            hx, names = (hx,), ("h_0",)
+        states = []
+        for name, s in zip(names, hx):
+            want = shape[:1] + shape[2:] if unbatched else shape
+            if not isinstance(s, torch.Tensor) or tuple(s.shape) != want:
+                raise ValueError(f"{cls}: {name} must have shape {list(want)} "
+                                 f"(num_layers * num_directions, {'' if unbatched else 'batch, '}hidden_size), "
+                                 f"got {list(getattr(s, 'shape', []))}")
+            _check_like(cls, name, s, self.weight_ih_l0)
+            s = s.unsqueeze(1) if unbatched else s
+            if sorted_indices is not None:
+                s = s.index_select(1, sorted_indices)
+            states.append(s)
+        return tuple(states)
+
+
+def _check_like(cls: str, name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{cls}: {name} is on {t.device} but the parameters are on {ref.device}")
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{cls}: {name} has dtype {t.dtype} but the parameters are {ref.dtype}")
+    if t.is_cuda and not has_cuda_kernels():
+        raise RuntimeError(f"{cls}: {name} is a CUDA tensor but this ln_ext build has no CUDA kernels")
+
+
+class LayerNormRNN(_LayerNormRNNBase):
+    """nn.RNN (tanh) with layer normalization (eq. 4): h_t = tanh(LN(W_h h_{t-1} + W_x x_t)).
+
+    forward(input, hx=None) -> (output, h_n), shapes as nn.RNN; input may be a PackedSequence.
+    """
+    mode = "RNN"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, eps=1e-5, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, eps, 0.0, device, dtype)
+
+
+class LayerNormLSTM(_LayerNormRNNBase):
+    """nn.LSTM with layer normalization (paper supplement); see the module docstring.
+
+    forward(input, hx=None) -> (output, (h_n, c_n)), shapes as nn.LSTM; input may be a
+    PackedSequence. forget_bias: initial value of b's forget-gate slice (paper: 0).
+    """
+    mode = "LSTM"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, eps=1e-5, forget_bias=0.0, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, eps, forget_bias, device, dtype)
+
+
+class LayerNormGRU(_LayerNormRNNBase):
+    """nn.GRU with layer normalization (paper supplement); see the module docstring.
+
+    forward(input, hx=None) -> (output, h_n), shapes as nn.GRU; input may be a PackedSequence.
+    """
+    mode = "GRU"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, eps=1e-5, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, eps, 0.0, device, dtype)
+
+
+# ---------------------------------------------------------------- cells
+
+class _LayerNormCellBase(nn.Module):
+    mode = ""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, eps: float = 1e-5,
+                 forget_bias: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        _check_common(type(self).__name__, input_size, hidden_size, forget_bias, bias)
+        self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
+        self.eps, self.forget_bias = eps, forget_bias
+        self._shapes = _param_shapes(self.mode, input_size, hidden_size, bias)
+        for base, (shape, _) in self._shapes.items():
+            self.register_parameter(base, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_params(self, {b: b for b in self._shapes}, self._shapes, self.hidden_size, self.forget_bias)
+
+    def layer_parameters(self, layer: int = 0, direction: int = 0) -> dict:
+        """Base name -> Parameter (None where bias=False drops it), as the layers' method."""
+        full = _param_shapes(self.mode, 1, 1, True)
+        return {base: getattr(self, base) if base in self._shapes else None for base in full}
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.eps != 1e-5:
+            s += f", eps={self.eps}"
+        if self.forget_bias:
+            s += f", forget_bias={self.forget_bias}"
+        return s
+
+    def _cell(self, input, hx):
+        cls = type(self).__name__
+        if not isinstance(input, torch.Tensor) or input.dim() not in (1, 2):
+            raise ValueError(f"{cls}: expected input to be 1-D (unbatched) or 2-D [batch, input_size], "
+                             f"got {getattr(input, 'shape', type(input))}")
+        if input.shape[-1] != self.input_size:
+            raise ValueError(f"{cls}: input.size(-1) must be input_size={self.input_size}, got {input.shape[-1]}")
+        _check_like(cls, "input", input, self.weight_ih)
+        unbatched = input.dim() == 1
+        x = input.unsqueeze(0) if unbatched else input
+        H = self.hidden_size
+        n = 2 if self.mode == "LSTM" else 1
+        names = ("h", "c")[:n]
+        if hx is None:
+            state = (x.new_zeros((x.shape[0], H)),) * n
+        else:
+            if self.mode == "LSTM" and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise ValueError(f"{cls}: hx must be a tuple (h, c), got {type(hx).__name__}")
+            state = tuple(hx) if self.mode == "LSTM" else (hx,)
+            want = (H,) if unbatched else (x.shape[0], H)
+            for name, s in zip(names, state):
+                if not isinstance(s, torch.Tensor) or tuple(s.shape) != want:
+                    raise ValueError(f"{cls}: {name} must have shape {list(want)}, "
+                                     f"got {list(getattr(s, 'shape', []))}")
+                _check_like(cls, name, s, self.weight_ih)
+            state = tuple(s.unsqueeze(0) for s in state) if unbatched else state
+        q = _prepare(self.mode, self.layer_parameters(), H, x)
+        state = _step(self.mode, _project_inputs(self.mode, x, q, H, self.eps), state, q, self.eps)
+        return tuple(s.squeeze(0) for s in state) if unbatched else state
+
+
+class LayerNormRNNCell(_LayerNormCellBase):
+    """nn.RNNCell (tanh) with layer normalization: forward(input, hx=None) -> h'."""
+    mode = "RNN"
+
+    def __init__(self, input_size, hidden_size, bias=True, eps=1e-5, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, eps, 0.0, device, dtype)
+
+    def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._cell(input, hx)[0]
+
+
+class LayerNormLSTMCell(_LayerNormCellBase):
+    """nn.LSTMCell with layer normalization: forward(input, hx=None) -> (h', c')."""
+    mode = "LSTM"
+
+    def __init__(self, input_size, hidden_size, bias=True, eps=1e-5, forget_bias=0.0,
+                 device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, eps, forget_bias, device, dtype)
+
+    def forward(self, input: torch.Tensor, hx=None):
+        return self._cell(input, hx)
+
+
+class LayerNormGRUCell(_LayerNormCellBase):
+    """nn.GRUCell with layer normalization: forward(input, hx=None) -> h'."""
+    mode = "GRU"
+
+    def __init__(self, input_size, hidden_size, bias=True, eps=1e-5, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, eps, 0.0, device, dtype)
+
+    def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._cell(input, hx)[0]
