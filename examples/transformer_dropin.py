@@ -18,7 +18,7 @@ compilation, is reported separately and not in the steps/s). Dropout is 0 so tha
 models compute the same function. The data is random tokens: this measures speed and
 agreement, not learning.
 
-Run:  python examples/transformer_dropin.py [--device auto|cpu|cuda] [--no-compile] [--smoke]
+Run:  python examples/transformer_dropin.py [--device auto|cpu|cuda] [--no-compile] [--threads N] [--smoke]
 Writes examples/results/transformer_dropin_<device>.json and .md (--out to change).
 
 Note for inference: in eval mode under torch.no_grad(), nn.TransformerEncoderLayer takes
@@ -191,7 +191,8 @@ def check_checkpoints(model_nn, model_ln, tokens, cfg, device) -> dict:
         buffer.seek(0)
         target = make_target()
         incompatible = target.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
-        source.eval(), target.eval()
+        source.eval()
+        target.eval()
         with inference_mode_through_modules(), autocast(cfg, device):
             diff = rel_l2(target(tokens[:, :-1]), source(tokens[:, :-1]).double())
         source.train()
@@ -326,11 +327,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu or cuda")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile timings")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few steps, no compile: seconds (for CI)")
     parser.add_argument("--out", default=None, help="results folder (default: examples/results next to this script)")
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = CONFIGS["smoke" if args.smoke else device.type]
     use_compile = not (args.no_compile or args.smoke)
 
