@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 from typing import Any
 
 import torch
@@ -41,7 +42,18 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "ln_ext_cuda_kernels": ln_ext.has_cuda_kernels(),
         "python": platform.python_version(),
+        "ln_ext_commit": _git_commit(),
     }
+
+
+def _git_commit():
+    """The checkout's commit when run from a git clone (None otherwise): which ln_ext ran."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
 
 
 def markdown_header(title: str, env: dict[str, Any]) -> str:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import json
 import math
 import os
 import statistics
@@ -258,7 +259,7 @@ def markdown(results: dict, summary: dict, judged: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, summary: dict, curves_path: str, reach_path: str):
+def plot(results: dict, curves_path: str, reach_path: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -305,8 +306,8 @@ def plot(results: dict, summary: dict, curves_path: str, reach_path: str):
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("|dL/dx_t| at init")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("How far back the gradient reaches at initialization (flat = stable, steep drop = vanishing)",
-                 fontsize=10)
+    fig.suptitle("Gradient reaching each input at initialization (flat: stable; low at early t: vanishing; "
+                 "high: exploding)", fontsize=10)
     fig.tight_layout()
     fig.savefig(reach_path, dpi=110)
     plt.close(fig)
@@ -326,6 +327,7 @@ def parse_args(argv=None):
                         help="2: 32 steps (default, minutes on a CPU); 1: the full 64 steps")
     parser.add_argument("--target-accuracy", type=float, default=0.8, help="for the 'updates until' table")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
+    parser.add_argument("--replot", metavar="JSON", help="no training: tables and plots again from a results JSON")
     parser.add_argument("--smoke", action="store_true", help="tiny sweep, a few updates: seconds (for CI)")
     parser.add_argument("--out", default=None, help="results folder (default: examples/results next to this script)")
     args = parser.parse_args(argv)
@@ -335,9 +337,8 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = pick_device(args.device)
+def run_sweep(args, device) -> dict:
+    """Trains every (scale, lr, seed, model) of the grid; the raw results."""
     if device.type == "cpu" and args.threads:
         # Matrices of H=64 gain nothing from intra-op threads; on a busy machine the
         # threads' spin-waits cost more than the work.
@@ -357,22 +358,37 @@ def main(argv=None):
         runs.append(train_one(kind, scale, lr, seed, train, test, args, device))
     reach = {f"{scale:g}": {kind: gradient_reach(kind, scale, train, args, device) for kind in MODELS}
              for scale in args.scales}
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "device", "seeds", "threads")}
-    config.update(seeds=seeds, target_accuracy=args.target_accuracy, train_size=len(train[1]), test_size=len(test[1]))
-    results = {"environment": environment(device), "config": config, "smoke": args.smoke, "runs": runs,
-               "gradient_reach": reach, "wall_s": time.perf_counter() - start}
-    summary = summarize(runs, args.target_accuracy)
-    judged = verdicts(summary, args.scales, args.lrs)
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "device", "seeds", "threads", "replot")}
+    config.update(seeds=seeds, train_size=len(train[1]), test_size=len(test[1]))
+    return {"environment": environment(device), "config": config, "smoke": args.smoke, "runs": runs,
+            "gradient_reach": reach, "wall_s": time.perf_counter() - start}
+
+
+def report(results: dict, out_dir: str) -> list[str]:
+    """Summary, verdicts, Markdown, JSON and the two PNGs from the raw results."""
+    cfg = results["config"]
+    summary = summarize(results["runs"], cfg["target_accuracy"])
+    judged = verdicts(summary, cfg["scales"], cfg["lrs"])
     results["summary"] = [{"model": k[0], "scale": k[1], "lr": k[2], **v} for k, v in summary.items()]
     results["verdicts"] = judged
     text = markdown(results, summary, judged)
     print(text)
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    stem = f"ln_rnn_stability_{device.type}"
+    stem = f"ln_rnn_stability_{results['environment']['device']}"
     paths = list(write_results(out_dir, stem, results, text))
     curves, reach_png = os.path.join(out_dir, stem + "_curves.png"), os.path.join(out_dir, stem + "_gradient_reach.png")
-    plot(results, summary, curves, reach_png)
-    print("[ln_rnn_stability] wrote " + ", ".join(paths + [curves, reach_png]))
+    plot(results, curves, reach_png)
+    return paths + [curves, reach_png]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            results = json.load(f)
+    else:
+        results = run_sweep(args, pick_device(args.device))
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    print("[ln_rnn_stability] wrote " + ", ".join(report(results, out_dir)))
     return 0
 
 
