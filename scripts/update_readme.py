@@ -175,6 +175,9 @@ def main(argv=None) -> int:
     def say(msg):
         print(f"update_readme: {msg}", file=sys.stderr)
 
+    if not os.path.exists(args.readme):
+        say(f"{args.readme} does not exist: nothing to update")
+        return 1
     with open(args.readme) as f:
         before = f.read()
     after = update(before, os.path.abspath(args.root), os.path.dirname(os.path.abspath(args.readme)), say)
