@@ -17,7 +17,7 @@ G = 1 (RNN), 4 (LSTM: gates i, f, g, o) or 3 (GRU: z, r, n):
   RNN:  ln_weight, ln_bias [H]                   LN(W_x x + W_h h)
   LSTM: ln_ih_weight, ln_ih_bias [4H]            LN(W_x x)
         ln_hh_weight, ln_hh_bias [4H]            LN(W_h h)
-        bias [4H]                                b; its forget slice starts at forget_bias
+        gate_bias [4H]                           b; its forget slice starts at forget_bias
         ln_cell_weight, ln_cell_bias [H]         LN(c) on the output path
   GRU:  ln_ih_weight, ln_ih_bias [3H]            LN(W_x x) over [z, r] (2H) and over n (H)
         ln_hh_weight, ln_hh_bias [3H]            the same for W_h h
@@ -53,7 +53,7 @@ def _param_shapes(mode: str, input_size: int, H: int, bias: bool) -> dict:
     elif mode == "LSTM":
         norms = {"ln_ih": G, "ln_hh": G, "ln_cell": H}
         if bias:
-            shapes["bias"] = ((G,), "zeros")
+            shapes["gate_bias"] = ((G,), "zeros")
     else:
         norms = {"ln_ih": G, "ln_hh": G}
     for prefix, n in norms.items():
@@ -75,7 +75,7 @@ def _init_params(module: nn.Module, names: dict, shapes: dict, H: int, forget_bi
                 p.fill_(1.0)
             else:
                 p.zero_()
-            if base == "bias":  # LSTM b: the forget gate's slice
+            if base == "gate_bias":  # LSTM b: the forget gate's slice
                 p[H: 2 * H].fill_(forget_bias)
 
 
@@ -102,8 +102,8 @@ def _prepare(mode: str, p: dict, H: int, like: torch.Tensor) -> dict:
     if mode == "RNN":
         q["beta"] = or_zeros(p.get("ln_bias"), H)
     elif mode == "LSTM":
-        shifts = [t for t in (p.get("ln_hh_bias"), p.get("bias")) if t is not None]
-        q["gate_bias"] = sum(shifts[1:], shifts[0]) if shifts else like.new_zeros(G)
+        shifts = [t for t in (p.get("ln_hh_bias"), p.get("gate_bias")) if t is not None]
+        q["fused_gate_bias"] = sum(shifts[1:], shifts[0]) if shifts else like.new_zeros(G)
         q["beta_c"] = or_zeros(p.get("ln_cell_bias"), H)
     else:
         q["beta_h"] = or_zeros(p.get("ln_hh_bias"), G)
@@ -135,7 +135,7 @@ def _step(mode: str, xs: tuple, state: tuple, q: dict, eps: float) -> tuple:
     h = state[0]
     hproj = torch.mm(h, q["weight_hh"].t())
     if mode == "LSTM":
-        h, c, _, _ = _ops.lstm_cell_fwd(xs[0], hproj, state[1], q["ln_hh_weight"], q["gate_bias"],
+        h, c, _, _ = _ops.lstm_cell_fwd(xs[0], hproj, state[1], q["ln_hh_weight"], q["fused_gate_bias"],
                                         q["ln_cell_weight"], q["beta_c"], eps)
         return h, c
     if mode == "GRU":
