@@ -73,53 +73,13 @@ void gru_cell_bwd_cpu_kernel(const GruCellArgs& a) {
   });
 }
 
-namespace {
-
-std::tuple<at::Tensor, at::Tensor> rnn_cell_fwd_cpu(
-    const at::Tensor& xproj, const at::Tensor& hproj, const at::Tensor& gamma,
-    const at::Tensor& beta, double eps) {
-  return rnn_cell_fwd_impl(xproj, hproj, gamma, beta, eps, rnn_cell_fwd_cpu_kernel);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_bwd_cpu(
-    const at::Tensor& dh, const at::Tensor& xproj, const at::Tensor& hproj,
-    const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta) {
-  return rnn_cell_bwd_impl(dh, xproj, hproj, stats, gamma, beta, rnn_cell_bwd_cpu_kernel);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(
-    const at::Tensor& xgates, const at::Tensor& hproj, const at::Tensor& c_prev,
-    const at::Tensor& gamma_h, const at::Tensor& bias, const at::Tensor& gamma_c,
-    const at::Tensor& beta_c, double eps) {
-  return lstm_cell_fwd_impl(xgates, hproj, c_prev, gamma_h, bias, gamma_c, beta_c, eps,
-                            lstm_cell_fwd_cpu_kernel);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-lstm_cell_bwd_cpu(const at::Tensor& dh, const at::Tensor& dc, const at::Tensor& hproj,
-                  const at::Tensor& c_prev, const at::Tensor& c, const at::Tensor& gates,
-                  const at::Tensor& stats, const at::Tensor& gamma_h,
-                  const at::Tensor& gamma_c, const at::Tensor& beta_c) {
-  return lstm_cell_bwd_impl(dh, dc, hproj, c_prev, c, gates, stats, gamma_h, gamma_c, beta_c,
-                            lstm_cell_bwd_cpu_kernel);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_cell_fwd_cpu(
-    const at::Tensor& xzr, const at::Tensor& xn, const at::Tensor& hproj,
-    const at::Tensor& h_prev, const at::Tensor& gamma_h, const at::Tensor& beta_h, double eps) {
-  return gru_cell_fwd_impl(xzr, xn, hproj, h_prev, gamma_h, beta_h, eps, gru_cell_fwd_cpu_kernel);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-gru_cell_bwd_cpu(const at::Tensor& dh, const at::Tensor& hproj, const at::Tensor& h_prev,
-                 const at::Tensor& gates, const at::Tensor& stats, const at::Tensor& gamma_h) {
-  return gru_cell_bwd_impl(dh, hproj, h_prev, gates, stats, gamma_h, gru_cell_bwd_cpu_kernel);
-}
-
-}  // namespace
-
 TORCH_LIBRARY_IMPL(ln_ext, CPU, m) {
-  m.impl("rnn_cell_fwd", &rnn_cell_fwd_cpu);
-  m.impl("rnn_cell_bwd", &rnn_cell_bwd_cpu);
-  m.impl("lstm_cell_fwd", &lstm_cell_fwd_cpu);
-  m.impl("lstm_cell_bwd", &lstm_cell_bwd_cpu);
-  m.impl("gru_cell_fwd", &gru_cell_fwd_cpu);
-  m.impl("gru_cell_bwd", &gru_cell_bwd_cpu);
+  m.impl("rnn_cell_fwd", &rnn_cell_fwd_op<rnn_cell_fwd_cpu_kernel>);
+  m.impl("rnn_cell_bwd", &rnn_cell_bwd_op<rnn_cell_bwd_cpu_kernel>);
+  m.impl("lstm_cell_fwd", &lstm_cell_fwd_op<lstm_cell_fwd_cpu_kernel>);
+  m.impl("lstm_cell_bwd", &lstm_cell_bwd_op<lstm_cell_bwd_cpu_kernel>);
+  m.impl("gru_cell_fwd", &gru_cell_fwd_op<gru_cell_fwd_cpu_kernel>);
+  m.impl("gru_cell_bwd", &gru_cell_bwd_op<gru_cell_bwd_cpu_kernel>);
 }
 
 }  // namespace ln_ext
