@@ -236,6 +236,22 @@ def test_layer_gradcheck_tiny(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_layer_double_backward(mode):
+    """create_graph=True goes through the per-step composite path."""
+    module = make(mode, input_size=2, hidden_size=2, bidirectional=True)
+    x, hx = sample(mode, module, T=2, B=1)
+
+    def f(x, weight_hh, *hx):
+        out, hn = torch.func.functional_call(module, {"weight_hh_l0_reverse": weight_hh},
+                                             (x, hx if mode == "LSTM" else hx[0]), strict=False)
+        return (out, *states_tuple(mode, hn))
+
+    inputs = [x.requires_grad_(), module.weight_hh_l0_reverse.detach().requires_grad_(),
+              *(h.requires_grad_() for h in hx)]
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_gradients_are_bitwise_reproducible(mode):
     module = make(mode, dtype=torch.float32, hidden_size=64, num_layers=2)
     x, hx = sample(mode, module, T=4, B=33)
