@@ -104,6 +104,48 @@ gru_cell_bwd_impl(const at::Tensor& dh, const at::Tensor& hproj, const at::Tenso
                   const at::Tensor& gates, const at::Tensor& stats,
                   const at::Tensor& gamma_h, GruCellKernel kernel);
 
+// The op functions a device registers (TORCH_LIBRARY_IMPL): the op bodies
+// above bound to that device's kernels.
+template <RnnCellKernel K>
+std::tuple<at::Tensor, at::Tensor> rnn_cell_fwd_op(
+    const at::Tensor& xproj, const at::Tensor& hproj, const at::Tensor& gamma,
+    const at::Tensor& beta, double eps) {
+  return rnn_cell_fwd_impl(xproj, hproj, gamma, beta, eps, K);
+}
+template <RnnCellKernel K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_bwd_op(
+    const at::Tensor& dh, const at::Tensor& xproj, const at::Tensor& hproj,
+    const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta) {
+  return rnn_cell_bwd_impl(dh, xproj, hproj, stats, gamma, beta, K);
+}
+template <LstmCellKernel K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_op(
+    const at::Tensor& xgates, const at::Tensor& hproj, const at::Tensor& c_prev,
+    const at::Tensor& gamma_h, const at::Tensor& bias, const at::Tensor& gamma_c,
+    const at::Tensor& beta_c, double eps) {
+  return lstm_cell_fwd_impl(xgates, hproj, c_prev, gamma_h, bias, gamma_c, beta_c, eps, K);
+}
+template <LstmCellKernel K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_cell_bwd_op(const at::Tensor& dh, const at::Tensor& dc, const at::Tensor& hproj,
+                 const at::Tensor& c_prev, const at::Tensor& c, const at::Tensor& gates,
+                 const at::Tensor& stats, const at::Tensor& gamma_h,
+                 const at::Tensor& gamma_c, const at::Tensor& beta_c) {
+  return lstm_cell_bwd_impl(dh, dc, hproj, c_prev, c, gates, stats, gamma_h, gamma_c, beta_c, K);
+}
+template <GruCellKernel K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_cell_fwd_op(
+    const at::Tensor& xzr, const at::Tensor& xn, const at::Tensor& hproj,
+    const at::Tensor& h_prev, const at::Tensor& gamma_h, const at::Tensor& beta_h, double eps) {
+  return gru_cell_fwd_impl(xzr, xn, hproj, h_prev, gamma_h, beta_h, eps, K);
+}
+template <GruCellKernel K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_cell_bwd_op(const at::Tensor& dh, const at::Tensor& hproj, const at::Tensor& h_prev,
+                const at::Tensor& gates, const at::Tensor& stats, const at::Tensor& gamma_h) {
+  return gru_cell_bwd_impl(dh, hproj, h_prev, gates, stats, gamma_h, K);
+}
+
 // Kernel entry points.
 void rnn_cell_fwd_cpu_kernel(const RnnCellArgs& a);
 void rnn_cell_bwd_cpu_kernel(const RnnCellArgs& a);

@@ -78,8 +78,8 @@ def ln_lstm_cell(x, h, c, p, eps=1e-5):
     c' = s(f) c + s(i) tanh(u);  h' = s(o) tanh(LN(c'; g_c, b_c))."""
     pre = (_ln_last(h @ p["weight_hh"].T, p["ln_hh_weight"], p["ln_hh_bias"], eps)
            + _ln_last(x @ p["weight_ih"].T, p["ln_ih_weight"], p["ln_ih_bias"], eps))
-    if p["bias"] is not None:
-        pre = pre + p["bias"]
+    if p["gate_bias"] is not None:
+        pre = pre + p["gate_bias"]
     i, f, u, o = pre.chunk(4, dim=-1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(u)
     h = torch.sigmoid(o) * torch.tanh(_ln_last(c, p["ln_cell_weight"], p["ln_cell_bias"], eps))

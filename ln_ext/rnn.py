@@ -8,8 +8,12 @@ Per layer and direction, a sequence runs as:
      for everything element-wise: the layer norm(s) of W_h h, the sum with the
      normalized input projection and the bias, the gate nonlinearities, the state
      update, LN(c) for the LSTM, and the output.
-Backward runs through autograd: per step the fused backward op (rnn_ops.py) and
-the GEMMs of step 2; the input weights' gradient is one GEMM over all steps.
+Backward of an unpacked sequence (_Sequence) mirrors it: per step the fused
+backward op and one GEMM for the gradient reaching h_{t-1}; then weight_hh's
+gradient is one GEMM over all T*B rows, each LN gain/shift and bias gradient one
+sum over all rows, and weight_ih's gradient one GEMM (autograd of step 1).
+PackedSequence input (the batch shrinks from step to step) and the cells use
+per-step autograd of the cell ops (rnn_ops.py) instead.
 
 Parameters of layer k (suffix `_l{k}`, plus `_reverse` for the backward direction),
 G = 1 (RNN), 4 (LSTM: gates i, f, g, o) or 3 (GRU: z, r, n):
@@ -17,7 +21,7 @@ G = 1 (RNN), 4 (LSTM: gates i, f, g, o) or 3 (GRU: z, r, n):
   RNN:  ln_weight, ln_bias [H]                   LN(W_x x + W_h h)
   LSTM: ln_ih_weight, ln_ih_bias [4H]            LN(W_x x)
         ln_hh_weight, ln_hh_bias [4H]            LN(W_h h)
-        bias [4H]                                b; its forget slice starts at forget_bias
+        gate_bias [4H]                           b; its forget slice starts at forget_bias
         ln_cell_weight, ln_cell_bias [H]         LN(c) on the output path
   GRU:  ln_ih_weight, ln_ih_bias [3H]            LN(W_x x) over [z, r] (2H) and over n (H)
         ln_hh_weight, ln_hh_bias [3H]            the same for W_h h
@@ -53,7 +57,7 @@ def _param_shapes(mode: str, input_size: int, H: int, bias: bool) -> dict:
     elif mode == "LSTM":
         norms = {"ln_ih": G, "ln_hh": G, "ln_cell": H}
         if bias:
-            shapes["bias"] = ((G,), "zeros")
+            shapes["gate_bias"] = ((G,), "zeros")
     else:
         norms = {"ln_ih": G, "ln_hh": G}
     for prefix, n in norms.items():
@@ -75,7 +79,7 @@ def _init_params(module: nn.Module, names: dict, shapes: dict, H: int, forget_bi
                 p.fill_(1.0)
             else:
                 p.zero_()
-            if base == "bias":  # LSTM b: the forget gate's slice
+            if base == "gate_bias":  # LSTM b: the forget gate's slice
                 p[H: 2 * H].fill_(forget_bias)
 
 
@@ -102,8 +106,8 @@ def _prepare(mode: str, p: dict, H: int, like: torch.Tensor) -> dict:
     if mode == "RNN":
         q["beta"] = or_zeros(p.get("ln_bias"), H)
     elif mode == "LSTM":
-        shifts = [t for t in (p.get("ln_hh_bias"), p.get("bias")) if t is not None]
-        q["gate_bias"] = sum(shifts[1:], shifts[0]) if shifts else like.new_zeros(G)
+        shifts = [t for t in (p.get("ln_hh_bias"), p.get("gate_bias")) if t is not None]
+        q["fused_gate_bias"] = sum(shifts[1:], shifts[0]) if shifts else like.new_zeros(G)
         q["beta_c"] = or_zeros(p.get("ln_cell_bias"), H)
     else:
         q["beta_h"] = or_zeros(p.get("ln_hh_bias"), G)
@@ -135,7 +139,7 @@ def _step(mode: str, xs: tuple, state: tuple, q: dict, eps: float) -> tuple:
     h = state[0]
     hproj = torch.mm(h, q["weight_hh"].t())
     if mode == "LSTM":
-        h, c, _, _ = _ops.lstm_cell_fwd(xs[0], hproj, state[1], q["ln_hh_weight"], q["gate_bias"],
+        h, c, _, _ = _ops.lstm_cell_fwd(xs[0], hproj, state[1], q["ln_hh_weight"], q["fused_gate_bias"],
                                         q["ln_cell_weight"], q["beta_c"], eps)
         return h, c
     if mode == "GRU":
@@ -145,23 +149,159 @@ def _step(mode: str, xs: tuple, state: tuple, q: dict, eps: float) -> tuple:
     return (h,)
 
 
+# The cell op's parameters, in its argument order, under their keys in `q`.
+_CELL_PARAMS = {
+    "RNN": ("ln_weight", "beta"),
+    "LSTM": ("ln_hh_weight", "fused_gate_bias", "ln_cell_weight", "beta_c"),
+    "GRU": ("ln_hh_weight", "beta_h"),
+}
+
+
+def _loop(mode, xs, state, q, eps, reverse):
+    """Per-step autograd over an unpacked sequence: xs from _project_inputs, [T, B, n]."""
+    per_step = list(zip(*(t.unbind(0) for t in xs)))
+    outs = [None] * len(per_step)
+    for t in (reversed(range(len(per_step))) if reverse else range(len(per_step))):
+        state = _step(mode, per_step[t], state, q, eps)
+        outs[t] = state[0]
+    return torch.stack(outs), state
+
+
+class _Sequence(torch.autograd.Function):
+    """One layer-direction over an unpacked sequence (T >= 1), differentiated as a whole.
+
+    Forward: per step the W_h h GEMM and the fused cell op, keeping W_h h, the gates
+    and the statistics of every step. Backward through time: per step the fused
+    backward op and one GEMM for the gradient reaching h_{t-1}; afterwards the
+    gradient of weight_hh is ONE GEMM over all T*B rows and every LN/bias gradient
+    one sum over all rows (fixed order: reproducible).
+    Inputs: xs0/xs1 the input terms from _project_inputs ([T, B, n]; xs1 only for the
+    GRU), h0/c0 [B, H] (c0 only for the LSTM), then the cell op's parameters.
+    Returns (output [T, B, H], h_T) or, for the LSTM, (output, h_T, c_T).
+    """
+
+    @staticmethod
+    def forward(ctx, mode, eps, reverse, weight_hh, h0, c0, xs0, xs1, *params):
+        T = xs0.shape[0]
+        order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
+        h, c = h0, c0
+        outs, cs, hprojs, gates, stats = ([None] * T for _ in range(5))
+        for t in order:
+            hproj = torch.mm(h, weight_hh.t())
+            if mode == "LSTM":
+                h, c, g, s = _ops.lstm_cell_fwd(xs0[t], hproj, c, *params, eps)
+                cs[t] = c
+            elif mode == "GRU":
+                h, g, s = _ops.gru_cell_fwd(xs0[t], xs1[t], hproj, h, *params, eps)
+            else:
+                (h, s), g = _ops.rnn_cell_fwd(xs0[t], hproj, *params, eps), None
+            outs[t], hprojs[t], gates[t], stats[t] = h, hproj, g, s
+        out = torch.stack(outs)
+        ctx.mode, ctx.eps, ctx.reverse, ctx.n_params = mode, eps, reverse, len(params)
+        if any(ctx.needs_input_grad):  # inference keeps nothing
+            stacked = [torch.stack(v) if v[0] is not None else None for v in (cs, hprojs, gates, stats)]
+            ctx.save_for_backward(weight_hh, h0, c0, xs0, xs1, out, *stacked, *params)
+        return (out, h, c) if mode == "LSTM" else (out, h)
+
+    @staticmethod
+    def backward(ctx, dout, dh_T, dc_T=None):
+        mode, eps, reverse = ctx.mode, ctx.eps, ctx.reverse
+        weight_hh, h0, c0, xs0, xs1, out, cs, hprojs, gates, stats, *params = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate the per-step composite path
+            return _Sequence._differentiable_backward(ctx, (dout, dh_T, dc_T))
+        T = out.shape[0]
+        order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
+        prev = {t: p for p, t in zip([None] + order[:-1], order)}  # step before t, in run order
+        dh_next = torch.zeros_like(h0) if dh_T is None else dh_T
+        dc_next = None
+        if mode == "LSTM":
+            dc_next = torch.zeros_like(c0) if dc_T is None else dc_T
+        dout = torch.zeros_like(out) if dout is None else dout
+        dx0, dx1, dhproj_all, rows = ([None] * T for _ in range(4))
+        for t in reversed(order):
+            h_prev = h0 if prev[t] is None else out[prev[t]]
+            dh = dout[t] + dh_next
+            if mode == "LSTM":
+                c_prev = c0 if prev[t] is None else cs[prev[t]]
+                gamma_h, _, gamma_c, beta_c = params
+                dx0[t], dhproj, dc_next, *rows[t] = _ops.lstm_cell_bwd(
+                    dh, dc_next, hprojs[t], c_prev, cs[t], gates[t], stats[t], gamma_h, gamma_c, beta_c)
+                dh_next = torch.mm(dhproj, weight_hh)
+            elif mode == "GRU":
+                dx0[t], dx1[t], dhproj, dh_direct, *rows[t] = _ops.gru_cell_bwd(
+                    dh, hprojs[t], h_prev, gates[t], stats[t], params[0])
+                dh_next = torch.addmm(dh_direct, dhproj, weight_hh)
+            else:
+                dhproj, *rows[t] = _ops.rnn_cell_bwd(dh, xs0[t], hprojs[t], stats[t], *params)
+                dx0[t] = dhproj
+                dh_next = torch.mm(dhproj, weight_hh)
+            dhproj_all[t] = dhproj
+        # h_{t-1} of every step, in time order: [T, B, H].
+        h_prev_all = torch.stack([h0 if prev[t] is None else out[prev[t]] for t in range(T)])
+        dhproj_all = torch.stack(dhproj_all)
+        need = ctx.needs_input_grad
+        d_weight_hh = None
+        if need[3]:
+            d_weight_hh = dhproj_all.flatten(0, 1).t().mm(h_prev_all.flatten(0, 1))
+        rows = [torch.stack(r) for r in zip(*rows)]
+        acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+
+        def total(t, like):
+            return t.sum((0, 1), dtype=acc).to(like.dtype)
+
+        if mode == "LSTM":
+            dgates_all = torch.stack(dx0)
+            dparams = (total(rows[0], params[0]), total(dgates_all, params[1]),
+                       total(rows[1], params[2]), total(rows[2], params[3]))
+            dxs = (dgates_all, None)
+        elif mode == "GRU":
+            dparams = (total(rows[0], params[0]), total(rows[1], params[1]))
+            dxs = (torch.stack(dx0), torch.stack(dx1))
+        else:
+            dparams = (total(rows[0], params[0]), total(rows[1], params[1]))
+            dxs = (dhproj_all, None)
+        grads = (d_weight_hh, dh_next, dc_next, *dxs, *dparams)
+        return (None, None, None) + tuple(g if n else None for g, n in zip(grads, need[3:]))
+
+    @staticmethod
+    def _differentiable_backward(ctx, grads):
+        """Gradients with a graph of their own, from the per-step autograd path."""
+        mode, eps, reverse = ctx.mode, ctx.eps, ctx.reverse
+        weight_hh, h0, c0, xs0, xs1, *_ = ctx.saved_tensors
+        params = ctx.saved_tensors[-ctx.n_params:]
+        inputs = (weight_hh, h0, c0, xs0, xs1, *params)
+        q = dict(zip(_CELL_PARAMS[mode], params), weight_hh=weight_hh)
+        xs = (xs0,) if xs1 is None else (xs0, xs1)
+        out, state = _loop(mode, xs, (h0,) if c0 is None else (h0, c0), q, eps, reverse)
+        outs = (out, *state)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[3 + i]]
+        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
+                                  [g for _, g in pairs], create_graph=True, allow_unused=True)
+        result = [None] * len(inputs)
+        for i, g in zip(wanted, got):
+            result[i] = g
+        return (None, None, None) + tuple(result)
+
+
 def _run_direction(mode, x, state, q, H, eps, reverse, batch_sizes):
     """One layer-direction over a sequence.
 
     x: [T, B, input] (batch_sizes None) or packed data [sum(batch_sizes), input];
     state: (h0,) or (h0, c0), each [B, H]. Returns (output like x with H features,
     final state), the final state of each sequence taken at its own last step.
+    Unpacked sequences are differentiated as a whole (_Sequence); packed ones, whose
+    batch shrinks from step to step, through per-step autograd.
     """
     xs = _project_inputs(mode, x, q, H, eps)
     if batch_sizes is None:
-        per_step = list(zip(*(t.unbind(0) for t in xs)))
-        outs = [None] * len(per_step)
-        for t in (reversed(range(len(per_step))) if reverse else range(len(per_step))):
-            state = _step(mode, per_step[t], state, q, eps)
-            outs[t] = state[0]
-        if not outs:
+        if x.shape[0] == 0:
             return x.new_zeros((0, x.shape[1], H)), state
-        return torch.stack(outs), state
+        c0 = state[1] if mode == "LSTM" else None
+        xs1 = xs[1] if mode == "GRU" else None
+        result = _Sequence.apply(mode, eps, reverse, q["weight_hh"], state[0], c0, xs[0], xs1,
+                                 *(q[k] for k in _CELL_PARAMS[mode]))
+        return result[0], tuple(result[1:])
 
     sizes = batch_sizes.tolist()
     per_step = list(zip(*(t.split(sizes) for t in xs)))

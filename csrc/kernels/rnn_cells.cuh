@@ -41,6 +41,12 @@ LN_EXT_FN double ftanh(double x) { return tanh(x); }
 LN_EXT_FN float frsqrt(float x) { return 1.0f / sqrtf(x); }
 LN_EXT_FN double frsqrt(double x) { return 1.0 / sqrt(x); }
 
+// p + n, leaving an absent (null) operand absent.
+template <class P>
+LN_EXT_FN P* adv(P* p, int64_t n) {
+  return p == nullptr ? p : p + n;
+}
+
 template <class A>
 LN_EXT_FN A sigmoid(A x) {
   return A(1) / (A(1) + fexp(-x));
@@ -73,6 +79,13 @@ struct RnnRow {
   T *h, *da;                                    // [H]
   A *stats;                                     // [2]: mean, rstd of a = xproj + hproj
   A *dgamma_rows, *dbeta_rows;                  // [H]
+
+  // The same operands offset to row b.
+  LN_EXT_FN RnnRow at(int64_t b, int64_t H) const {
+    return {adv(xproj, b * H), adv(hproj, b * H), gamma, beta, adv(dh, b * H),
+            adv(h, b * H), adv(da, b * H), adv(stats, b * 2),
+            adv(dgamma_rows, b * H), adv(dbeta_rows, b * H)};
+  }
 };
 
 template <class T, class A, class Exec>
@@ -124,6 +137,16 @@ struct LstmRow {
   A *stats;                                      // [4]: mean/rstd of hproj, mean/rstd of c
   A *dgamma_h_rows;                              // [4H]
   A *dgamma_c_rows, *dbeta_c_rows;               // [H]
+
+  LN_EXT_FN LstmRow at(int64_t b, int64_t H) const {
+    const int64_t n = b * H, n4 = 4 * n;
+    return {adv(xgates, n4), adv(hproj, n4), gamma_h, bias,
+            adv(c_prev, n), gamma_c, beta_c, adv(dh, n), adv(dc, n),
+            adv(h, n), adv(c, n), adv(dc_prev, n),
+            adv(dgates, n4), adv(dhproj, n4),
+            adv(gates, n4), adv(stats, b * 4), adv(dgamma_h_rows, n4),
+            adv(dgamma_c_rows, n), adv(dbeta_c_rows, n)};
+  }
 };
 
 template <class T, class A, class Exec>
@@ -237,6 +260,14 @@ struct GruRow {
   A *gates;                              // [4H]: z, r, n, hn
   A *stats;                              // [4]: mean/rstd of hproj[:2H], of hproj[2H:]
   A *dgamma_h_rows, *dbeta_h_rows;       // [3H]
+
+  LN_EXT_FN GruRow at(int64_t b, int64_t H) const {
+    const int64_t n = b * H;
+    return {adv(xzr, 2 * n), adv(xn, n), adv(h_prev, n), adv(dh, n),
+            adv(hproj, 3 * n), gamma_h, beta_h,
+            adv(h, n), adv(dxn, n), adv(dh_prev, n), adv(dxzr, 2 * n), adv(dhproj, 3 * n),
+            adv(gates, 4 * n), adv(stats, b * 4), adv(dgamma_h_rows, 3 * n), adv(dbeta_h_rows, 3 * n)};
+  }
 };
 
 template <class T, class A, class Exec>
@@ -375,62 +406,30 @@ struct BlockRow {
   __device__ __forceinline__ bool leader() const { return threadIdx.x == 0; }
 };
 
-// One block per row; blockIdx.x is the row. Each kernel offsets the row's
-// pointers (64-bit) and runs the shared row function.
+// One block per row: blockIdx.x is the row.
 template <class T, class A>
 __global__ void rnn_fwd_kernel(RnnRow<T, A> r, int64_t H, A eps) {
-  const int64_t b = blockIdx.x;
-  RnnRow<T, A> p = r;
-  p.xproj += b * H; p.hproj += b * H; p.h += b * H; p.stats += b * 2;
-  rnn_fwd_row(BlockRow{}, p, H, eps);
+  rnn_fwd_row(BlockRow{}, r.at(blockIdx.x, H), H, eps);
 }
-
 template <class T, class A>
 __global__ void rnn_bwd_kernel(RnnRow<T, A> r, int64_t H) {
-  const int64_t b = blockIdx.x;
-  RnnRow<T, A> p = r;
-  p.xproj += b * H; p.hproj += b * H; p.dh += b * H; p.stats += b * 2;
-  p.da += b * H; p.dgamma_rows += b * H; p.dbeta_rows += b * H;
-  rnn_bwd_row(BlockRow{}, p, H);
+  rnn_bwd_row(BlockRow{}, r.at(blockIdx.x, H), H);
 }
-
 template <class T, class A>
 __global__ void lstm_fwd_kernel(LstmRow<T, A> r, int64_t H, A eps) {
-  const int64_t b = blockIdx.x;
-  LstmRow<T, A> p = r;
-  p.xgates += b * 4 * H; p.hproj += b * 4 * H; p.c_prev += b * H;
-  p.h += b * H; p.c += b * H; p.gates += b * 4 * H; p.stats += b * 4;
-  lstm_fwd_row(BlockRow{}, p, H, eps);
+  lstm_fwd_row(BlockRow{}, r.at(blockIdx.x, H), H, eps);
 }
-
 template <class T, class A>
 __global__ void lstm_bwd_kernel(LstmRow<T, A> r, int64_t H) {
-  const int64_t b = blockIdx.x;
-  LstmRow<T, A> p = r;
-  p.hproj += b * 4 * H; p.c_prev += b * H; p.c += b * H; p.gates += b * 4 * H;
-  p.stats += b * 4; p.dh += b * H; p.dc += b * H;
-  p.dgates += b * 4 * H; p.dhproj += b * 4 * H; p.dc_prev += b * H;
-  p.dgamma_h_rows += b * 4 * H; p.dgamma_c_rows += b * H; p.dbeta_c_rows += b * H;
-  lstm_bwd_row(BlockRow{}, p, H);
+  lstm_bwd_row(BlockRow{}, r.at(blockIdx.x, H), H);
 }
-
 template <class T, class A>
 __global__ void gru_fwd_kernel(GruRow<T, A> r, int64_t H, A eps) {
-  const int64_t b = blockIdx.x;
-  GruRow<T, A> p = r;
-  p.xzr += b * 2 * H; p.xn += b * H; p.hproj += b * 3 * H; p.h_prev += b * H;
-  p.h += b * H; p.gates += b * 4 * H; p.stats += b * 4;
-  gru_fwd_row(BlockRow{}, p, H, eps);
+  gru_fwd_row(BlockRow{}, r.at(blockIdx.x, H), H, eps);
 }
-
 template <class T, class A>
 __global__ void gru_bwd_kernel(GruRow<T, A> r, int64_t H) {
-  const int64_t b = blockIdx.x;
-  GruRow<T, A> p = r;
-  p.hproj += b * 3 * H; p.h_prev += b * H; p.gates += b * 4 * H; p.stats += b * 4;
-  p.dh += b * H; p.dxzr += b * 2 * H; p.dxn += b * H; p.dhproj += b * 3 * H;
-  p.dh_prev += b * H; p.dgamma_h_rows += b * 3 * H; p.dbeta_h_rows += b * 3 * H;
-  gru_bwd_row(BlockRow{}, p, H);
+  gru_bwd_row(BlockRow{}, r.at(blockIdx.x, H), H);
 }
 #endif  // __CUDACC__
 
