@@ -15,6 +15,34 @@ TORCH_LIBRARY(ln_ext, m) {
   m.def(
       "layer_norm_bwd(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
       "Tensor? bias, bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+
+  // ---- LN-RNN cells (issue 4; csrc/rnn.h has the equations and shapes) ----
+  // One fused element-wise step each: everything but the W_h h GEMM. B = batch,
+  // H = hidden; io tensors share hproj's dtype and device; gates, stats and the
+  // *_rows outputs are float32 (float64 for double io). Parameter gradients are
+  // the column sums of the *_rows outputs (and of dgates for the LSTM bias).
+  m.def(
+      "rnn_cell_fwd(Tensor xproj, Tensor hproj, Tensor gamma, Tensor beta, float eps) "
+      "-> (Tensor h, Tensor stats)");
+  m.def(
+      "rnn_cell_bwd(Tensor dh, Tensor xproj, Tensor hproj, Tensor stats, Tensor gamma, "
+      "Tensor beta) -> (Tensor da, Tensor dgamma_rows, Tensor dbeta_rows)");
+  m.def(
+      "lstm_cell_fwd(Tensor xgates, Tensor hproj, Tensor c_prev, Tensor gamma_h, Tensor bias, "
+      "Tensor gamma_c, Tensor beta_c, float eps) -> (Tensor h, Tensor c, Tensor gates, Tensor stats)");
+  m.def(
+      "lstm_cell_bwd(Tensor dh, Tensor dc, Tensor hproj, Tensor c_prev, Tensor c, Tensor gates, "
+      "Tensor stats, Tensor gamma_h, Tensor gamma_c, Tensor beta_c) -> (Tensor dgates, "
+      "Tensor dhproj, Tensor dc_prev, Tensor dgamma_h_rows, Tensor dgamma_c_rows, "
+      "Tensor dbeta_c_rows)");
+  m.def(
+      "gru_cell_fwd(Tensor xzr, Tensor xn, Tensor hproj, Tensor h_prev, Tensor gamma_h, "
+      "Tensor beta_h, float eps) -> (Tensor h, Tensor gates, Tensor stats)");
+  m.def(
+      "gru_cell_bwd(Tensor dh, Tensor hproj, Tensor h_prev, Tensor gates, Tensor stats, "
+      "Tensor gamma_h) -> (Tensor dxzr, Tensor dxn, Tensor dhproj, Tensor dh_prev, "
+      "Tensor dgamma_h_rows, Tensor dbeta_h_rows)");
+  // ---- end LN-RNN cells ----
 }
 
 namespace {

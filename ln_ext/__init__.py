@@ -1,5 +1,24 @@
 """ln_ext: Layer Normalization (Ba, Kiros & Hinton, 2016) as fused C++/CUDA PyTorch ops."""
 from .modules import LayerNorm, convert_layer_norm
 from .ops import has_cuda_kernels, layer_norm
+from .rnn import (
+    LayerNormGRU,
+    LayerNormGRUCell,
+    LayerNormLSTM,
+    LayerNormLSTMCell,
+    LayerNormRNN,
+    LayerNormRNNCell,
+)
 
-__all__ = ["LayerNorm", "convert_layer_norm", "has_cuda_kernels", "layer_norm"]
+__all__ = [
+    "LayerNorm",
+    "convert_layer_norm",
+    "has_cuda_kernels",
+    "layer_norm",
+    "LayerNormRNN",
+    "LayerNormLSTM",
+    "LayerNormGRU",
+    "LayerNormRNNCell",
+    "LayerNormLSTMCell",
+    "LayerNormGRUCell",
+]

@@ -1,0 +1,228 @@
+// Device-independent bodies of the LN-RNN cell ops: every argument check lives
+// here so that the CPU and CUDA ops reject bad input identically.
+#include "rnn.h"
+
+#include <ATen/ATen.h>
+
+
+namespace ln_ext {
+namespace {
+
+at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Checks the operands of one op call against the io tensor that fixes the
+// device and dtype (the recurrent projection, present in every cell op).
+class Checker {
+ public:
+  Checker(const char* op, const at::Tensor& io) : op_(op), io_(io) {
+    const auto t = io.scalar_type();
+    TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+                op_, ": hproj must be float32, float64, float16 or bfloat16, got ", t);
+    TORCH_CHECK(io.dim() == 2, op_, ": hproj must be 2-D [batch, gates*hidden], got shape ",
+                io.sizes());
+  }
+
+  // An io operand: the dtype and device of hproj and the given shape.
+  at::Tensor io(const at::Tensor& t, const char* name, at::IntArrayRef shape) const {
+    return check(t, name, shape, io_.scalar_type());
+  }
+  // A saved float32 (float64 for double io) operand: gates, stats.
+  at::Tensor acc(const at::Tensor& t, const char* name, at::IntArrayRef shape) const {
+    return check(t, name, shape, acc_dtype(io_.scalar_type()));
+  }
+
+ private:
+  at::Tensor check(const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                   at::ScalarType dtype) const {
+    TORCH_CHECK(t.defined(), op_, ": ", name, " is undefined");
+    TORCH_CHECK(t.device() == io_.device(), op_, ": ", name, " is on ", t.device(),
+                " but hproj is on ", io_.device());
+    TORCH_CHECK(t.scalar_type() == dtype, op_, ": ", name, " must be ", dtype,
+                " (from hproj's dtype ", io_.scalar_type(), "), got ", t.scalar_type());
+    TORCH_CHECK(t.sizes() == shape, op_, ": ", name, " must have shape ", shape,
+                ", got ", t.sizes());
+    return t.contiguous();
+  }
+
+  const char* op_;
+  const at::Tensor& io_;
+};
+
+// hproj: [B, gates * H]; returns H.
+int64_t hidden_from_hproj(const char* op, const at::Tensor& hproj, int64_t gates) {
+  TORCH_CHECK(hproj.dim() == 2 && hproj.size(1) % gates == 0, op,
+              ": hproj must be [batch, ", gates, " * hidden], got shape ", hproj.sizes());
+  return hproj.size(1) / gates;
+}
+
+at::Tensor empty_io(const at::Tensor& like, int64_t b, int64_t n) {
+  return at::empty({b, n}, like.options());
+}
+at::Tensor empty_acc(const at::Tensor& like, int64_t b, int64_t n) {
+  return at::empty({b, n}, like.options().dtype(acc_dtype(like.scalar_type())));
+}
+
+bool has_work(int64_t batch, int64_t hidden) { return batch > 0 && hidden > 0; }
+
+}  // namespace
+
+// ---------------------------------------------------------------- LN-RNN
+
+std::tuple<at::Tensor, at::Tensor> rnn_cell_fwd_impl(
+    const at::Tensor& xproj, const at::Tensor& hproj, const at::Tensor& gamma,
+    const at::Tensor& beta, double eps, RnnCellKernel kernel) {
+  const char* op = "ln_ext.rnn_cell_fwd";
+  const Checker ck(op, hproj);
+  RnnCellArgs a;
+  a.batch = hproj.size(0);
+  a.hidden = hidden_from_hproj(op, hproj, 1);
+  a.eps = eps;
+  const int64_t B = a.batch, H = a.hidden;
+  a.hproj = ck.io(hproj, "hproj", {B, H});
+  a.xproj = ck.io(xproj, "xproj", {B, H});
+  a.gamma = ck.io(gamma, "gamma", {H});
+  a.beta = ck.io(beta, "beta", {H});
+  a.h = empty_io(hproj, B, H);
+  a.stats = empty_acc(hproj, B, 2).zero_();
+  if (has_work(B, H)) kernel(a);
+  return {a.h, a.stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_bwd_impl(
+    const at::Tensor& dh, const at::Tensor& xproj, const at::Tensor& hproj,
+    const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta,
+    RnnCellKernel kernel) {
+  const char* op = "ln_ext.rnn_cell_bwd";
+  const Checker ck(op, hproj);
+  RnnCellArgs a;
+  a.batch = hproj.size(0);
+  a.hidden = hidden_from_hproj(op, hproj, 1);
+  const int64_t B = a.batch, H = a.hidden;
+  a.hproj = ck.io(hproj, "hproj", {B, H});
+  a.dh = ck.io(dh, "dh", {B, H});
+  a.xproj = ck.io(xproj, "xproj", {B, H});
+  a.stats = ck.acc(stats, "stats", {B, 2});
+  a.gamma = ck.io(gamma, "gamma", {H});
+  a.beta = ck.io(beta, "beta", {H});
+  a.da = empty_io(hproj, B, H);
+  a.dgamma_rows = empty_acc(hproj, B, H);
+  a.dbeta_rows = empty_acc(hproj, B, H);
+  if (has_work(B, H)) kernel(a);
+  return {a.da, a.dgamma_rows, a.dbeta_rows};
+}
+
+// ---------------------------------------------------------------- LN-LSTM
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_impl(
+    const at::Tensor& xgates, const at::Tensor& hproj, const at::Tensor& c_prev,
+    const at::Tensor& gamma_h, const at::Tensor& bias, const at::Tensor& gamma_c,
+    const at::Tensor& beta_c, double eps, LstmCellKernel kernel) {
+  const char* op = "ln_ext.lstm_cell_fwd";
+  const Checker ck(op, hproj);
+  LstmCellArgs a;
+  a.batch = hproj.size(0);
+  a.hidden = hidden_from_hproj(op, hproj, 4);
+  a.eps = eps;
+  const int64_t B = a.batch, H = a.hidden;
+  a.hproj = ck.io(hproj, "hproj", {B, 4 * H});
+  a.xgates = ck.io(xgates, "xgates", {B, 4 * H});
+  a.c_prev = ck.io(c_prev, "c_prev", {B, H});
+  a.gamma_h = ck.io(gamma_h, "gamma_h", {4 * H});
+  a.bias = ck.io(bias, "bias", {4 * H});
+  a.gamma_c = ck.io(gamma_c, "gamma_c", {H});
+  a.beta_c = ck.io(beta_c, "beta_c", {H});
+  a.h = empty_io(hproj, B, H);
+  a.c = empty_io(hproj, B, H);
+  a.gates = empty_acc(hproj, B, 4 * H);
+  a.stats = empty_acc(hproj, B, 4).zero_();
+  if (has_work(B, H)) kernel(a);
+  return {a.h, a.c, a.gates, a.stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_cell_bwd_impl(const at::Tensor& dh, const at::Tensor& dc, const at::Tensor& hproj,
+                   const at::Tensor& c_prev, const at::Tensor& c, const at::Tensor& gates,
+                   const at::Tensor& stats, const at::Tensor& gamma_h,
+                   const at::Tensor& gamma_c, const at::Tensor& beta_c,
+                   LstmCellKernel kernel) {
+  const char* op = "ln_ext.lstm_cell_bwd";
+  const Checker ck(op, hproj);
+  LstmCellArgs a;
+  a.batch = hproj.size(0);
+  a.hidden = hidden_from_hproj(op, hproj, 4);
+  const int64_t B = a.batch, H = a.hidden;
+  a.hproj = ck.io(hproj, "hproj", {B, 4 * H});
+  a.dh = ck.io(dh, "dh", {B, H});
+  a.dc = ck.io(dc, "dc", {B, H});
+  a.c_prev = ck.io(c_prev, "c_prev", {B, H});
+  a.c = ck.io(c, "c", {B, H});
+  a.gates = ck.acc(gates, "gates", {B, 4 * H});
+  a.stats = ck.acc(stats, "stats", {B, 4});
+  a.gamma_h = ck.io(gamma_h, "gamma_h", {4 * H});
+  a.gamma_c = ck.io(gamma_c, "gamma_c", {H});
+  a.beta_c = ck.io(beta_c, "beta_c", {H});
+  a.dgates = empty_io(hproj, B, 4 * H);
+  a.dhproj = empty_io(hproj, B, 4 * H);
+  a.dc_prev = empty_io(hproj, B, H);
+  a.dgamma_h_rows = empty_acc(hproj, B, 4 * H);
+  a.dgamma_c_rows = empty_acc(hproj, B, H);
+  a.dbeta_c_rows = empty_acc(hproj, B, H);
+  if (has_work(B, H)) kernel(a);
+  return {a.dgates, a.dhproj, a.dc_prev, a.dgamma_h_rows, a.dgamma_c_rows, a.dbeta_c_rows};
+}
+
+// ---------------------------------------------------------------- LN-GRU
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_cell_fwd_impl(
+    const at::Tensor& xzr, const at::Tensor& xn, const at::Tensor& hproj,
+    const at::Tensor& h_prev, const at::Tensor& gamma_h, const at::Tensor& beta_h,
+    double eps, GruCellKernel kernel) {
+  const char* op = "ln_ext.gru_cell_fwd";
+  const Checker ck(op, hproj);
+  GruCellArgs a;
+  a.batch = hproj.size(0);
+  a.hidden = hidden_from_hproj(op, hproj, 3);
+  a.eps = eps;
+  const int64_t B = a.batch, H = a.hidden;
+  a.hproj = ck.io(hproj, "hproj", {B, 3 * H});
+  a.xzr = ck.io(xzr, "xzr", {B, 2 * H});
+  a.xn = ck.io(xn, "xn", {B, H});
+  a.h_prev = ck.io(h_prev, "h_prev", {B, H});
+  a.gamma_h = ck.io(gamma_h, "gamma_h", {3 * H});
+  a.beta_h = ck.io(beta_h, "beta_h", {3 * H});
+  a.h = empty_io(hproj, B, H);
+  a.gates = empty_acc(hproj, B, 4 * H);
+  a.stats = empty_acc(hproj, B, 4).zero_();
+  if (has_work(B, H)) kernel(a);
+  return {a.h, a.gates, a.stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_cell_bwd_impl(const at::Tensor& dh, const at::Tensor& hproj, const at::Tensor& h_prev,
+                  const at::Tensor& gates, const at::Tensor& stats,
+                  const at::Tensor& gamma_h, GruCellKernel kernel) {
+  const char* op = "ln_ext.gru_cell_bwd";
+  const Checker ck(op, hproj);
+  GruCellArgs a;
+  a.batch = hproj.size(0);
+  a.hidden = hidden_from_hproj(op, hproj, 3);
+  const int64_t B = a.batch, H = a.hidden;
+  a.hproj = ck.io(hproj, "hproj", {B, 3 * H});
+  a.dh = ck.io(dh, "dh", {B, H});
+  a.h_prev = ck.io(h_prev, "h_prev", {B, H});
+  a.gates = ck.acc(gates, "gates", {B, 4 * H});
+  a.stats = ck.acc(stats, "stats", {B, 4});
+  a.gamma_h = ck.io(gamma_h, "gamma_h", {3 * H});
+  a.dxzr = empty_io(hproj, B, 2 * H);
+  a.dxn = empty_io(hproj, B, H);
+  a.dhproj = empty_io(hproj, B, 3 * H);
+  a.dh_prev = empty_io(hproj, B, H);
+  a.dgamma_h_rows = empty_acc(hproj, B, 3 * H);
+  a.dbeta_h_rows = empty_acc(hproj, B, 3 * H);
+  if (has_work(B, H)) kernel(a);
+  return {a.dxzr, a.dxn, a.dhproj, a.dh_prev, a.dgamma_h_rows, a.dbeta_h_rows};
+}
+
+}  // namespace ln_ext

@@ -1,0 +1,165 @@
+// Shared by the CPU and CUDA launchers of the fused LN-RNN cell ops: operand
+// bundles, the device-independent op bodies (argument checks, allocation) and
+// the kernel entry points each device provides.
+//
+// One "row" is one sample of one time step. B = batch, H = hidden size.
+// Every io tensor has one dtype T (float32/64, float16, bfloat16); the saved
+// activations (`gates`), statistics (`stats`) and per-row parameter-gradient
+// contributions (`*_rows`) are acc_t: float32, or float64 for float64 T.
+// Parameter gradients are the column sums of the `*_rows` outputs, taken by
+// the caller (a fixed-order reduction: deterministic, no atomics).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace ln_ext {
+
+// LN-RNN (eq. 4): h = tanh(LN(xproj + hproj; gamma, beta)).
+struct RnnCellArgs {
+  int64_t batch = 0, hidden = 0;
+  double eps = 0;
+  at::Tensor xproj, hproj;            // [B, H]: W_x x_t and W_h h_{t-1}
+  at::Tensor gamma, beta;             // [H]
+  at::Tensor h, stats;                // fwd out: [B, H], [B, 2] (mean, rstd)
+  at::Tensor dh;                      // bwd in: [B, H]
+  at::Tensor da, dgamma_rows, dbeta_rows;  // bwd out: [B, H] (T), [B, H] x2 (acc_t)
+};
+
+// LN-LSTM, gate order (i, f, g, o) as nn.LSTM (g is the paper's u):
+//   pre = xgates + LN(hproj; gamma_h) + bias,  c = s(f) c_prev + s(i) tanh(g),
+//   h = s(o) tanh(LN(c; gamma_c, beta_c)).
+// xgates is the already normalized input projection (with its own gain and
+// shift); `bias` is the sum of every shift added to pre (b_h + b).
+struct LstmCellArgs {
+  int64_t batch = 0, hidden = 0;
+  double eps = 0;
+  at::Tensor xgates, hproj;           // [B, 4H]
+  at::Tensor c_prev;                  // [B, H]
+  at::Tensor gamma_h, bias;           // [4H]
+  at::Tensor gamma_c, beta_c;         // [H]
+  at::Tensor h, c;                    // fwd out: [B, H]
+  at::Tensor gates;                   // fwd out: [B, 4H] acc_t: s(i), s(f), tanh(g), s(o)
+  at::Tensor stats;                   // fwd out: [B, 4] acc_t: mean/rstd of hproj, of c
+  at::Tensor dh, dc;                  // bwd in: [B, H]
+  at::Tensor dgates, dhproj;          // bwd out: [B, 4H] d(pre), d(hproj)
+  at::Tensor dc_prev;                 // bwd out: [B, H]
+  at::Tensor dgamma_h_rows;           // bwd out: [B, 4H] acc_t
+  at::Tensor dgamma_c_rows, dbeta_c_rows;  // bwd out: [B, H] acc_t
+};
+
+// LN-GRU, gate order (z, r, n):
+//   [z, r] = s(xzr + LN(hproj[:, :2H]; gamma_h[:2H], beta_h[:2H])),
+//   hn = LN(hproj[:, 2H:]; gamma_h[2H:], beta_h[2H:]),  n = tanh(xn + r hn),
+//   h = (1 - z) h_prev + z n.
+// xzr and xn are the already normalized input projections.
+struct GruCellArgs {
+  int64_t batch = 0, hidden = 0;
+  double eps = 0;
+  at::Tensor xzr;                     // [B, 2H]
+  at::Tensor xn;                      // [B, H]
+  at::Tensor hproj;                   // [B, 3H]: W_h h_{t-1}
+  at::Tensor h_prev;                  // [B, H]
+  at::Tensor gamma_h, beta_h;         // [3H]
+  at::Tensor h;                       // fwd out: [B, H]
+  at::Tensor gates;                   // fwd out: [B, 4H] acc_t: z, r, n, hn
+  at::Tensor stats;                   // fwd out: [B, 4] acc_t: mean/rstd of the zr and n groups
+  at::Tensor dh;                      // bwd in: [B, H]
+  at::Tensor dxzr, dxn, dhproj, dh_prev;        // bwd out (T)
+  at::Tensor dgamma_h_rows, dbeta_h_rows;       // bwd out: [B, 3H] acc_t
+};
+
+using RnnCellKernel = void (*)(const RnnCellArgs&);
+using LstmCellKernel = void (*)(const LstmCellArgs&);
+using GruCellKernel = void (*)(const GruCellArgs&);
+
+// Device-independent op bodies (csrc/rnn.cpp): check, make contiguous,
+// allocate, run `kernel` when there is at least one element.
+std::tuple<at::Tensor, at::Tensor> rnn_cell_fwd_impl(
+    const at::Tensor& xproj, const at::Tensor& hproj, const at::Tensor& gamma,
+    const at::Tensor& beta, double eps, RnnCellKernel kernel);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_bwd_impl(
+    const at::Tensor& dh, const at::Tensor& xproj, const at::Tensor& hproj,
+    const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta,
+    RnnCellKernel kernel);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_impl(
+    const at::Tensor& xgates, const at::Tensor& hproj, const at::Tensor& c_prev,
+    const at::Tensor& gamma_h, const at::Tensor& bias, const at::Tensor& gamma_c,
+    const at::Tensor& beta_c, double eps, LstmCellKernel kernel);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_cell_bwd_impl(const at::Tensor& dh, const at::Tensor& dc, const at::Tensor& hproj,
+                   const at::Tensor& c_prev, const at::Tensor& c, const at::Tensor& gates,
+                   const at::Tensor& stats, const at::Tensor& gamma_h,
+                   const at::Tensor& gamma_c, const at::Tensor& beta_c,
+                   LstmCellKernel kernel);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_cell_fwd_impl(
+    const at::Tensor& xzr, const at::Tensor& xn, const at::Tensor& hproj,
+    const at::Tensor& h_prev, const at::Tensor& gamma_h, const at::Tensor& beta_h,
+    double eps, GruCellKernel kernel);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_cell_bwd_impl(const at::Tensor& dh, const at::Tensor& hproj, const at::Tensor& h_prev,
+                  const at::Tensor& gates, const at::Tensor& stats,
+                  const at::Tensor& gamma_h, GruCellKernel kernel);
+
+// The op functions a device registers (TORCH_LIBRARY_IMPL): the op bodies
+// above bound to that device's kernels.
+template <RnnCellKernel K>
+std::tuple<at::Tensor, at::Tensor> rnn_cell_fwd_op(
+    const at::Tensor& xproj, const at::Tensor& hproj, const at::Tensor& gamma,
+    const at::Tensor& beta, double eps) {
+  return rnn_cell_fwd_impl(xproj, hproj, gamma, beta, eps, K);
+}
+template <RnnCellKernel K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_bwd_op(
+    const at::Tensor& dh, const at::Tensor& xproj, const at::Tensor& hproj,
+    const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta) {
+  return rnn_cell_bwd_impl(dh, xproj, hproj, stats, gamma, beta, K);
+}
+template <LstmCellKernel K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_op(
+    const at::Tensor& xgates, const at::Tensor& hproj, const at::Tensor& c_prev,
+    const at::Tensor& gamma_h, const at::Tensor& bias, const at::Tensor& gamma_c,
+    const at::Tensor& beta_c, double eps) {
+  return lstm_cell_fwd_impl(xgates, hproj, c_prev, gamma_h, bias, gamma_c, beta_c, eps, K);
+}
+template <LstmCellKernel K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_cell_bwd_op(const at::Tensor& dh, const at::Tensor& dc, const at::Tensor& hproj,
+                 const at::Tensor& c_prev, const at::Tensor& c, const at::Tensor& gates,
+                 const at::Tensor& stats, const at::Tensor& gamma_h,
+                 const at::Tensor& gamma_c, const at::Tensor& beta_c) {
+  return lstm_cell_bwd_impl(dh, dc, hproj, c_prev, c, gates, stats, gamma_h, gamma_c, beta_c, K);
+}
+template <GruCellKernel K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_cell_fwd_op(
+    const at::Tensor& xzr, const at::Tensor& xn, const at::Tensor& hproj,
+    const at::Tensor& h_prev, const at::Tensor& gamma_h, const at::Tensor& beta_h, double eps) {
+  return gru_cell_fwd_impl(xzr, xn, hproj, h_prev, gamma_h, beta_h, eps, K);
+}
+template <GruCellKernel K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_cell_bwd_op(const at::Tensor& dh, const at::Tensor& hproj, const at::Tensor& h_prev,
+                const at::Tensor& gates, const at::Tensor& stats, const at::Tensor& gamma_h) {
+  return gru_cell_bwd_impl(dh, hproj, h_prev, gates, stats, gamma_h, K);
+}
+
+// Kernel entry points.
+void rnn_cell_fwd_cpu_kernel(const RnnCellArgs& a);
+void rnn_cell_bwd_cpu_kernel(const RnnCellArgs& a);
+void lstm_cell_fwd_cpu_kernel(const LstmCellArgs& a);
+void lstm_cell_bwd_cpu_kernel(const LstmCellArgs& a);
+void gru_cell_fwd_cpu_kernel(const GruCellArgs& a);
+void gru_cell_bwd_cpu_kernel(const GruCellArgs& a);
+#ifdef LN_EXT_WITH_CUDA
+void rnn_cell_fwd_cuda_kernel(const RnnCellArgs& a);
+void rnn_cell_bwd_cuda_kernel(const RnnCellArgs& a);
+void lstm_cell_fwd_cuda_kernel(const LstmCellArgs& a);
+void lstm_cell_bwd_cuda_kernel(const LstmCellArgs& a);
+void gru_cell_fwd_cuda_kernel(const GruCellArgs& a);
+void gru_cell_bwd_cuda_kernel(const GruCellArgs& a);
+#endif
+
+}  // namespace ln_ext

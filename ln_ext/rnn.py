@@ -1,0 +1,615 @@
+"""Layer-normalized RNNs (Ba, Kiros & Hinton 2016, eq. 4 and supplement) with the
+interface of torch.nn.RNN / LSTM / GRU and their cells.
+
+Per layer and direction, a sequence runs as:
+  1. the input projection of all time steps as one GEMM, and (LSTM, GRU) its
+     layer norm for all T*B rows in one launch of ln_ext's LayerNorm op;
+  2. per step: one GEMM for W_h h, then ONE fused op (torch.ops.ln_ext.*_cell_fwd)
+     for everything element-wise: the layer norm(s) of W_h h, the sum with the
+     normalized input projection and the bias, the gate nonlinearities, the state
+     update, LN(c) for the LSTM, and the output.
+Backward of an unpacked sequence (_Sequence) mirrors it: per step the fused
+backward op and one GEMM for the gradient reaching h_{t-1}; then weight_hh's
+gradient is one GEMM over all T*B rows, each LN gain/shift and bias gradient one
+sum over all rows, and weight_ih's gradient one GEMM (autograd of step 1).
+PackedSequence input (the batch shrinks from step to step) and the cells use
+per-step autograd of the cell ops (rnn_ops.py) instead.
+
+Parameters of layer k (suffix `_l{k}`, plus `_reverse` for the backward direction),
+G = 1 (RNN), 4 (LSTM: gates i, f, g, o) or 3 (GRU: z, r, n):
+  weight_ih [G*H, input], weight_hh [G*H, H]    uniform(-1/sqrt(H), 1/sqrt(H)), as nn.LSTM
+  RNN:  ln_weight, ln_bias [H]                   LN(W_x x + W_h h)
+  LSTM: ln_ih_weight, ln_ih_bias [4H]            LN(W_x x)
+        ln_hh_weight, ln_hh_bias [4H]            LN(W_h h)
+        gate_bias [4H]                           b; its forget slice starts at forget_bias
+        ln_cell_weight, ln_cell_bias [H]         LN(c) on the output path
+  GRU:  ln_ih_weight, ln_ih_bias [3H]            LN(W_x x) over [z, r] (2H) and over n (H)
+        ln_hh_weight, ln_hh_bias [3H]            the same for W_h h
+LN gains start at 1 and every shift at 0. bias=False drops every shift (the `*_bias`
+parameters and b). The LSTM's b and LN shifts add to the same pre-activation,
+exactly as in the paper; the kernel receives their sum.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import rnn_ops  # noqa: F401  (registers the cell ops' fake kernels and autograd)
+from .ops import has_cuda_kernels, layer_norm
+
+_ops = torch.ops.ln_ext
+_GATES = {"RNN": 1, "LSTM": 4, "GRU": 3}
+
+
+def _param_shapes(mode: str, input_size: int, H: int, bias: bool) -> dict:
+    """Base name -> (shape, init) of one layer-direction's (or one cell's) parameters."""
+    G = _GATES[mode] * H
+    shapes = {"weight_ih": ((G, input_size), "uniform"), "weight_hh": ((G, H), "uniform")}
+    if mode == "RNN":
+        norms = {"ln": H}
+    elif mode == "LSTM":
+        norms = {"ln_ih": G, "ln_hh": G, "ln_cell": H}
+        if bias:
+            shapes["gate_bias"] = ((G,), "zeros")
+    else:
+        norms = {"ln_ih": G, "ln_hh": G}
+    for prefix, n in norms.items():
+        shapes[f"{prefix}_weight"] = ((n,), "ones")
+        if bias:
+            shapes[f"{prefix}_bias"] = ((n,), "zeros")
+    return shapes
+
+
+def _init_params(module: nn.Module, names: dict, shapes: dict, H: int, forget_bias: float) -> None:
+    """names: base name -> attribute name. nn.LSTM's init for weights; LN gains 1, shifts 0."""
+    bound = 1.0 / math.sqrt(H) if H > 0 else 0.0
+    with torch.no_grad():
+        for base, (_, init) in shapes.items():
+            p = getattr(module, names[base])
+            if init == "uniform":
+                p.uniform_(-bound, bound)
+            elif init == "ones":
+                p.fill_(1.0)
+            else:
+                p.zero_()
+            if base == "gate_bias":  # LSTM b: the forget gate's slice
+                p[H: 2 * H].fill_(forget_bias)
+
+
+def _check_common(cls: str, input_size: int, hidden_size: int, forget_bias: float, bias: bool) -> None:
+    if not isinstance(hidden_size, numbers.Integral) or hidden_size <= 0:
+        raise ValueError(f"{cls}: hidden_size must be a positive integer, got {hidden_size!r}")
+    if not isinstance(input_size, numbers.Integral) or input_size <= 0:
+        raise ValueError(f"{cls}: input_size must be a positive integer, got {input_size!r}")
+    if forget_bias != 0 and not bias:
+        raise ValueError(f"{cls}: forget_bias={forget_bias} needs bias=True")
+
+
+# ---------------------------------------------------------------- one step, functional
+
+def _prepare(mode: str, p: dict, H: int, like: torch.Tensor) -> dict:
+    """The tensors the cell ops take, built once per sequence from one layer-direction's
+    parameters `p` (base name -> tensor or None). A missing shift becomes zeros."""
+    G = _GATES[mode] * H
+
+    def or_zeros(t, n):
+        return t if t is not None else like.new_zeros(n)
+
+    q = dict(p)
+    if mode == "RNN":
+        q["beta"] = or_zeros(p.get("ln_bias"), H)
+    elif mode == "LSTM":
+        shifts = [t for t in (p.get("ln_hh_bias"), p.get("gate_bias")) if t is not None]
+        q["fused_gate_bias"] = sum(shifts[1:], shifts[0]) if shifts else like.new_zeros(G)
+        q["beta_c"] = or_zeros(p.get("ln_cell_bias"), H)
+    else:
+        q["beta_h"] = or_zeros(p.get("ln_hh_bias"), G)
+    return q
+
+
+def _project_inputs(mode: str, x: torch.Tensor, q: dict, H: int, eps: float) -> tuple:
+    """x: [..., input] -> the per-row input terms of the cell op, each [..., n]:
+    RNN (W_x x,), LSTM (LN(W_x x),), GRU (LN(W_zr x), LN(W_n x)). One GEMM and one
+    LN launch each over all leading rows."""
+    w = q["weight_ih"]
+    if mode == "RNN":
+        return (F.linear(x, w),)
+    g, b = q["ln_ih_weight"], q.get("ln_ih_bias")
+    if mode == "LSTM":
+        return (layer_norm(F.linear(x, w), (4 * H,), g, b, eps),)
+
+    def part(t, lo, hi):
+        return None if t is None else t[lo:hi]
+
+    return tuple(
+        layer_norm(F.linear(x, w[lo:hi]), (hi - lo,), part(g, lo, hi), part(b, lo, hi), eps)
+        for lo, hi in ((0, 2 * H), (2 * H, 3 * H))
+    )
+
+
+def _step(mode: str, xs: tuple, state: tuple, q: dict, eps: float) -> tuple:
+    """One time step: xs from _project_inputs (one row block), state (h,) or (h, c)."""
+    h = state[0]
+    hproj = torch.mm(h, q["weight_hh"].t())
+    if mode == "LSTM":
+        h, c, _, _ = _ops.lstm_cell_fwd(xs[0], hproj, state[1], q["ln_hh_weight"], q["fused_gate_bias"],
+                                        q["ln_cell_weight"], q["beta_c"], eps)
+        return h, c
+    if mode == "GRU":
+        h, _, _ = _ops.gru_cell_fwd(xs[0], xs[1], hproj, h, q["ln_hh_weight"], q["beta_h"], eps)
+        return (h,)
+    h, _ = _ops.rnn_cell_fwd(xs[0], hproj, q["ln_weight"], q["beta"], eps)
+    return (h,)
+
+
+# The cell op's parameters, in its argument order, under their keys in `q`.
+_CELL_PARAMS = {
+    "RNN": ("ln_weight", "beta"),
+    "LSTM": ("ln_hh_weight", "fused_gate_bias", "ln_cell_weight", "beta_c"),
+    "GRU": ("ln_hh_weight", "beta_h"),
+}
+
+
+def _loop(mode, xs, state, q, eps, reverse):
+    """Per-step autograd over an unpacked sequence: xs from _project_inputs, [T, B, n]."""
+    per_step = list(zip(*(t.unbind(0) for t in xs)))
+    outs = [None] * len(per_step)
+    for t in (reversed(range(len(per_step))) if reverse else range(len(per_step))):
+        state = _step(mode, per_step[t], state, q, eps)
+        outs[t] = state[0]
+    return torch.stack(outs), state
+
+
+class _Sequence(torch.autograd.Function):
+    """One layer-direction over an unpacked sequence (T >= 1), differentiated as a whole.
+
+    Forward: per step the W_h h GEMM and the fused cell op, keeping W_h h, the gates
+    and the statistics of every step. Backward through time: per step the fused
+    backward op and one GEMM for the gradient reaching h_{t-1}; afterwards the
+    gradient of weight_hh is ONE GEMM over all T*B rows and every LN/bias gradient
+    one sum over all rows (fixed order: reproducible).
+    Inputs: xs0/xs1 the input terms from _project_inputs ([T, B, n]; xs1 only for the
+    GRU), h0/c0 [B, H] (c0 only for the LSTM), then the cell op's parameters.
+    Returns (output [T, B, H], h_T) or, for the LSTM, (output, h_T, c_T).
+    """
+
+    @staticmethod
+    def forward(ctx, mode, eps, reverse, weight_hh, h0, c0, xs0, xs1, *params):
+        T = xs0.shape[0]
+        order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
+        h, c = h0, c0
+        outs, cs, hprojs, gates, stats = ([None] * T for _ in range(5))
+        for t in order:
+            hproj = torch.mm(h, weight_hh.t())
+            if mode == "LSTM":
+                h, c, g, s = _ops.lstm_cell_fwd(xs0[t], hproj, c, *params, eps)
+                cs[t] = c
+            elif mode == "GRU":
+                h, g, s = _ops.gru_cell_fwd(xs0[t], xs1[t], hproj, h, *params, eps)
+            else:
+                (h, s), g = _ops.rnn_cell_fwd(xs0[t], hproj, *params, eps), None
+            outs[t], hprojs[t], gates[t], stats[t] = h, hproj, g, s
+        out = torch.stack(outs)
+        ctx.mode, ctx.eps, ctx.reverse, ctx.n_params = mode, eps, reverse, len(params)
+        if any(ctx.needs_input_grad):  # inference keeps nothing
+            stacked = [torch.stack(v) if v[0] is not None else None for v in (cs, hprojs, gates, stats)]
+            ctx.save_for_backward(weight_hh, h0, c0, xs0, xs1, out, *stacked, *params)
+        return (out, h, c) if mode == "LSTM" else (out, h)
+
+    @staticmethod
+    def backward(ctx, dout, dh_T, dc_T=None):
+        mode, eps, reverse = ctx.mode, ctx.eps, ctx.reverse
+        weight_hh, h0, c0, xs0, xs1, out, cs, hprojs, gates, stats, *params = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate the per-step composite path
+            return _Sequence._differentiable_backward(ctx, (dout, dh_T, dc_T))
+        T = out.shape[0]
+        order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
+        prev = {t: p for p, t in zip([None] + order[:-1], order)}  # step before t, in run order
+        dh_next = torch.zeros_like(h0) if dh_T is None else dh_T
+        dc_next = None
+        if mode == "LSTM":
+            dc_next = torch.zeros_like(c0) if dc_T is None else dc_T
+        dout = torch.zeros_like(out) if dout is None else dout
+        dx0, dx1, dhproj_all, rows = ([None] * T for _ in range(4))
+        for t in reversed(order):
+            h_prev = h0 if prev[t] is None else out[prev[t]]
+            dh = dout[t] + dh_next
+            if mode == "LSTM":
+                c_prev = c0 if prev[t] is None else cs[prev[t]]
+                gamma_h, _, gamma_c, beta_c = params
+                dx0[t], dhproj, dc_next, *rows[t] = _ops.lstm_cell_bwd(
+                    dh, dc_next, hprojs[t], c_prev, cs[t], gates[t], stats[t], gamma_h, gamma_c, beta_c)
+                dh_next = torch.mm(dhproj, weight_hh)
+            elif mode == "GRU":
+                dx0[t], dx1[t], dhproj, dh_direct, *rows[t] = _ops.gru_cell_bwd(
+                    dh, hprojs[t], h_prev, gates[t], stats[t], params[0])
+                dh_next = torch.addmm(dh_direct, dhproj, weight_hh)
+            else:
+                dhproj, *rows[t] = _ops.rnn_cell_bwd(dh, xs0[t], hprojs[t], stats[t], *params)
+                dx0[t] = dhproj
+                dh_next = torch.mm(dhproj, weight_hh)
+            dhproj_all[t] = dhproj
+        # h_{t-1} of every step, in time order: [T, B, H].
+        h_prev_all = torch.stack([h0 if prev[t] is None else out[prev[t]] for t in range(T)])
+        dhproj_all = torch.stack(dhproj_all)
+        need = ctx.needs_input_grad
+        d_weight_hh = None
+        if need[3]:
+            d_weight_hh = dhproj_all.flatten(0, 1).t().mm(h_prev_all.flatten(0, 1))
+        rows = [torch.stack(r) for r in zip(*rows)]
+        acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+
+        def total(t, like):
+            return t.sum((0, 1), dtype=acc).to(like.dtype)
+
+        if mode == "LSTM":
+            dgates_all = torch.stack(dx0)
+            dparams = (total(rows[0], params[0]), total(dgates_all, params[1]),
+                       total(rows[1], params[2]), total(rows[2], params[3]))
+            dxs = (dgates_all, None)
+        elif mode == "GRU":
+            dparams = (total(rows[0], params[0]), total(rows[1], params[1]))
+            dxs = (torch.stack(dx0), torch.stack(dx1))
+        else:
+            dparams = (total(rows[0], params[0]), total(rows[1], params[1]))
+            dxs = (dhproj_all, None)
+        grads = (d_weight_hh, dh_next, dc_next, *dxs, *dparams)
+        return (None, None, None) + tuple(g if n else None for g, n in zip(grads, need[3:]))
+
+    @staticmethod
+    def _differentiable_backward(ctx, grads):
+        """Gradients with a graph of their own, from the per-step autograd path."""
+        mode, eps, reverse = ctx.mode, ctx.eps, ctx.reverse
+        weight_hh, h0, c0, xs0, xs1, *_ = ctx.saved_tensors
+        params = ctx.saved_tensors[-ctx.n_params:]
+        inputs = (weight_hh, h0, c0, xs0, xs1, *params)
+        q = dict(zip(_CELL_PARAMS[mode], params), weight_hh=weight_hh)
+        xs = (xs0,) if xs1 is None else (xs0, xs1)
+        out, state = _loop(mode, xs, (h0,) if c0 is None else (h0, c0), q, eps, reverse)
+        outs = (out, *state)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[3 + i]]
+        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
+                                  [g for _, g in pairs], create_graph=True, allow_unused=True)
+        result = [None] * len(inputs)
+        for i, g in zip(wanted, got):
+            result[i] = g
+        return (None, None, None) + tuple(result)
+
+
+def _run_direction(mode, x, state, q, H, eps, reverse, batch_sizes):
+    """One layer-direction over a sequence.
+
+    x: [T, B, input] (batch_sizes None) or packed data [sum(batch_sizes), input];
+    state: (h0,) or (h0, c0), each [B, H]. Returns (output like x with H features,
+    final state), the final state of each sequence taken at its own last step.
+    Unpacked sequences are differentiated as a whole (_Sequence); packed ones, whose
+    batch shrinks from step to step, through per-step autograd.
+    """
+    xs = _project_inputs(mode, x, q, H, eps)
+    if batch_sizes is None:
+        if x.shape[0] == 0:
+            return x.new_zeros((0, x.shape[1], H)), state
+        c0 = state[1] if mode == "LSTM" else None
+        xs1 = xs[1] if mode == "GRU" else None
+        result = _Sequence.apply(mode, eps, reverse, q["weight_hh"], state[0], c0, xs[0], xs1,
+                                 *(q[k] for k in _CELL_PARAMS[mode]))
+        return result[0], tuple(result[1:])
+
+    sizes = batch_sizes.tolist()
+    per_step = list(zip(*(t.split(sizes) for t in xs)))
+    outs = [None] * len(sizes)
+    if not reverse:
+        # Sequences are sorted by length: the batch shrinks; the rows that leave
+        # at step t (indices sizes[t]..) hold their final state.
+        ended = []
+        for t, bs in enumerate(sizes):
+            if bs < state[0].shape[0]:
+                ended.append(tuple(s[bs:] for s in state))
+                state = tuple(s[:bs] for s in state)
+            state = _step(mode, per_step[t], state, q, eps)
+            outs[t] = state[0]
+        final = tuple(torch.cat([s] + [e[k] for e in reversed(ended)]) for k, s in enumerate(state))
+    else:
+        # Backwards in time the batch grows: rows join with their initial state.
+        init = state
+        state = tuple(s[: sizes[-1]] for s in init)
+        for t in reversed(range(len(sizes))):
+            bs = sizes[t]
+            if bs > state[0].shape[0]:
+                state = tuple(torch.cat([s, s0[s.shape[0]: bs]]) for s, s0 in zip(state, init))
+            state = _step(mode, per_step[t], state, q, eps)
+            outs[t] = state[0]
+        final = state
+    return torch.cat(outs), final
+
+
+# ---------------------------------------------------------------- layers
+
+class _LayerNormRNNBase(nn.Module):
+    mode = ""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 eps: float = 1e-5, forget_bias: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        cls = type(self).__name__
+        _check_common(cls, input_size, hidden_size, forget_bias, bias)
+        if not isinstance(num_layers, numbers.Integral) or num_layers <= 0:
+            raise ValueError(f"{cls}: num_layers must be a positive integer, got {num_layers!r}")
+        if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
+            raise ValueError(f"{cls}: dropout must be a number in [0, 1], got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(f"{cls}: dropout={dropout} acts between layers; with num_layers=1 it does nothing")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.eps, self.forget_bias = bidirectional, eps, forget_bias
+        factory = {"device": device, "dtype": dtype}
+        D = 2 if bidirectional else 1
+        self._names = []  # [layer][direction]: base name -> attribute name
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else hidden_size * D
+            dirs = []
+            for d in range(D):
+                suffix = f"_l{layer}" + ("_reverse" if d == 1 else "")
+                shapes = _param_shapes(self.mode, layer_input, hidden_size, bias)
+                names = {base: base + suffix for base in shapes}
+                for base, (shape, _) in shapes.items():
+                    self.register_parameter(names[base], nn.Parameter(torch.empty(shape, **factory)))
+                dirs.append((names, shapes))
+            self._names.append(dirs)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for dirs in self._names:
+            for names, shapes in dirs:
+                _init_params(self, names, shapes, self.hidden_size, self.forget_bias)
+
+    def layer_parameters(self, layer: int, direction: int = 0) -> dict:
+        """Base name -> Parameter (None where bias=False drops it) of one layer-direction."""
+        names, _ = self._names[layer][direction]
+        full = _param_shapes(self.mode, 1, 1, True)
+        return {base: getattr(self, names[base]) if base in names else None for base in full}
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        for key, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
+                             ("dropout", 0.0), ("bidirectional", False), ("eps", 1e-5),
+                             ("forget_bias", 0.0)):
+            if getattr(self, key) != default:
+                s += f", {key}={getattr(self, key)}"
+        return s
+
+    def _num_states(self) -> int:
+        return 2 if self.mode == "LSTM" else 1
+
+    def forward(self, input, hx=None):
+        cls = type(self).__name__
+        D = 2 if self.bidirectional else 1
+        H = self.hidden_size
+        ref = self.weight_ih_l0
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            x, batch_sizes, sorted_indices, unsorted_indices = input
+            batch, unbatched = int(batch_sizes[0]) if len(batch_sizes) else 0, False
+        else:
+            if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
+                raise ValueError(f"{cls}: expected input to be a 2-D (unbatched) or 3-D tensor or a "
+                                 f"PackedSequence, got {getattr(input, 'shape', type(input))}")
+            batch_sizes = sorted_indices = unsorted_indices = None
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+            batch = x.shape[1]
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"{cls}: input.size(-1) must be input_size={self.input_size}, got {x.shape[-1]}")
+        _check_like(cls, "input", x, ref)
+        states = self._initial_states(hx, batch, unbatched, x, sorted_indices, D)
+
+        finals = [[] for _ in states]
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(D):
+                q = _prepare(self.mode, self.layer_parameters(layer, d), H, x)
+                st = tuple(s[layer * D + d] for s in states)
+                out, st = _run_direction(self.mode, x, st, q, H, self.eps, d == 1, batch_sizes)
+                outs.append(out)
+                for k, s in enumerate(st):
+                    finals[k].append(s)
+            x = outs[0] if D == 1 else torch.cat(outs, dim=-1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        finals = [torch.stack(f) for f in finals]
+
+        if packed:
+            output = PackedSequence(x, batch_sizes, sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                finals = [f.index_select(1, unsorted_indices) for f in finals]
+        else:
+            output = x.squeeze(1) if unbatched else (x.transpose(0, 1) if self.batch_first else x)
+            if unbatched:
+                finals = [f.squeeze(1) for f in finals]
+        return output, (tuple(finals) if self.mode == "LSTM" else finals[0])
+
+    def _initial_states(self, hx, batch, unbatched, x, sorted_indices, D):
+        """hx as nn.LSTM/GRU/RNN take it -> tuple of [L * D, B, H] in the sorted batch order."""
+        cls = type(self).__name__
+        shape = (self.num_layers * D, batch, self.hidden_size)
+        if hx is None:
+            zeros = x.new_zeros(shape)
+            return (zeros,) * self._num_states()
+        if self.mode == "LSTM":
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise ValueError(f"{cls}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
+            names = ("h_0", "c_0")
+        else:
+            if not isinstance(hx, torch.Tensor):
+                raise ValueError(f"{cls}: hx must be a tensor h_0, got {type(hx).__name__}")
+            hx, names = (hx,), ("h_0",)
+        states = []
+        for name, s in zip(names, hx):
+            want = shape[:1] + shape[2:] if unbatched else shape
+            if not isinstance(s, torch.Tensor) or tuple(s.shape) != want:
+                raise ValueError(f"{cls}: {name} must have shape {list(want)} "
+                                 f"(num_layers * num_directions, {'' if unbatched else 'batch, '}hidden_size), "
+                                 f"got {list(getattr(s, 'shape', []))}")
+            _check_like(cls, name, s, self.weight_ih_l0)
+            s = s.unsqueeze(1) if unbatched else s
+            if sorted_indices is not None:
+                s = s.index_select(1, sorted_indices)
+            states.append(s)
+        return tuple(states)
+
+
+def _check_like(cls: str, name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{cls}: {name} is on {t.device} but the parameters are on {ref.device}")
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{cls}: {name} has dtype {t.dtype} but the parameters are {ref.dtype}")
+    if t.is_cuda and not has_cuda_kernels():
+        raise RuntimeError(f"{cls}: {name} is a CUDA tensor but this ln_ext build has no CUDA kernels")
+
+
+class LayerNormRNN(_LayerNormRNNBase):
+    """nn.RNN (tanh) with layer normalization (eq. 4): h_t = tanh(LN(W_h h_{t-1} + W_x x_t)).
+
+    forward(input, hx=None) -> (output, h_n), shapes as nn.RNN; input may be a PackedSequence.
+    """
+    mode = "RNN"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, eps=1e-5, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, eps, 0.0, device, dtype)
+
+
+class LayerNormLSTM(_LayerNormRNNBase):
+    """nn.LSTM with layer normalization (paper supplement); see the module docstring.
+
+    forward(input, hx=None) -> (output, (h_n, c_n)), shapes as nn.LSTM; input may be a
+    PackedSequence. forget_bias: initial value of b's forget-gate slice (paper: 0).
+    """
+    mode = "LSTM"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, eps=1e-5, forget_bias=0.0, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, eps, forget_bias, device, dtype)
+
+
+class LayerNormGRU(_LayerNormRNNBase):
+    """nn.GRU with layer normalization (paper supplement); see the module docstring.
+
+    forward(input, hx=None) -> (output, h_n), shapes as nn.GRU; input may be a PackedSequence.
+    """
+    mode = "GRU"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, eps=1e-5, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, eps, 0.0, device, dtype)
+
+
+# ---------------------------------------------------------------- cells
+
+class _LayerNormCellBase(nn.Module):
+    mode = ""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, eps: float = 1e-5,
+                 forget_bias: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        _check_common(type(self).__name__, input_size, hidden_size, forget_bias, bias)
+        self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
+        self.eps, self.forget_bias = eps, forget_bias
+        self._shapes = _param_shapes(self.mode, input_size, hidden_size, bias)
+        for base, (shape, _) in self._shapes.items():
+            self.register_parameter(base, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_params(self, {b: b for b in self._shapes}, self._shapes, self.hidden_size, self.forget_bias)
+
+    def layer_parameters(self, layer: int = 0, direction: int = 0) -> dict:
+        """Base name -> Parameter (None where bias=False drops it), as the layers' method."""
+        full = _param_shapes(self.mode, 1, 1, True)
+        return {base: getattr(self, base) if base in self._shapes else None for base in full}
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.eps != 1e-5:
+            s += f", eps={self.eps}"
+        if self.forget_bias:
+            s += f", forget_bias={self.forget_bias}"
+        return s
+
+    def _cell(self, input, hx):
+        cls = type(self).__name__
+        if not isinstance(input, torch.Tensor) or input.dim() not in (1, 2):
+            raise ValueError(f"{cls}: expected input to be 1-D (unbatched) or 2-D [batch, input_size], "
+                             f"got {getattr(input, 'shape', type(input))}")
+        if input.shape[-1] != self.input_size:
+            raise ValueError(f"{cls}: input.size(-1) must be input_size={self.input_size}, got {input.shape[-1]}")
+        _check_like(cls, "input", input, self.weight_ih)
+        unbatched = input.dim() == 1
+        x = input.unsqueeze(0) if unbatched else input
+        H = self.hidden_size
+        n = 2 if self.mode == "LSTM" else 1
+        names = ("h", "c")[:n]
+        if hx is None:
+            state = (x.new_zeros((x.shape[0], H)),) * n
+        else:
+            if self.mode == "LSTM" and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise ValueError(f"{cls}: hx must be a tuple (h, c), got {type(hx).__name__}")
+            state = tuple(hx) if self.mode == "LSTM" else (hx,)
+            want = (H,) if unbatched else (x.shape[0], H)
+            for name, s in zip(names, state):
+                if not isinstance(s, torch.Tensor) or tuple(s.shape) != want:
+                    raise ValueError(f"{cls}: {name} must have shape {list(want)}, "
+                                     f"got {list(getattr(s, 'shape', []))}")
+                _check_like(cls, name, s, self.weight_ih)
+            state = tuple(s.unsqueeze(0) for s in state) if unbatched else state
+        q = _prepare(self.mode, self.layer_parameters(), H, x)
+        state = _step(self.mode, _project_inputs(self.mode, x, q, H, self.eps), state, q, self.eps)
+        return tuple(s.squeeze(0) for s in state) if unbatched else state
+
+
+class LayerNormRNNCell(_LayerNormCellBase):
+    """nn.RNNCell (tanh) with layer normalization: forward(input, hx=None) -> h'."""
+    mode = "RNN"
+
+    def __init__(self, input_size, hidden_size, bias=True, eps=1e-5, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, eps, 0.0, device, dtype)
+
+    def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._cell(input, hx)[0]
+
+
+class LayerNormLSTMCell(_LayerNormCellBase):
+    """nn.LSTMCell with layer normalization: forward(input, hx=None) -> (h', c')."""
+    mode = "LSTM"
+
+    def __init__(self, input_size, hidden_size, bias=True, eps=1e-5, forget_bias=0.0,
+                 device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, eps, forget_bias, device, dtype)
+
+    def forward(self, input: torch.Tensor, hx=None):
+        return self._cell(input, hx)
+
+
+class LayerNormGRUCell(_LayerNormCellBase):
+    """nn.GRUCell with layer normalization: forward(input, hx=None) -> h'."""
+    mode = "GRU"
+
+    def __init__(self, input_size, hidden_size, bias=True, eps=1e-5, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, eps, 0.0, device, dtype)
+
+    def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._cell(input, hx)[0]

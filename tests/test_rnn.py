@@ -1,0 +1,563 @@
+"""LN-RNN layers, cells and cell ops against the float64 references of ln_ext/reference.py.
+
+Every check compares all elements (torch.testing.assert_close: NaN never passes) on
+fresh random inputs and random parameters (gains away from 1, shifts away from 0).
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import ln_ext
+from ln_ext import reference
+
+MODES = ("RNN", "LSTM", "GRU")
+LAYER = {"RNN": ln_ext.LayerNormRNN, "LSTM": ln_ext.LayerNormLSTM, "GRU": ln_ext.LayerNormGRU}
+CELL = {"RNN": ln_ext.LayerNormRNNCell, "LSTM": ln_ext.LayerNormLSTMCell, "GRU": ln_ext.LayerNormGRUCell}
+
+# (forward atol/rtol, gradient atol/rtol) against float64; a gradient's atol is
+# scaled by its largest reference element. float32: a few ulps through T steps.
+# float16/bfloat16: io, states and GEMMs round to 11/8 bits every step (the cell
+# computes in float32) and the LN backward amplifies the rounding of its input
+# gradient. Measured (2 layers, bidirectional, H=24, T=6): fp16 up to 3e-3 fwd,
+# 5e-3 grad; bf16 up to 2e-2 fwd, 4e-2 grad; the same equations written with
+# torch ops in that dtype are 1.5-3x further off.
+TOL = {
+    torch.float64: ((1e-10, 1e-10), (1e-10, 1e-9)),
+    torch.float32: ((2e-5, 2e-5), (2e-5, 1e-4)),
+    torch.float16: ((1e-2, 1e-2), (2e-2, 2e-2)),
+    torch.bfloat16: ((6e-2, 6e-2), (1e-1, 1e-1)),
+}
+
+cuda = pytest.mark.cuda
+needs_gpu = pytest.mark.skipif(
+    not (torch.cuda.is_available() and ln_ext.has_cuda_kernels()),
+    reason="needs a CUDA GPU and an ln_ext build with the CUDA kernels",
+)
+
+
+def n_states(mode):
+    return 2 if mode == "LSTM" else 1
+
+
+def randomize(module, seed=0):
+    """Parameters away from their init so that every term of the equations matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if name.startswith("ln_") and "_weight" in name:  # gains around 1
+                p.copy_(1.0 + 0.3 * r)
+            elif name.startswith("weight_"):  # init scale 1/sqrt(H), kept out of chaos
+                p.copy_(p.double() + 0.1 * r)
+            else:  # shifts
+                p.copy_(0.3 * r)
+    return module
+
+
+def make(mode, dtype=torch.float64, device="cpu", seed=0, **kw):
+    kw.setdefault("input_size", 5)
+    kw.setdefault("hidden_size", 6)
+    torch.manual_seed(seed)  # the weights' own init draws from the global generator
+    return randomize(LAYER[mode](**kw, dtype=dtype), seed).to(device)
+
+
+def states_tuple(mode, hx):
+    return hx if mode == "LSTM" else (hx,)
+
+
+def ref_params(module, dtype=torch.float64):
+    D = 2 if module.bidirectional else 1
+    conv = lambda t: None if t is None else t.detach().to(dtype).cpu().requires_grad_()  # noqa: E731
+    return [[{k: conv(v) for k, v in module.layer_parameters(l, d).items()} for d in range(D)]
+            for l in range(module.num_layers)]
+
+
+def sample(mode, module, T=5, B=3, dtype=None, device="cpu", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    dtype = dtype or module.weight_ih_l0.dtype
+    D = 2 if module.bidirectional else 1
+    x = torch.randn(T, B, module.input_size, generator=g, dtype=torch.float64)
+    hx = tuple(torch.randn(module.num_layers * D, B, module.hidden_size, generator=g, dtype=torch.float64)
+               for _ in range(n_states(mode)))
+    return x.to(device, dtype), tuple(h.to(device, dtype) for h in hx)
+
+
+def run_and_grads(mode, module, x, hx, seed=2):
+    """Output, final states and the gradients of input, states and every parameter
+    of a random linear function of output and final states."""
+    x = x.detach().requires_grad_()
+    hx = tuple(h.detach().requires_grad_() for h in hx)
+    xin = x.transpose(0, 1) if module.batch_first else x
+    out, hn = module(xin, hx if mode == "LSTM" else hx[0])
+    out = out.transpose(0, 1) if module.batch_first else out
+    hn = states_tuple(mode, hn)
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in (out, *hn)]
+    loss = sum((t.double() * w.double()).sum() for t, w in zip((out, *hn), weights))
+    params = [p for p in module.parameters()]
+    grads = torch.autograd.grad(loss, [x, *hx, *params])
+    return out, hn, grads
+
+
+def ref_run_and_grads(mode, module, x, hx, seed=2):
+    params = ref_params(module)
+    x = x.detach().double().cpu().requires_grad_()
+    hx = tuple(h.detach().double().cpu().requires_grad_() for h in hx)
+    out, hn = reference.ln_rnn_layers(mode, x, hx, params, module.eps)
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (out, *hn)]
+    loss = sum((t * w).sum() for t, w in zip((out, *hn), weights))
+    flat = [p for dirs in params for d in dirs for p in d.values() if p is not None]
+    grads = torch.autograd.grad(loss, [x, *hx, *flat])
+    return out, hn, grads
+
+
+def assert_matches_reference(mode, module, x, hx, dtype):
+    (fa, fr), (ga, gr) = TOL[dtype]
+    out, hn, grads = run_and_grads(mode, module, x, hx)
+    rout, rhn, rgrads = ref_run_and_grads(mode, module, x, hx)
+    close = lambda a, b, at, rt, what: torch.testing.assert_close(  # noqa: E731
+        a.detach().double().cpu(), b.detach(), atol=at, rtol=rt, msg=lambda m: f"{what}: {m}")
+    close(out, rout, fa, fr, "output")
+    for k, (a, b) in enumerate(zip(hn, rhn)):
+        close(a, b, fa, fr, f"final state {k}")
+    names = ["input"] + [f"state {k}" for k in range(len(hx))] + [n for n, _ in module.named_parameters()]
+    assert len(grads) == len(rgrads) == len(names)
+    for name, a, b in zip(names, grads, rgrads):
+        scale = max(1.0, b.abs().max().item())
+        close(a, b, ga * scale, gr, f"grad of {name}")
+
+
+CONFIGS = [
+    dict(),
+    dict(num_layers=2, bidirectional=True),
+    dict(num_layers=2, batch_first=True, bias=False),
+    dict(bidirectional=True, batch_first=True, hidden_size=1),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_layers_match_reference_float64(mode, config):
+    module = make(mode, **config)
+    x, hx = sample(mode, module, T=5, B=3)
+    assert_matches_reference(mode, module, x, hx, torch.float64)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_layers_match_reference_reduced_precision(mode, dtype):
+    module = make(mode, dtype=dtype, num_layers=2, bidirectional=True, hidden_size=24, input_size=10)
+    x, hx = sample(mode, module, T=6, B=5)
+    assert_matches_reference(mode, module, x, hx, dtype)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_larger_hidden_float32(mode):
+    """A wider row (every column loop runs many iterations) and a batch large
+    enough to spread over threads."""
+    module = make(mode, dtype=torch.float32, hidden_size=200, input_size=33)
+    x, hx = sample(mode, module, T=3, B=40)
+    assert_matches_reference(mode, module, x, hx, torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_default_hidden_state_and_unbatched_input(mode):
+    module = make(mode, num_layers=2)
+    x, _ = sample(mode, module, T=4, B=1)
+    out, hn = module(x)  # hx=None: zeros
+    zeros = tuple(torch.zeros(2, 1, module.hidden_size, dtype=torch.float64) for _ in range(n_states(mode)))
+    rout, rhn = reference.ln_rnn_layers(mode, x, zeros, ref_params(module), module.eps)
+    torch.testing.assert_close(out, rout.detach())
+    out1, hn1 = module(x[:, 0])  # unbatched [T, input]
+    torch.testing.assert_close(out1, out[:, 0])
+    for a, b in zip(states_tuple(mode, hn1), states_tuple(mode, hn)):
+        assert a.shape == (2, module.hidden_size)
+        torch.testing.assert_close(a, b[:, 0])
+
+
+# ---------------------------------------------------------------- gradcheck on the ops
+
+def cell_op_inputs(mode, B=3, H=4, dtype=torch.float64, device="cpu", seed=3, requires_grad=True):
+    """One sample-input generator for gradcheck, opcheck and the CUDA tests: the
+    differentiable tensor arguments of the forward cell op (eps comes last)."""
+    g = torch.Generator().manual_seed(seed)
+    G = {"RNN": 1, "LSTM": 4, "GRU": 3}[mode] * H
+
+    def r(*shape, base=0.0):
+        t = base + torch.randn(*shape, generator=g, dtype=torch.float64)
+        return t.to(device, dtype).requires_grad_(requires_grad)
+
+    if mode == "RNN":
+        return [r(B, H), r(B, H), r(H, base=1.0), r(H)]
+    if mode == "LSTM":
+        return [r(B, G), r(B, G), r(B, H), r(G, base=1.0), r(G), r(H, base=1.0), r(H)]
+    return [r(B, 2 * H), r(B, H), r(B, G), r(B, H), r(G, base=1.0), r(G)]
+
+
+FWD_OP = {"RNN": "rnn_cell_fwd", "LSTM": "lstm_cell_fwd", "GRU": "gru_cell_fwd"}
+N_DIFF_OUT = {"RNN": 1, "LSTM": 2, "GRU": 1}
+
+
+def cell_op(mode, eps=1e-5):
+    op = getattr(torch.ops.ln_ext, FWD_OP[mode])
+    return lambda *args: op(*args, eps)[: N_DIFF_OUT[mode]]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cell_op_gradcheck(mode):
+    assert torch.autograd.gradcheck(cell_op(mode), cell_op_inputs(mode))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cell_op_gradgradcheck_through_composite(mode):
+    assert torch.autograd.gradgradcheck(cell_op(mode), cell_op_inputs(mode, B=2, H=3))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_gradcheck_tiny(mode):
+    module = make(mode, input_size=2, hidden_size=3, num_layers=2, bidirectional=True)
+    x, hx = sample(mode, module, T=3, B=2)
+    params = list(module.parameters())
+
+    def f(x, *hx_and_params):
+        hx = hx_and_params[: n_states(mode)]
+        out, hn = torch.func.functional_call(
+            module, {n: p for (n, _), p in zip(module.named_parameters(), hx_and_params[len(hx):])},
+            (x, hx if mode == "LSTM" else hx[0]))
+        return (out, *states_tuple(mode, hn))
+
+    inputs = [x.requires_grad_(), *(h.requires_grad_() for h in hx), *(p.detach().requires_grad_() for p in params)]
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_double_backward(mode):
+    """create_graph=True goes through the per-step composite path."""
+    module = make(mode, input_size=2, hidden_size=2, bidirectional=True)
+    x, hx = sample(mode, module, T=2, B=1)
+
+    def f(x, weight_hh, *hx):
+        out, hn = torch.func.functional_call(module, {"weight_hh_l0_reverse": weight_hh},
+                                             (x, hx if mode == "LSTM" else hx[0]), strict=False)
+        return (out, *states_tuple(mode, hn))
+
+    inputs = [x.requires_grad_(), module.weight_hh_l0_reverse.detach().requires_grad_(),
+              *(h.requires_grad_() for h in hx)]
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_are_bitwise_reproducible(mode):
+    module = make(mode, dtype=torch.float32, hidden_size=64, num_layers=2)
+    x, hx = sample(mode, module, T=4, B=33)
+    _, _, g1 = run_and_grads(mode, module, x, hx)
+    _, _, g2 = run_and_grads(mode, module, x, hx)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- PackedSequence
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_packed_sequence_matches_each_sequence_alone(mode, bidirectional, enforce_sorted):
+    module = make(mode, num_layers=2, bidirectional=bidirectional)
+    lengths = [5, 3, 3, 1] if enforce_sorted else [3, 5, 1, 3]
+    x, hx = sample(mode, module, T=max(lengths), B=len(lengths))
+    x = x.requires_grad_()
+    packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=enforce_sorted)
+    out, hn = module(packed, hx if mode == "LSTM" else hx[0])
+    padded, out_lengths = pad_packed_sequence(out, total_length=max(lengths))
+    assert out_lengths.tolist() == lengths
+    hn = states_tuple(mode, hn)
+    for b, n in enumerate(lengths):
+        h_b = tuple(h[:, b: b + 1].contiguous() for h in hx)
+        out_b, hn_b = module(x[:n, b: b + 1], h_b if mode == "LSTM" else h_b[0])
+        torch.testing.assert_close(padded[:n, b: b + 1], out_b, atol=1e-12, rtol=1e-12)
+        assert torch.all(padded[n:, b] == 0), "padded outputs must be zero"
+        for final, alone in zip(hn, states_tuple(mode, hn_b)):
+            torch.testing.assert_close(final[:, b: b + 1], alone, atol=1e-12, rtol=1e-12)
+    # Gradients flow only into the real steps.
+    padded.sum().backward()
+    for b, n in enumerate(lengths):
+        assert torch.all(x.grad[n:, b] == 0)
+        assert torch.all(x.grad[:n, b] != 0)
+
+
+def test_packed_sequence_unsorted_needs_enforce_sorted_false():
+    x = torch.randn(4, 2, 5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="sorted"):
+        pack_padded_sequence(x, torch.tensor([2, 4]), enforce_sorted=True)
+
+
+# ---------------------------------------------------------------- cells
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cells_step_by_step_match_the_layer(mode):
+    layer = make(mode, hidden_size=7)
+    cell = CELL[mode](layer.input_size, layer.hidden_size, dtype=torch.float64)
+    with torch.no_grad():
+        for name, p in cell.named_parameters():
+            p.copy_(getattr(layer, name + "_l0"))
+    x, hx = sample(mode, layer, T=4, B=3)
+    out, hn = layer(x, hx if mode == "LSTM" else hx[0])
+    state = tuple(h[0] for h in hx)
+    for t in range(x.shape[0]):
+        state = states_tuple(mode, cell(x[t], state if mode == "LSTM" else state[0]))
+        torch.testing.assert_close(state[0], out[t], atol=1e-12, rtol=1e-12)
+    for a, b in zip(state, states_tuple(mode, hn)):
+        torch.testing.assert_close(a, b[0], atol=1e-12, rtol=1e-12)
+    # Unbatched input and hx=None.
+    one = states_tuple(mode, cell(x[0, 0]))
+    ref = states_tuple(mode, cell(x[0, :1]))
+    for a, b in zip(one, ref):
+        torch.testing.assert_close(a, b[0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_cell_matches_reference_cell(mode, dtype):
+    cell = randomize(CELL[mode](6, 9, dtype=dtype))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    state = tuple(torch.randn(4, 9, generator=g, dtype=torch.float64) for _ in range(n_states(mode)))
+    got = states_tuple(mode, cell(x.to(dtype), tuple(s.to(dtype) for s in state) if mode == "LSTM" else state[0].to(dtype)))
+    p = {k: None if v is None else v.detach().double() for k, v in cell.layer_parameters().items()}
+    fn = {"RNN": reference.ln_rnn_cell, "LSTM": reference.ln_lstm_cell, "GRU": reference.ln_gru_cell}[mode]
+    want = states_tuple(mode, fn(x, *state, p, cell.eps))
+    (atol, rtol), _ = TOL[dtype]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------- interface
+
+def test_parameters_names_shapes_and_init():
+    H, forget_bias = 8, 1.5
+    m = ln_ext.LayerNormLSTM(3, H, num_layers=2, bidirectional=True, forget_bias=forget_bias)
+    names = dict(m.named_parameters())
+    for suffix in ("_l0", "_l0_reverse", "_l1", "_l1_reverse"):
+        assert names["weight_ih" + suffix].shape == (4 * H, 3 if suffix.startswith("_l0") else 2 * H)
+        assert names["weight_hh" + suffix].shape == (4 * H, H)
+        bound = 1 / H ** 0.5
+        assert names["weight_hh" + suffix].abs().max() <= bound
+        assert names["weight_hh" + suffix].std() > bound / 4  # really drawn, not constant
+        b = names["gate_bias" + suffix]
+        assert torch.all(b[H: 2 * H] == forget_bias) and torch.all(b[:H] == 0) and torch.all(b[2 * H:] == 0)
+        for ln in ("ln_ih", "ln_hh", "ln_cell"):
+            assert torch.all(names[f"{ln}_weight{suffix}"] == 1)
+            assert torch.all(names[f"{ln}_bias{suffix}"] == 0)
+    gru = ln_ext.LayerNormGRU(3, H, bias=False)
+    assert sorted(n for n, _ in gru.named_parameters()) == [
+        "ln_hh_weight_l0", "ln_ih_weight_l0", "weight_hh_l0", "weight_ih_l0"]
+    rnn = ln_ext.LayerNormRNN(3, H)
+    assert sorted(n for n, _ in rnn.named_parameters()) == [
+        "ln_bias_l0", "ln_weight_l0", "weight_hh_l0", "weight_ih_l0"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_output_and_state_shapes_like_torch_nn(mode):
+    torch_cls = {"RNN": torch.nn.RNN, "LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU}[mode]
+    for layers, bidir, batch_first in itertools.product((1, 3), (False, True), (False, True)):
+        kw = dict(num_layers=layers, bidirectional=bidir, batch_first=batch_first)
+        x = torch.randn(2, 4, 5) if batch_first else torch.randn(4, 2, 5)
+        ours, theirs = LAYER[mode](5, 7, **kw)(x), torch_cls(5, 7, **kw)(x)
+        assert ours[0].shape == theirs[0].shape
+        for a, b in zip(states_tuple(mode, ours[1]), states_tuple(mode, theirs[1])):
+            assert a.shape == b.shape
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_between_layers_only_in_training(mode):
+    module = make(mode, num_layers=2, dropout=0.5)
+    x, hx = sample(mode, module, T=4, B=3)
+    hx = hx if mode == "LSTM" else hx[0]
+    module.eval()
+    eval_out, _ = module(x, hx)
+    rout, _ = reference.ln_rnn_layers(mode, x, states_tuple(mode, hx), ref_params(module), module.eps)
+    torch.testing.assert_close(eval_out, rout.detach())
+    module.train()
+    torch.manual_seed(0)
+    a, _ = module(x, hx)
+    torch.manual_seed(0)
+    b, _ = module(x, hx)
+    torch.manual_seed(1)
+    c, _ = module(x, hx)
+    assert torch.equal(a, b) and not torch.allclose(a, eval_out) and not torch.allclose(a, c)
+    one_layer = make(mode, num_layers=1)
+    with pytest.warns(UserWarning, match="dropout"):
+        LAYER[mode](5, 6, dropout=0.3)
+    one_layer.train()
+    torch.testing.assert_close(one_layer(x)[0], one_layer.eval()(x)[0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_batch_and_empty_sequence(mode):
+    module = make(mode)
+    out, hn = module(torch.randn(3, 0, 5, dtype=torch.float64))
+    assert out.shape == (3, 0, 6)
+    out, hn = module(torch.randn(0, 2, 5, dtype=torch.float64))
+    assert out.shape == (0, 2, 6)
+    assert all(torch.all(h == 0) for h in states_tuple(mode, hn))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bad_inputs_are_rejected_clearly(mode):
+    module = make(mode, num_layers=2)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    cls = LAYER[mode].__name__
+    with pytest.raises(ValueError, match=rf"{cls}: input.size\(-1\) must be input_size=5, got 4"):
+        module(torch.randn(4, 3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="expected input to be a 2-D"):
+        module(torch.randn(4, 3, 5, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="input has dtype torch.float32 but the parameters are torch.float64"):
+        module(x.float())
+    with pytest.raises(ValueError, match="input is on meta but the parameters are on cpu"):
+        module(x.to("meta"))
+    bad = torch.randn(2, 4, 6, dtype=torch.float64)
+    good = torch.randn(2, 3, 6, dtype=torch.float64)
+    if mode == "LSTM":
+        with pytest.raises(ValueError, match=r"h_0 must have shape \[2, 3, 6\]"):
+            module(x, (bad, good))
+        with pytest.raises(ValueError, match=r"c_0 must have shape \[2, 3, 6\]"):
+            module(x, (good, bad))
+        with pytest.raises(ValueError, match="hx must be a tuple"):
+            module(x, good)
+        with pytest.raises(ValueError, match="c_0 has dtype torch.float32"):
+            module(x, (good, good.float()))
+    else:
+        with pytest.raises(ValueError, match=r"h_0 must have shape \[2, 3, 6\]"):
+            module(x, bad)
+        with pytest.raises(ValueError, match="h_0 is on meta"):
+            module(x, good.to("meta"))
+    with pytest.raises(ValueError, match="hidden_size must be a positive integer"):
+        LAYER[mode](5, 0)
+    with pytest.raises(ValueError, match="num_layers must be a positive integer"):
+        LAYER[mode](5, 4, num_layers=0)
+    with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\]"):
+        LAYER[mode](5, 4, num_layers=2, dropout=1.5)
+    cell = CELL[mode](5, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"input.size\(-1\) must be input_size=5"):
+        cell(torch.randn(3, 4, dtype=torch.float64))
+    state = torch.randn(2, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"h must have shape \[3, 6\]"):
+        cell(torch.randn(3, 5, dtype=torch.float64), (state, state) if mode == "LSTM" else state)
+
+
+def test_forget_bias_needs_bias():
+    with pytest.raises(ValueError, match="forget_bias=1.0 needs bias=True"):
+        ln_ext.LayerNormLSTM(3, 4, bias=False, forget_bias=1.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cell_ops_reject_bad_operands(mode):
+    args = cell_op_inputs(mode, requires_grad=False)
+    op = getattr(torch.ops.ln_ext, FWD_OP[mode])
+    wrong_shape = [a.clone() for a in args]
+    wrong_shape[0] = wrong_shape[0][:, :-1]
+    name = {"RNN": "xproj", "LSTM": "xgates", "GRU": "xzr"}[mode]
+    with pytest.raises(RuntimeError, match=rf"ln_ext.{FWD_OP[mode]}: {name} must have shape"):
+        op(*wrong_shape, 1e-5)
+    wrong_dtype = [a.clone() for a in args]
+    wrong_dtype[0] = wrong_dtype[0].float()
+    with pytest.raises(RuntimeError, match=rf"{name} must be Double \(from hproj's dtype Double\), got Float"):
+        op(*wrong_dtype, 1e-5)
+    ints = [a.clone() for a in args]
+    hproj_index = {"RNN": 1, "LSTM": 1, "GRU": 2}[mode]
+    ints[hproj_index] = ints[hproj_index].long()
+    with pytest.raises(RuntimeError, match="hproj must be float32, float64, float16 or bfloat16"):
+        op(*ints, 1e-5)
+
+
+# ---------------------------------------------------------------- opcheck and compile
+
+def bwd_op_sample(mode, B=3, H=4, dtype=torch.float64, device="cpu"):
+    """Arguments of the backward op, from a real forward call on the shared sample."""
+    ins = cell_op_inputs(mode, B=B, H=H, dtype=dtype, device=device, requires_grad=False)
+    outs = getattr(torch.ops.ln_ext, FWD_OP[mode])(*ins, 1e-5)
+    g = torch.Generator().manual_seed(9)
+    dh = torch.randn(outs[0].shape, generator=g, dtype=torch.float64).to(device, dtype)
+    if mode == "RNN":
+        xproj, hproj, gamma, beta = ins
+        return "rnn_cell_bwd", (dh, xproj, hproj, outs[1], gamma, beta)
+    if mode == "LSTM":
+        _, hproj, c_prev, gamma_h, _, gamma_c, beta_c = ins
+        h, c, gates, stats = outs
+        return "lstm_cell_bwd", (dh, torch.randn_like(dh), hproj, c_prev, c, gates, stats, gamma_h, gamma_c, beta_c)
+    _, _, hproj, h_prev, gamma_h, _ = ins
+    return "gru_cell_bwd", (dh, hproj, h_prev, outs[1], outs[2], gamma_h)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck(mode):
+    op = getattr(torch.ops.ln_ext, FWD_OP[mode])
+    torch.library.opcheck(op, (*cell_op_inputs(mode), 1e-5))
+    torch.library.opcheck(op, (*cell_op_inputs(mode, B=0, requires_grad=False), 1e-5))
+    name, args = bwd_op_sample(mode)
+    torch.library.opcheck(getattr(torch.ops.ln_ext, name), args)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_fullgraph(mode):
+    torch._dynamo.reset()
+    module = make(mode, num_layers=2, bidirectional=True)
+    x, hx = sample(mode, module, T=3, B=2)
+    hx = hx if mode == "LSTM" else hx[0]
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    xc = x.clone().requires_grad_()
+    out, hn = compiled(xc, hx)
+    want, want_hn = module(x, hx)
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    xe = x.clone().requires_grad_()
+    module(xe, hx)[0].sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad)
+
+
+# ---------------------------------------------------------------- CUDA
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_layers_match_reference(mode, dtype):
+    module = make(mode, dtype=dtype, device="cuda", num_layers=2, bidirectional=True,
+                  hidden_size=96, input_size=20)
+    x, hx = sample(mode, module, T=6, B=7, device="cuda")
+    assert_matches_reference(mode, module, x, hx, dtype)
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("H", [1, 31, 257, 1024])
+def test_cuda_cell_ops_match_cpu(mode, H):
+    """Every output of the fused forward and backward ops, CUDA vs the CPU kernels, float32."""
+    fwd = getattr(torch.ops.ln_ext, FWD_OP[mode])
+    ins_cpu = cell_op_inputs(mode, B=5, H=H, dtype=torch.float32, requires_grad=False)
+    for a, b in zip(fwd(*ins_cpu, 1e-5), fwd(*[t.cuda() for t in ins_cpu], 1e-5)):
+        torch.testing.assert_close(b.cpu(), a, atol=2e-5, rtol=2e-5)
+    name, args = bwd_op_sample(mode, B=5, H=H, dtype=torch.float32)
+    bwd = getattr(torch.ops.ln_ext, name)
+    for a, b in zip(bwd(*args), bwd(*[t.cuda() for t in args])):
+        torch.testing.assert_close(b.cpu(), a, atol=5e-5, rtol=5e-5)
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_opcheck_and_reproducible_grads(mode):
+    op = getattr(torch.ops.ln_ext, FWD_OP[mode])
+    torch.library.opcheck(op, (*cell_op_inputs(mode, device="cuda"), 1e-5))
+    module = make(mode, dtype=torch.float32, device="cuda", hidden_size=128)
+    x, hx = sample(mode, module, T=4, B=9, device="cuda")
+    _, _, g1 = run_and_grads(mode, module, x, hx)
+    _, _, g2 = run_and_grads(mode, module, x, hx)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
