@@ -6,13 +6,13 @@ PYTHON      ?= python3
 VENV        ?= .venv
 PY          ?= $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.14.1
-DEPS        ?= numpy pytest ninja setuptools wheel matplotlib tqdm
+DEPS        ?= numpy pytest ninja setuptools wheel matplotlib tqdm scikit-learn
 # The CUDA toolkit, when this machine has one (auto-detection finds /usr/local and fails).
 CUDA_HOME   ?= $(firstword $(wildcard /usr/local/cuda))
 MAX_JOBS    ?= $(shell nproc)
 export CUDA_HOME MAX_JOBS
 
-.PHONY: test bench build gpu-check clean
+.PHONY: test bench examples readme build gpu-check clean
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ test: build
 bench: build
 	$(PY) benchmarks/bench_layer_norm.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_rnn.py $(BENCH_ARGS)
+
+# The two examples of the README (GPU if present, else a small CPU configuration),
+# then the README's generated sections from their results and the benchmarks'.
+examples: build
+	$(PY) examples/transformer_dropin.py
+	$(PY) examples/ln_rnn_stability.py
+	$(MAKE) readme
+
+readme:
+	$(PY) scripts/update_readme.py
 
 # On a machine with an NVIDIA GPU: build for it, CUDA tests, compute-sanitizer,
 # quick benchmarks; results under $(GPU_CHECK_OUT).
