@@ -102,7 +102,9 @@ def _prepare(mode: str, p: dict, H: int, like: torch.Tensor) -> dict:
     def or_zeros(t, n):
         return t if t is not None else like.new_zeros(n)
 
-    q = dict(p)
+    # Under autocast the parameters are used in the compute dtype (like nn.LSTM).
+    q = {k: None if v is None else v.to(like.dtype) for k, v in p.items()}
+    p = q
     if mode == "RNN":
         q["beta"] = or_zeros(p.get("ln_bias"), H)
     elif mode == "LSTM":
@@ -391,6 +393,14 @@ class _LayerNormRNNBase(nn.Module):
         return 2 if self.mode == "LSTM" else 1
 
     def forward(self, input, hx=None):
+        data = input.data if isinstance(input, PackedSequence) else input
+        amp = _amp_dtype(data)
+        if amp is None:
+            return self._forward(input, hx, None)
+        with torch.autocast(data.device.type, enabled=False):
+            return self._forward(input, hx, amp)
+
+    def _forward(self, input, hx, amp):
         cls = type(self).__name__
         D = 2 if self.bidirectional else 1
         H = self.hidden_size
@@ -409,8 +419,9 @@ class _LayerNormRNNBase(nn.Module):
             batch = x.shape[1]
         if x.shape[-1] != self.input_size:
             raise ValueError(f"{cls}: input.size(-1) must be input_size={self.input_size}, got {x.shape[-1]}")
-        _check_like(cls, "input", x, ref)
-        states = self._initial_states(hx, batch, unbatched, x, sorted_indices, D)
+        _check_like(cls, "input", x, ref, amp)
+        x = x if amp is None else x.to(amp)
+        states = self._initial_states(hx, batch, unbatched, x, sorted_indices, D, amp)
 
         finals = [[] for _ in states]
         for layer in range(self.num_layers):
@@ -437,7 +448,7 @@ class _LayerNormRNNBase(nn.Module):
                 finals = [f.squeeze(1) for f in finals]
         return output, (tuple(finals) if self.mode == "LSTM" else finals[0])
 
-    def _initial_states(self, hx, batch, unbatched, x, sorted_indices, D):
+    def _initial_states(self, hx, batch, unbatched, x, sorted_indices, D, amp):
         """hx as nn.LSTM/GRU/RNN take it -> tuple of [L * D, B, H] in the sorted batch order."""
         cls = type(self).__name__
         shape = (self.num_layers * D, batch, self.hidden_size)
@@ -459,18 +470,29 @@ class _LayerNormRNNBase(nn.Module):
                 raise ValueError(f"{cls}: {name} must have shape {list(want)} "
                                  f"(num_layers * num_directions, {'' if unbatched else 'batch, '}hidden_size), "
                                  f"got {list(getattr(s, 'shape', []))}")
-            _check_like(cls, name, s, self.weight_ih_l0)
-            s = s.unsqueeze(1) if unbatched else s
+            _check_like(cls, name, s, self.weight_ih_l0, amp)
+            s = s.to(x.dtype).unsqueeze(1) if unbatched else s.to(x.dtype)
             if sorted_indices is not None:
                 s = s.index_select(1, sorted_indices)
             states.append(s)
         return tuple(states)
 
 
-def _check_like(cls: str, name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+def _amp_dtype(t) -> Optional[torch.dtype]:
+    """The autocast compute dtype for t's device, when autocast is on there."""
+    if not isinstance(t, torch.Tensor) or t.device.type not in ("cuda", "cpu"):
+        return None
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def _check_like(cls: str, name: str, t: torch.Tensor, ref: torch.Tensor, amp=None) -> None:
+    """Same device as the parameters, and same dtype unless autocast decides it (amp)."""
     if t.device != ref.device:
         raise ValueError(f"{cls}: {name} is on {t.device} but the parameters are on {ref.device}")
-    if t.dtype != ref.dtype:
+    if amp is not None and not t.is_floating_point():
+        raise ValueError(f"{cls}: {name} must be a floating-point tensor, got {t.dtype}")
+    if amp is None and t.dtype != ref.dtype:
         raise ValueError(f"{cls}: {name} has dtype {t.dtype} but the parameters are {ref.dtype}")
     if t.is_cuda and not has_cuda_kernels():
         raise RuntimeError(f"{cls}: {name} is a CUDA tensor but this ln_ext build has no CUDA kernels")
@@ -551,15 +573,23 @@ class _LayerNormCellBase(nn.Module):
         return s
 
     def _cell(self, input, hx):
+        amp = _amp_dtype(input)
+        if amp is None:
+            return self._cell_step(input, hx, None)
+        with torch.autocast(input.device.type, enabled=False):
+            return self._cell_step(input, hx, amp)
+
+    def _cell_step(self, input, hx, amp):
         cls = type(self).__name__
         if not isinstance(input, torch.Tensor) or input.dim() not in (1, 2):
             raise ValueError(f"{cls}: expected input to be 1-D (unbatched) or 2-D [batch, input_size], "
                              f"got {getattr(input, 'shape', type(input))}")
         if input.shape[-1] != self.input_size:
             raise ValueError(f"{cls}: input.size(-1) must be input_size={self.input_size}, got {input.shape[-1]}")
-        _check_like(cls, "input", input, self.weight_ih)
+        _check_like(cls, "input", input, self.weight_ih, amp)
         unbatched = input.dim() == 1
         x = input.unsqueeze(0) if unbatched else input
+        x = x if amp is None else x.to(amp)
         H = self.hidden_size
         n = 2 if self.mode == "LSTM" else 1
         names = ("h", "c")[:n]
@@ -574,7 +604,8 @@ class _LayerNormCellBase(nn.Module):
                 if not isinstance(s, torch.Tensor) or tuple(s.shape) != want:
                     raise ValueError(f"{cls}: {name} must have shape {list(want)}, "
                                      f"got {list(getattr(s, 'shape', []))}")
-                _check_like(cls, name, s, self.weight_ih)
+                _check_like(cls, name, s, self.weight_ih, amp)
+            state = tuple(s.to(x.dtype) for s in state)
             state = tuple(s.unsqueeze(0) for s in state) if unbatched else state
         q = _prepare(self.mode, self.layer_parameters(), H, x)
         state = _step(self.mode, _project_inputs(self.mode, x, q, H, self.eps), state, q, self.eps)
