@@ -26,8 +26,9 @@ G = 1 (RNN), 4 (LSTM: gates i, f, g, o) or 3 (GRU: z, r, n):
   GRU:  ln_ih_weight, ln_ih_bias [3H]            LN(W_x x) over [z, r] (2H) and over n (H)
         ln_hh_weight, ln_hh_bias [3H]            the same for W_h h
 LN gains start at 1 and every shift at 0. bias=False drops every shift (the `*_bias`
-parameters and b). The LSTM's b and LN shifts add to the same pre-activation,
-exactly as in the paper; the kernel receives their sum.
+parameters and b). The LSTM's b and its two LN shifts all add to the same
+pre-activation: redundant, but as in the paper; the cell op receives b_h + b as one
+vector. Under autocast a layer computes in the autocast dtype, as nn.LSTM does.
 """
 from __future__ import annotations
 
@@ -214,30 +215,38 @@ class _Sequence(torch.autograd.Function):
         T = out.shape[0]
         order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
         prev = {t: p for p, t in zip([None] + order[:-1], order)}  # step before t, in run order
-        dh_next = torch.zeros_like(h0) if dh_T is None else dh_T
-        dc_next = None
-        if mode == "LSTM":
-            dc_next = torch.zeros_like(c0) if dc_T is None else dc_T
         dout = torch.zeros_like(out) if dout is None else dout
+        # dh: the whole gradient reaching the h of the step being differentiated.
+        dh = dout[order[-1]] if dh_T is None else dout[order[-1]] + dh_T
+        dc = None
+        if mode == "LSTM":
+            dc = torch.zeros_like(c0) if dc_T is None else dc_T
         dx0, dx1, dhproj_all, rows = ([None] * T for _ in range(4))
         for t in reversed(order):
             h_prev = h0 if prev[t] is None else out[prev[t]]
-            dh = dout[t] + dh_next
             if mode == "LSTM":
                 c_prev = c0 if prev[t] is None else cs[prev[t]]
                 gamma_h, _, gamma_c, beta_c = params
-                dx0[t], dhproj, dc_next, *rows[t] = _ops.lstm_cell_bwd(
-                    dh, dc_next, hprojs[t], c_prev, cs[t], gates[t], stats[t], gamma_h, gamma_c, beta_c)
-                dh_next = torch.mm(dhproj, weight_hh)
+                dx0[t], dhproj, dc, *rows[t] = _ops.lstm_cell_bwd(
+                    dh, dc, hprojs[t], c_prev, cs[t], gates[t], stats[t], gamma_h, gamma_c, beta_c)
+                dh_direct = None
             elif mode == "GRU":
                 dx0[t], dx1[t], dhproj, dh_direct, *rows[t] = _ops.gru_cell_bwd(
                     dh, hprojs[t], h_prev, gates[t], stats[t], params[0])
-                dh_next = torch.addmm(dh_direct, dhproj, weight_hh)
             else:
                 dhproj, *rows[t] = _ops.rnn_cell_bwd(dh, xs0[t], hprojs[t], stats[t], *params)
-                dx0[t] = dhproj
-                dh_next = torch.mm(dhproj, weight_hh)
+                dx0[t], dh_direct = dhproj, None
             dhproj_all[t] = dhproj
+            # Gradient reaching h_{t-1}: through W_h (one GEMM, to which the output
+            # gradient of step t-1 is added), plus the GRU's direct (1 - z) path.
+            if prev[t] is not None and dh_direct is not None:
+                dh = torch.addmm(dh_direct + dout[prev[t]], dhproj, weight_hh)
+            elif prev[t] is not None:
+                dh = torch.addmm(dout[prev[t]], dhproj, weight_hh)
+            elif dh_direct is not None:
+                dh = torch.addmm(dh_direct, dhproj, weight_hh)
+            else:
+                dh = torch.mm(dhproj, weight_hh)
         # h_{t-1} of every step, in time order: [T, B, H].
         h_prev_all = torch.stack([h0 if prev[t] is None else out[prev[t]] for t in range(T)])
         dhproj_all = torch.stack(dhproj_all)
@@ -262,7 +271,7 @@ class _Sequence(torch.autograd.Function):
         else:
             dparams = (total(rows[0], params[0]), total(rows[1], params[1]))
             dxs = (dhproj_all, None)
-        grads = (d_weight_hh, dh_next, dc_next, *dxs, *dparams)
+        grads = (d_weight_hh, dh, dc, *dxs, *dparams)
         return (None, None, None) + tuple(g if n else None for g, n in zip(grads, need[3:]))
 
     @staticmethod
