@@ -383,6 +383,10 @@ class _LayerNormRNNBase(nn.Module):
             for names, shapes in dirs:
                 _init_params(self, names, shapes, self.hidden_size, self.forget_bias)
 
+    def flatten_parameters(self) -> None:
+        """Does nothing: kept so that code written for nn.LSTM (which packs its weights
+        for cuDNN) runs unchanged. These weights need no special layout."""
+
     def layer_parameters(self, layer: int, direction: int = 0) -> dict:
         """Base name -> Parameter (None where bias=False drops it) of one layer-direction."""
         names, _ = self._names[layer][direction]

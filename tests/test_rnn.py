@@ -367,7 +367,9 @@ def test_output_and_state_shapes_like_torch_nn(mode):
     for layers, bidir, batch_first in itertools.product((1, 3), (False, True), (False, True)):
         kw = dict(num_layers=layers, bidirectional=bidir, batch_first=batch_first)
         x = torch.randn(2, 4, 5) if batch_first else torch.randn(4, 2, 5)
-        ours, theirs = LAYER[mode](5, 7, **kw)(x), torch_cls(5, 7, **kw)(x)
+        module = LAYER[mode](5, 7, **kw)
+        module.flatten_parameters()  # code written for nn.LSTM calls it
+        ours, theirs = module(x), torch_cls(5, 7, **kw)(x)
         assert ours[0].shape == theirs[0].shape
         for a, b in zip(states_tuple(mode, ours[1]), states_tuple(mode, theirs[1])):
             assert a.shape == b.shape
