@@ -66,6 +66,17 @@ at::Tensor empty_acc(const at::Tensor& like, int64_t b, int64_t n) {
 
 bool has_work(int64_t batch, int64_t hidden) { return batch > 0 && hidden > 0; }
 
+// Forward ops: run the kernel, or give the statistics of empty rows a value
+// (only then, so a step costs no extra launch).
+template <class Args, class Kernel>
+void run_fwd(Args& a, Kernel kernel) {
+  if (has_work(a.batch, a.hidden)) {
+    kernel(a);
+  } else {
+    a.stats.zero_();
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- LN-RNN
@@ -85,8 +96,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_cell_fwd_impl(
   a.gamma = ck.io(gamma, "gamma", {H});
   a.beta = ck.io(beta, "beta", {H});
   a.h = empty_io(hproj, B, H);
-  a.stats = empty_acc(hproj, B, 2).zero_();
-  if (has_work(B, H)) kernel(a);
+  a.stats = empty_acc(hproj, B, 2);
+  run_fwd(a, kernel);
   return {a.h, a.stats};
 }
 
@@ -136,8 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_impl(
   a.h = empty_io(hproj, B, H);
   a.c = empty_io(hproj, B, H);
   a.gates = empty_acc(hproj, B, 4 * H);
-  a.stats = empty_acc(hproj, B, 4).zero_();
-  if (has_work(B, H)) kernel(a);
+  a.stats = empty_acc(hproj, B, 4);
+  run_fwd(a, kernel);
   return {a.h, a.c, a.gates, a.stats};
 }
 
@@ -194,8 +205,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_cell_fwd_impl(
   a.beta_h = ck.io(beta_h, "beta_h", {3 * H});
   a.h = empty_io(hproj, B, H);
   a.gates = empty_acc(hproj, B, 4 * H);
-  a.stats = empty_acc(hproj, B, 4).zero_();
-  if (has_work(B, H)) kernel(a);
+  a.stats = empty_acc(hproj, B, 4);
+  run_fwd(a, kernel);
   return {a.h, a.gates, a.stats};
 }
 

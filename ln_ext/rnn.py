@@ -26,8 +26,9 @@ G = 1 (RNN), 4 (LSTM: gates i, f, g, o) or 3 (GRU: z, r, n):
   GRU:  ln_ih_weight, ln_ih_bias [3H]            LN(W_x x) over [z, r] (2H) and over n (H)
         ln_hh_weight, ln_hh_bias [3H]            the same for W_h h
 LN gains start at 1 and every shift at 0. bias=False drops every shift (the `*_bias`
-parameters and b). The LSTM's b and LN shifts add to the same pre-activation,
-exactly as in the paper; the kernel receives their sum.
+parameters and b). The LSTM's b and its two LN shifts all add to the same
+pre-activation: redundant, but as in the paper; the cell op receives b_h + b as one
+vector. Under autocast a layer computes in the autocast dtype, as nn.LSTM does.
 """
 from __future__ import annotations
 
@@ -102,7 +103,9 @@ def _prepare(mode: str, p: dict, H: int, like: torch.Tensor) -> dict:
     def or_zeros(t, n):
         return t if t is not None else like.new_zeros(n)
 
-    q = dict(p)
+    # Under autocast the parameters are used in the compute dtype (like nn.LSTM).
+    q = {k: None if v is None else v.to(like.dtype) for k, v in p.items()}
+    p = q
     if mode == "RNN":
         q["beta"] = or_zeros(p.get("ln_bias"), H)
     elif mode == "LSTM":
@@ -212,30 +215,38 @@ class _Sequence(torch.autograd.Function):
         T = out.shape[0]
         order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
         prev = {t: p for p, t in zip([None] + order[:-1], order)}  # step before t, in run order
-        dh_next = torch.zeros_like(h0) if dh_T is None else dh_T
-        dc_next = None
-        if mode == "LSTM":
-            dc_next = torch.zeros_like(c0) if dc_T is None else dc_T
         dout = torch.zeros_like(out) if dout is None else dout
+        # dh: the whole gradient reaching the h of the step being differentiated.
+        dh = dout[order[-1]] if dh_T is None else dout[order[-1]] + dh_T
+        dc = None
+        if mode == "LSTM":
+            dc = torch.zeros_like(c0) if dc_T is None else dc_T
         dx0, dx1, dhproj_all, rows = ([None] * T for _ in range(4))
         for t in reversed(order):
             h_prev = h0 if prev[t] is None else out[prev[t]]
-            dh = dout[t] + dh_next
             if mode == "LSTM":
                 c_prev = c0 if prev[t] is None else cs[prev[t]]
                 gamma_h, _, gamma_c, beta_c = params
-                dx0[t], dhproj, dc_next, *rows[t] = _ops.lstm_cell_bwd(
-                    dh, dc_next, hprojs[t], c_prev, cs[t], gates[t], stats[t], gamma_h, gamma_c, beta_c)
-                dh_next = torch.mm(dhproj, weight_hh)
+                dx0[t], dhproj, dc, *rows[t] = _ops.lstm_cell_bwd(
+                    dh, dc, hprojs[t], c_prev, cs[t], gates[t], stats[t], gamma_h, gamma_c, beta_c)
+                dh_direct = None
             elif mode == "GRU":
                 dx0[t], dx1[t], dhproj, dh_direct, *rows[t] = _ops.gru_cell_bwd(
                     dh, hprojs[t], h_prev, gates[t], stats[t], params[0])
-                dh_next = torch.addmm(dh_direct, dhproj, weight_hh)
             else:
                 dhproj, *rows[t] = _ops.rnn_cell_bwd(dh, xs0[t], hprojs[t], stats[t], *params)
-                dx0[t] = dhproj
-                dh_next = torch.mm(dhproj, weight_hh)
+                dx0[t], dh_direct = dhproj, None
             dhproj_all[t] = dhproj
+            # Gradient reaching h_{t-1}: through W_h (one GEMM, to which the output
+            # gradient of step t-1 is added), plus the GRU's direct (1 - z) path.
+            if prev[t] is not None and dh_direct is not None:
+                dh = torch.addmm(dh_direct + dout[prev[t]], dhproj, weight_hh)
+            elif prev[t] is not None:
+                dh = torch.addmm(dout[prev[t]], dhproj, weight_hh)
+            elif dh_direct is not None:
+                dh = torch.addmm(dh_direct, dhproj, weight_hh)
+            else:
+                dh = torch.mm(dhproj, weight_hh)
         # h_{t-1} of every step, in time order: [T, B, H].
         h_prev_all = torch.stack([h0 if prev[t] is None else out[prev[t]] for t in range(T)])
         dhproj_all = torch.stack(dhproj_all)
@@ -260,7 +271,7 @@ class _Sequence(torch.autograd.Function):
         else:
             dparams = (total(rows[0], params[0]), total(rows[1], params[1]))
             dxs = (dhproj_all, None)
-        grads = (d_weight_hh, dh_next, dc_next, *dxs, *dparams)
+        grads = (d_weight_hh, dh, dc, *dxs, *dparams)
         return (None, None, None) + tuple(g if n else None for g, n in zip(grads, need[3:]))
 
     @staticmethod
@@ -372,6 +383,10 @@ class _LayerNormRNNBase(nn.Module):
             for names, shapes in dirs:
                 _init_params(self, names, shapes, self.hidden_size, self.forget_bias)
 
+    def flatten_parameters(self) -> None:
+        """Does nothing: kept so that code written for nn.LSTM (which packs its weights
+        for cuDNN) runs unchanged. These weights need no special layout."""
+
     def layer_parameters(self, layer: int, direction: int = 0) -> dict:
         """Base name -> Parameter (None where bias=False drops it) of one layer-direction."""
         names, _ = self._names[layer][direction]
@@ -391,6 +406,14 @@ class _LayerNormRNNBase(nn.Module):
         return 2 if self.mode == "LSTM" else 1
 
     def forward(self, input, hx=None):
+        data = input.data if isinstance(input, PackedSequence) else input
+        amp = _amp_dtype(data)
+        if amp is None:
+            return self._forward(input, hx, None)
+        with torch.autocast(data.device.type, enabled=False):
+            return self._forward(input, hx, amp)
+
+    def _forward(self, input, hx, amp):
         cls = type(self).__name__
         D = 2 if self.bidirectional else 1
         H = self.hidden_size
@@ -409,8 +432,9 @@ class _LayerNormRNNBase(nn.Module):
             batch = x.shape[1]
         if x.shape[-1] != self.input_size:
             raise ValueError(f"{cls}: input.size(-1) must be input_size={self.input_size}, got {x.shape[-1]}")
-        _check_like(cls, "input", x, ref)
-        states = self._initial_states(hx, batch, unbatched, x, sorted_indices, D)
+        _check_like(cls, "input", x, ref, amp)
+        x = x if amp is None else x.to(amp)
+        states = self._initial_states(hx, batch, unbatched, x, sorted_indices, D, amp)
 
         finals = [[] for _ in states]
         for layer in range(self.num_layers):
@@ -437,7 +461,7 @@ class _LayerNormRNNBase(nn.Module):
                 finals = [f.squeeze(1) for f in finals]
         return output, (tuple(finals) if self.mode == "LSTM" else finals[0])
 
-    def _initial_states(self, hx, batch, unbatched, x, sorted_indices, D):
+    def _initial_states(self, hx, batch, unbatched, x, sorted_indices, D, amp):
         """hx as nn.LSTM/GRU/RNN take it -> tuple of [L * D, B, H] in the sorted batch order."""
         cls = type(self).__name__
         shape = (self.num_layers * D, batch, self.hidden_size)
@@ -459,18 +483,29 @@ class _LayerNormRNNBase(nn.Module):
                 raise ValueError(f"{cls}: {name} must have shape {list(want)} "
                                  f"(num_layers * num_directions, {'' if unbatched else 'batch, '}hidden_size), "
                                  f"got {list(getattr(s, 'shape', []))}")
-            _check_like(cls, name, s, self.weight_ih_l0)
-            s = s.unsqueeze(1) if unbatched else s
+            _check_like(cls, name, s, self.weight_ih_l0, amp)
+            s = s.to(x.dtype).unsqueeze(1) if unbatched else s.to(x.dtype)
             if sorted_indices is not None:
                 s = s.index_select(1, sorted_indices)
             states.append(s)
         return tuple(states)
 
 
-def _check_like(cls: str, name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+def _amp_dtype(t) -> Optional[torch.dtype]:
+    """The autocast compute dtype for t's device, when autocast is on there."""
+    if not isinstance(t, torch.Tensor) or t.device.type not in ("cuda", "cpu"):
+        return None
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def _check_like(cls: str, name: str, t: torch.Tensor, ref: torch.Tensor, amp=None) -> None:
+    """Same device as the parameters, and same dtype unless autocast decides it (amp)."""
     if t.device != ref.device:
         raise ValueError(f"{cls}: {name} is on {t.device} but the parameters are on {ref.device}")
-    if t.dtype != ref.dtype:
+    if amp is not None and not t.is_floating_point():
+        raise ValueError(f"{cls}: {name} must be a floating-point tensor, got {t.dtype}")
+    if amp is None and t.dtype != ref.dtype:
         raise ValueError(f"{cls}: {name} has dtype {t.dtype} but the parameters are {ref.dtype}")
     if t.is_cuda and not has_cuda_kernels():
         raise RuntimeError(f"{cls}: {name} is a CUDA tensor but this ln_ext build has no CUDA kernels")
@@ -551,15 +586,23 @@ class _LayerNormCellBase(nn.Module):
         return s
 
     def _cell(self, input, hx):
+        amp = _amp_dtype(input)
+        if amp is None:
+            return self._cell_step(input, hx, None)
+        with torch.autocast(input.device.type, enabled=False):
+            return self._cell_step(input, hx, amp)
+
+    def _cell_step(self, input, hx, amp):
         cls = type(self).__name__
         if not isinstance(input, torch.Tensor) or input.dim() not in (1, 2):
             raise ValueError(f"{cls}: expected input to be 1-D (unbatched) or 2-D [batch, input_size], "
                              f"got {getattr(input, 'shape', type(input))}")
         if input.shape[-1] != self.input_size:
             raise ValueError(f"{cls}: input.size(-1) must be input_size={self.input_size}, got {input.shape[-1]}")
-        _check_like(cls, "input", input, self.weight_ih)
+        _check_like(cls, "input", input, self.weight_ih, amp)
         unbatched = input.dim() == 1
         x = input.unsqueeze(0) if unbatched else input
+        x = x if amp is None else x.to(amp)
         H = self.hidden_size
         n = 2 if self.mode == "LSTM" else 1
         names = ("h", "c")[:n]
@@ -574,7 +617,8 @@ class _LayerNormCellBase(nn.Module):
                 if not isinstance(s, torch.Tensor) or tuple(s.shape) != want:
                     raise ValueError(f"{cls}: {name} must have shape {list(want)}, "
                                      f"got {list(getattr(s, 'shape', []))}")
-                _check_like(cls, name, s, self.weight_ih)
+                _check_like(cls, name, s, self.weight_ih, amp)
+            state = tuple(s.to(x.dtype) for s in state)
             state = tuple(s.unsqueeze(0) for s in state) if unbatched else state
         q = _prepare(self.mode, self.layer_parameters(), H, x)
         state = _step(self.mode, _project_inputs(self.mode, x, q, H, self.eps), state, q, self.eps)

@@ -367,7 +367,9 @@ def test_output_and_state_shapes_like_torch_nn(mode):
     for layers, bidir, batch_first in itertools.product((1, 3), (False, True), (False, True)):
         kw = dict(num_layers=layers, bidirectional=bidir, batch_first=batch_first)
         x = torch.randn(2, 4, 5) if batch_first else torch.randn(4, 2, 5)
-        ours, theirs = LAYER[mode](5, 7, **kw)(x), torch_cls(5, 7, **kw)(x)
+        module = LAYER[mode](5, 7, **kw)
+        module.flatten_parameters()  # code written for nn.LSTM calls it
+        ours, theirs = module(x), torch_cls(5, 7, **kw)(x)
         assert ours[0].shape == theirs[0].shape
         for a, b in zip(states_tuple(mode, ours[1]), states_tuple(mode, theirs[1])):
             assert a.shape == b.shape
@@ -561,3 +563,25 @@ def test_cuda_opcheck_and_reproducible_grads(mode):
     _, _, g2 = run_and_grads(mode, module, x, hx)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_autocast_runs_in_bfloat16_like_torch_nn(mode):
+    """Under autocast the layer computes in the autocast dtype, from float32
+    parameters and input, and the parameters' gradients come back as float32."""
+    module = make(mode, dtype=torch.float32, num_layers=2)
+    x, hx = sample(mode, module, T=4, B=3)
+    hx = hx if mode == "LSTM" else hx[0]
+    want, _ = module(x, hx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, hn = module(x, hx)
+    assert out.dtype == torch.bfloat16
+    assert all(h.dtype == torch.bfloat16 for h in states_tuple(mode, hn))
+    torch.testing.assert_close(out.float(), want, atol=6e-2, rtol=6e-2)
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in module.parameters())
+    cell = randomize(CELL[mode](5, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = states_tuple(mode, cell(x[0]))
+    assert got[0].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0].float(), states_tuple(mode, cell(x[0]))[0], atol=6e-2, rtol=6e-2)
