@@ -1,4 +1,4 @@
-"""Thin Python layer over torch.ops.ln_ext.*: fake kernels, autograd, autocast.
+"""Thin Python layer over torch.ops.ln_ext.*: fake kernels and autocast.
 
 The ops themselves (schemas, CPU and CUDA kernels) are defined in C++ (csrc/).
 """
@@ -9,7 +9,6 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _C  # noqa: F401  (loading it registers torch.ops.ln_ext.*)
-from . import reference
 
 _HAS_CUDA_KERNELS: bool = _C.has_cuda_kernels()
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -48,33 +47,7 @@ def _layer_norm_bwd_fake(dy, x, mean, rstd, weight, bias, output_mask):
     return dx, dw, db
 
 
-def _fwd_setup_context(ctx, inputs, output):
-    x, normalized_shape, weight, bias, eps = inputs[:5]
-    _, mean, rstd = output
-    ctx.save_for_backward(x, mean, rstd, weight, bias)
-    ctx.normalized_ndim = len(normalized_shape)
-    ctx.eps = eps
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _fwd_backward(ctx, dy, _dmean, _drstd):
-    x, mean, rstd, weight, bias = ctx.saved_tensors
-    need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
-    need_w = need_w and weight is not None
-    need_b = need_b and bias is not None
-    if torch.is_grad_enabled():
-        # create_graph=True: a differentiable composite gives second derivatives.
-        dx, dw, db = reference.layer_norm_grads(dy, x, ctx.normalized_ndim, weight, ctx.eps)
-        dx = dx.to(x.dtype)
-        dw = dw.to(weight.dtype) if need_w else None
-        db = db.to(bias.dtype) if need_b else None
-    else:
-        dx, dw, db = torch.ops.ln_ext.layer_norm_bwd(dy, x, mean, rstd, weight, bias, [need_x, need_w, need_b])
-    grads = (dx if need_x else None, None, dw if need_w else None, db if need_b else None)
-    return grads + (None,) * (len(ctx.needs_input_grad) - 4)  # eps, out_dtype
-
-
-torch.library.register_autograd("ln_ext::layer_norm_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+# Autograd of layer_norm_fwd is registered in C++ (csrc/layer_norm_autograd.cpp).
 
 
 def _autocast_args(input, weight, bias):

@@ -1,7 +1,6 @@
 """Pure-PyTorch references of the paper's equations, in whatever dtype they are given.
 
-Tests compare the kernels against these in float64; ops.py uses `layer_norm_grads`
-as the differentiable path for second derivatives.
+Tests and benchmarks compare the kernels against these in float64.
 """
 from __future__ import annotations
 
