@@ -21,10 +21,10 @@
 #include "../kernels/layer_norm_bwd.cuh"
 #include "launch_common.cuh"
 
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <type_traits>

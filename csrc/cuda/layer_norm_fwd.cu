@@ -17,9 +17,9 @@
 #include "../kernels/layer_norm_fwd.cuh"
 #include "launch_common.cuh"
 
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 namespace ln_ext {
