@@ -6,7 +6,8 @@
 # a substitute for the CUDA tests on a GPU (no memory model, no real warps).
 #   run_host_emulation.sh          N in 1..1025, M in {1, 3, 37}   (~10 min on 2 cores)
 #   run_host_emulation.sh big      N in 2047..16385, M in {1, 3}
-#   run_host_emulation.sh q q      4 shapes, a few seconds
+#   run_host_emulation.sh q        4 shapes, about a minute
+#   run_host_emulation.sh n N...   the given N, M = 2, bf16 and f16/f32 mixed only
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)

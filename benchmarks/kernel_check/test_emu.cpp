@@ -182,11 +182,25 @@ void suite(const std::vector<int>& ns, const std::vector<int64_t>& ms) {
 }
 
 int main(int argc, char** argv) {
-  const bool big = argc > 1;
+  std::setvbuf(stdout, nullptr, _IONBF, 0);
+  const std::string mode = argc > 1 ? argv[1] : "";
   std::vector<int> ns = {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 263, 513, 1000, 1023, 1024, 1025};
   std::vector<int64_t> ms = {1, 3, 37};
-  if (argc > 2) { ns = {7, 33, 64, 1025}; ms = {3}; }
-  else if (big) { ns = {2047, 2048, 2049, 4096, 4097, 5127, 8192, 8200, 12289, 16385}; ms = {1, 3}; }
+  if (mode == "q") {
+    ns = {7, 33, 64, 1025};
+    ms = {3};
+  } else if (mode == "big") {
+    ns = {2047, 2048, 2049, 4096, 4097, 5127, 8192, 8200, 12289, 16385};
+    ms = {1, 3};
+  } else if (mode == "n") {  // n N1 N2 ...: these N with M = 2, 16-bit x only
+    ns.clear();
+    for (int i = 2; i < argc; ++i) ns.push_back(std::atoi(argv[i]));
+    ms = {2};
+    suite<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>(ns, ms);
+    suite<__half, float, float, float>(ns, ms);
+    std::printf("%s: %d failures\n", failures ? "FAILED" : "OK", failures);
+    return failures != 0;
+  }
   suite<float, float, float, float>(ns, ms);
   suite<double, double, double, double>(ns, ms);
   suite<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>(ns, ms);
