@@ -1,0 +1,169 @@
+"""Host-side model of the CUDA LayerNorm kernels' index math (no GPU needed).
+
+Replays, in Python, how csrc/cuda/*.cu pick a kernel shape and how the kernels in
+csrc/kernels/*.cuh walk the 16-byte chunk grid, and checks for every shape given:
+  * every element of every row is loaded exactly once and stored exactly once
+    (rows kernels: the row fits in group * K chunks; long kernels: strided walk);
+  * no access outside the tensor, no vector access that is not 16-byte aligned
+    or that leaves its row; parameter vector loads only at columns % V == 0;
+  * the fused dweight/dbias path is only taken for chunk-aligned rows, and every
+    column's partial is written;
+  * the param_cols grid covers every (row, column) once and keeps grid.y <= 65535.
+Run: python benchmarks/kernel_check/index_model.py   (prints a summary, exits 1 on a failure)
+"""
+import itertools
+import sys
+
+MULTI_ROW_BLOCK, LONG_BLOCK = 256, 1024
+FWD_BIG_K, FWD_MAX_GROUP = 4, 512
+BWD_BIG_K, BWD_MAX_GROUP = 2, 512
+COL_TILE, COL_ROW_LANES, COL_BLOCKS_PER_SM = 32, 8, 8
+
+
+def max_chunks_per_row(n, v):
+    return n // v if n % v == 0 else (n + 2 * (v - 1)) // v
+
+
+def pow2_at_least(v):
+    p = 1
+    while p < v:
+        p *= 2
+    return p
+
+
+def ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def choose_rows_config(chunks, big_k, max_group):
+    if chunks <= 32:
+        return 1, pow2_at_least(chunks), MULTI_ROW_BLOCK
+    if chunks <= big_k * max_group:
+        group = pow2_at_least(ceil_div(chunks, big_k))
+        return big_k, group, (MULTI_ROW_BLOCK if group <= 32 else group)
+    return 0, 0, LONG_BLOCK
+
+
+def row_chunks(row, n, v):
+    start = row * n
+    first = start // v
+    head = start - first * v
+    return first, head, (head + n + v - 1) // v
+
+
+def walk_row(m, n, v, vec_ok, row, chunk_ids, loads, elem_bytes=16):
+    """Accesses of the chunks `chunk_ids` of `row`; returns (param_vec_cols)."""
+    first, head, count = row_chunks(row, n, v)
+    pvec = []
+    for s in chunk_ids:
+        if s >= count:
+            continue
+        col0 = s * v - head
+        full = vec_ok and col0 >= 0 and col0 + v <= n
+        base = (first + s) * v
+        if full:
+            assert base % v == 0  # 16-byte aligned (chunk index * 16 bytes)
+            for e in range(base, base + v):
+                assert row * n <= e < row * n + n, "vector access leaves the row"
+                loads[e] = loads.get(e, 0) + 1
+            if head == 0:
+                assert col0 % v == 0
+                pvec.append(col0)
+        else:
+            for i in range(v):
+                c = col0 + i
+                if 0 <= c < n:
+                    e = base + i
+                    assert e == row * n + c
+                    loads[e] = loads.get(e, 0) + 1
+    return pvec
+
+
+def check_rows_kernel(m, n, v, vec_ok, k, group, block, grid):
+    loads = {}
+    rpb = block // group
+    assert block % group == 0 and block % 32 == 0 and (group <= 32 or group == block)
+    for b in range(grid):
+        batch = b * rpb
+        while batch < m:
+            for t in range(block):
+                row = batch + t // group
+                if row >= m:
+                    continue
+                lane = t % group
+                walk_row(m, n, v, vec_ok, row, [kk * group + lane for kk in range(k)], loads)
+            batch += grid * rpb
+    return loads
+
+
+def check_long_kernel(m, n, v, vec_ok, grid, block=LONG_BLOCK):
+    loads = {}
+    for b in range(grid):
+        for row in range(b, m, grid):
+            _, _, count = row_chunks(row, n, v)
+            for t in range(min(block, count)):
+                walk_row(m, n, v, vec_ok, row, range(t, count, block), loads)
+    return loads
+
+
+def assert_once(loads, m, n, what):
+    assert len(loads) == m * n and all(c == 1 for c in loads.values()), \
+        f"{what}: {m}x{n} covered {len(loads)} elements, counts {set(loads.values())}"
+    assert min(loads) == 0 and max(loads) == m * n - 1
+
+
+def check_shape(m, n, v, vec_ok, sms=132, threads_per_sm=2048):
+    chunks = max_chunks_per_row(n, v)
+    assert all(row_chunks(r, n, v)[2] <= chunks for r in range(min(m, 4 * v)))
+    for big_k, max_group, name in ((FWD_BIG_K, FWD_MAX_GROUP, "fwd"), (BWD_BIG_K, BWD_MAX_GROUP, "bwd")):
+        k, group, block = choose_rows_config(chunks, big_k, max_group)
+        if k:
+            assert group * k >= chunks and group <= max_group
+            rpb = block // group
+            grid = max(1, min(ceil_div(m, rpb), sms * max(1, threads_per_sm // block)))
+            assert_once(check_rows_kernel(m, n, v, vec_ok, k, group, block, grid), m, n, f"{name} rows")
+            if name == "bwd" and vec_ok and n % v == 0:  # fused dweight/dbias
+                assert all(row_chunks(r, n, v)[1] == 0 and row_chunks(r, n, v)[2] == n // v for r in range(m))
+                cols = {c for lane in range(group) for kk in range(k)
+                        for c in range((kk * group + lane) * v, (kk * group + lane) * v + v)
+                        if kk * group + lane < n // v}
+                assert cols == set(range(n)), "fused partial misses columns"
+                if rpb > 1:
+                    assert rpb * n * 4 <= 16 * 1024 * (2 if v == 2 else 1)
+        else:
+            grid = max(1, min(m, sms * max(1, threads_per_sm // LONG_BLOCK)))
+            assert_once(check_long_kernel(m, n, v, vec_ok, grid), m, n, f"{name} long")
+    # param_cols grid
+    col_tiles = ceil_div(n, COL_TILE)
+    max_slices = min(65535, max(1, m // (4 * COL_ROW_LANES)))
+    slices = min(max(ceil_div(sms * COL_BLOCKS_PER_SM, col_tiles), 1), max_slices)
+    rows_per_slice = ceil_div(m, slices)
+    slices = ceil_div(m, rows_per_slice)
+    assert slices <= 65535 and slices * rows_per_slice >= m and (slices - 1) * rows_per_slice < m
+
+
+def main():
+    shapes = 0
+    ns = list(range(1, 130)) + [255, 256, 257, 511, 1000, 1023, 1024, 1025, 2049, 4095, 4097,
+                                5127, 8192, 12289, 16384, 16385, 32768, 65537]
+    for v, vec_ok in itertools.product((2, 4, 8), (True, False)):
+        for n in ns:
+            for m in ((1, 3, 37) if n <= 1025 else (1, 3)):
+                check_shape(m, n, v, vec_ok)
+                shapes += 1
+    # a very tall problem's param_cols grid (2^31 / N rows)
+    for n in (1, 7, 1024):
+        m = (2 ** 31) // n + 5
+        col_tiles = ceil_div(n, COL_TILE)
+        max_slices = min(65535, max(1, m // (4 * COL_ROW_LANES)))
+        slices = min(max(ceil_div(132 * COL_BLOCKS_PER_SM, col_tiles), 1), max_slices)
+        assert ceil_div(m, ceil_div(m, slices)) <= 65535
+    print(f"kernel_index_model: {shapes} (M, N, V, aligned) cases OK")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except AssertionError as e:
+        print("FAIL:", e)
+        sys.exit(1)

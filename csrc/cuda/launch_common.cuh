@@ -1,0 +1,127 @@
+// Launch helpers shared by the CUDA LayerNorm launchers: torch -> device element
+// types, alignment tests, grid sizing and the choice of kernel shape by N.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+namespace ln_ext {
+namespace cuda_launch {
+
+// Longest row the kernels index with int column offsets (chunk math adds < 2 * 16).
+constexpr int64_t kMaxCols = INT_MAX - 64;
+
+// Threads per block when several rows share a block.
+constexpr int kMultiRowBlock = 256;
+
+// Threads per block of the one-row-per-block "long" kernels.
+constexpr int kLongBlock = 1024;
+
+// The kernels' element type for a tensor element type (same bits).
+template <typename scalar_t>
+struct DeviceType {
+  using type = scalar_t;
+};
+template <>
+struct DeviceType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct DeviceType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// Raw pointer of a tensor's elements as the device type T, nullptr when undefined.
+template <typename T>
+const T* const_ptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+template <typename T>
+T* mut_ptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
+}
+
+// True for nullptr too: an absent tensor never blocks vector access.
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+inline int pow2_at_least(int v) {
+  int p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// One attribute of the current device. (ATen/cuda/CUDAContext.h would give the
+// cached cudaDeviceProp but pulls in cuSPARSE/cuBLAS headers that a bare CUDA
+// toolkit may lack; cudaDeviceGetAttribute is a cheap host-side lookup.)
+inline int device_attribute(cudaDeviceAttr attr) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, c10::cuda::current_device()));
+  return value;
+}
+
+inline int multiprocessor_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
+
+// A persistent grid: as many blocks as the work needs, at most as many as the
+// multiprocessors hold at once by thread count (a kernel held back by registers
+// or shared memory just runs the extra blocks in a second wave).
+inline int persistent_grid(int64_t blocks_needed, int block_threads) {
+  const int threads_per_sm = device_attribute(cudaDevAttrMaxThreadsPerMultiProcessor);
+  const int64_t per_sm = std::max(1, threads_per_sm / block_threads);
+  const int64_t resident = static_cast<int64_t>(multiprocessor_count()) * per_sm;
+  return static_cast<int>(std::max<int64_t>(1, std::min(blocks_needed, resident)));
+}
+
+// Whether `bytes` of dynamic shared memory (a row cache) fit in one block.
+inline bool fits_in_shared_memory(size_t bytes) {
+  constexpr size_t kStaticReserve = 1024;  // the kernels' own __shared__ scratch
+  const auto optin = static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+  return bytes + kStaticReserve <= optin;
+}
+
+// Above 48 KiB a kernel must opt in to its dynamic shared memory.
+template <typename Kernel>
+void allow_dynamic_shared_memory(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
+}
+
+// The shape of the rows kernels for a row of `chunks` chunks (vec.cuh):
+// k chunks per thread, `group` threads per row, `block` threads per block.
+// k == 0: the row does not fit in registers; use the long kernel.
+struct RowsConfig {
+  int k;
+  int group;
+  int block;
+  int rows_per_block() const { return block / group; }
+};
+
+// Rows of up to 32 chunks: one chunk per thread, 1..32 threads per row, several
+// rows per warp. Longer rows: `big_k` chunks per thread and up to `max_group`
+// threads (a warp slice, a warp or a whole block) per row.
+inline RowsConfig choose_rows_config(int chunks, int big_k, int max_group) {
+  if (chunks <= 32) {
+    return {1, pow2_at_least(chunks), kMultiRowBlock};
+  }
+  if (chunks <= big_k * max_group) {
+    const int group = pow2_at_least(static_cast<int>(ceil_div(chunks, big_k)));
+    // A group wider than a warp sums through the block: it must be the whole block.
+    return {big_k, group, group <= 32 ? kMultiRowBlock : group};
+  }
+  return {0, 0, kLongBlock};
+}
+
+}  // namespace cuda_launch
+}  // namespace ln_ext

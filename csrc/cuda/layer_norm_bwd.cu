@@ -1,0 +1,208 @@
+// CUDA launcher of layer_norm_bwd: dtype dispatch, kernel shape by N, stream,
+// and the TORCH_LIBRARY_IMPL(ln_ext, CUDA) registration. Kernels: kernels/layer_norm_bwd.cuh.
+//
+// dtype combinations (x, dy, weight), accumulation float (double for double):
+//   float:    (float,  float,  float)
+//   double:   (double, double, double)
+//   half:     (half, half|float, half|float)          4 combinations
+//   bfloat16: (bf16, bf16|float, bf16|float)          4 combinations
+// dx has x's dtype; dweight/dbias the parameter dtype (x's or float32).
+// An absent weight is nullptr at run time; outputs not requested are skipped.
+//
+// Plan by C = max_chunks_per_row(N, V), V = 16 / sizeof(x element):
+//   C <= 32:        rows kernel, K=1, 1..32 threads per row, 256-thread blocks
+//   C <= 2 * 512:   rows kernel, K=2, 32..512 threads per row (a block per row above 32)
+//   larger:         long kernel (dx only), a 1024-thread block per row
+// dweight/dbias: fused into the rows kernel when every row is chunk-aligned
+// (N % V == 0, 16-byte aligned tensors); otherwise the param_cols kernel. Either
+// way per-block partials [blocks, 2, N] (acc dtype) are summed in block order by
+// the param_reduce kernel: deterministic, no atomics.
+#include "../layer_norm.h"
+#include "../kernels/layer_norm_bwd.cuh"
+#include "launch_common.cuh"
+
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+namespace ln_ext {
+namespace {
+
+using namespace cuda_launch;
+
+constexpr int kBwdBigK = 2;
+constexpr int kBwdMaxGroup = 512;
+
+// Blocks of the param_cols kernel the launcher aims for, per multiprocessor.
+constexpr int kColBlocksPerSm = 8;
+
+// dweight/dbias from the partials [blocks, 2, N]; O is the parameter dtype.
+template <typename A>
+void launch_param_reduce(const at::Tensor& partials, int blocks, const LayerNormBwdArgs& a,
+                         cudaStream_t stream) {
+  const int n = static_cast<int>(a.cols);
+  const at::Tensor& any_grad = a.dweight.defined() ? a.dweight : a.dbias;
+  const dim3 block(kernels::kColTile, kernels::kColRowLanes);
+  const dim3 grid(static_cast<unsigned>(ceil_div(n, kernels::kColTile)));
+  auto run = [&](auto out_tag) {
+    using O = decltype(out_tag);
+    kernels::layer_norm_bwd_param_reduce_kernel<A, O><<<grid, block, 0, stream>>>(
+        const_ptr<A>(partials), blocks, n, mut_ptr<O>(a.dweight), mut_ptr<O>(a.dbias));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if constexpr (std::is_same_v<A, double>) {
+    run(double{});
+  } else {
+    switch (any_grad.scalar_type()) {
+      case at::kFloat:
+        return run(float{});
+      case at::kHalf:
+        return run(__half{});
+      case at::kBFloat16:
+        return run(__nv_bfloat16{});
+      default:
+        TORCH_CHECK(false, "ln_ext.layer_norm (CUDA): unsupported parameter dtype ",
+                    any_grad.scalar_type());
+    }
+  }
+}
+
+// Per-block partials of dweight/dbias by the column kernel (re-reads x and dy).
+template <typename T, typename DY>
+at::Tensor launch_param_cols(const LayerNormBwdArgs& a, int* blocks_out, cudaStream_t stream) {
+  using A = kernels::acc_t<T>;
+  const int n = static_cast<int>(a.cols);
+  const int64_t col_tiles = ceil_div(n, kernels::kColTile);
+  const int64_t target_blocks =
+      static_cast<int64_t>(multiprocessor_count()) * kColBlocksPerSm;
+  // Row slices: enough blocks to fill the card, at least 4 rows per row lane, grid.y <= 65535.
+  const int64_t max_slices =
+      std::min<int64_t>(65535, std::max<int64_t>(1, a.rows / (4 * kernels::kColRowLanes)));
+  int64_t slices = std::clamp<int64_t>(ceil_div(target_blocks, col_tiles), 1, max_slices);
+  const int64_t rows_per_slice = ceil_div(a.rows, slices);
+  slices = ceil_div(a.rows, rows_per_slice);
+  at::Tensor partials = at::empty({slices, 2, n}, a.x.options().dtype(a.mean.scalar_type()));
+  const dim3 block(kernels::kColTile, kernels::kColRowLanes);
+  const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(slices));
+  kernels::layer_norm_bwd_param_cols_kernel<T, DY><<<grid, block, 0, stream>>>(
+      const_ptr<DY>(a.dy), const_ptr<T>(a.x), const_ptr<A>(a.mean), const_ptr<A>(a.rstd),
+      mut_ptr<A>(partials), a.rows, n, rows_per_slice);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  *blocks_out = static_cast<int>(slices);
+  return partials;
+}
+
+template <typename T, typename DY, typename P>
+void launch_bwd(const LayerNormBwdArgs& a) {
+  using A = kernels::acc_t<T>;
+  constexpr int V = kernels::kVecElems<T>;
+  TORCH_CHECK(a.cols <= kMaxCols, "ln_ext.layer_norm (CUDA): normalized size ", a.cols,
+              " is larger than the supported ", kMaxCols);
+  kernels::BwdParams<T, DY, P> p;
+  p.dy = const_ptr<DY>(a.dy);
+  p.x = const_ptr<T>(a.x);
+  p.mean = const_ptr<A>(a.mean);
+  p.rstd = const_ptr<A>(a.rstd);
+  p.weight = const_ptr<P>(a.weight);
+  p.dx = mut_ptr<T>(a.dx);
+  p.partials = nullptr;
+  p.rows = a.rows;
+  p.cols = static_cast<int>(a.cols);
+  p.vec_ok = aligned16(p.x) && aligned16(p.dy) && aligned16(p.dx);
+  p.weight_vec_ok = aligned16(p.weight);
+
+  const bool want_dx = a.dx.defined();
+  const bool want_params = a.dweight.defined() || a.dbias.defined();
+  const int chunks = kernels::max_chunks_per_row(p.cols, V);
+  const RowsConfig cfg = choose_rows_config(chunks, kBwdBigK, kBwdMaxGroup);
+  // Fusing needs every row to start on a chunk: then each thread sees fixed columns.
+  const bool fuse_params = want_params && cfg.k != 0 && p.vec_ok && p.cols % V == 0;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  at::Tensor partials;
+  int partial_blocks = 0;
+  if (cfg.k != 0 && (want_dx || fuse_params)) {
+    const int grid = persistent_grid(ceil_div(a.rows, cfg.rows_per_block()), cfg.block);
+    size_t smem = 0;
+    if (fuse_params) {
+      partials = at::empty({grid, 2, a.cols}, a.x.options().dtype(a.mean.scalar_type()));
+      p.partials = mut_ptr<A>(partials);
+      partial_blocks = grid;
+      // Row groups of a block meet in shared memory: [rows_per_block, N] acc (<= 16 KiB).
+      if (cfg.rows_per_block() > 1) smem = cfg.rows_per_block() * a.cols * sizeof(A);
+    }
+    if (cfg.k == 1) {
+      kernels::layer_norm_bwd_rows_kernel<T, DY, P, 1>
+          <<<grid, cfg.block, smem, stream>>>(p, cfg.group);
+    } else {
+      kernels::layer_norm_bwd_rows_kernel<T, DY, P, kBwdBigK>
+          <<<grid, cfg.block, smem, stream>>>(p, cfg.group);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (want_dx) {
+    const size_t cache_bytes = static_cast<size_t>(chunks) * V * (sizeof(T) + sizeof(DY));
+    const bool cache_row = fits_in_shared_memory(cache_bytes);
+    const size_t smem = cache_row ? cache_bytes : 0;
+    auto kernel = kernels::layer_norm_bwd_long_kernel<T, DY, P>;
+    allow_dynamic_shared_memory(kernel, smem);
+    const int grid = persistent_grid(a.rows, kLongBlock);
+    kernel<<<grid, kLongBlock, smem, stream>>>(p, cache_row);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (!want_params) return;
+  if (!fuse_params) partials = launch_param_cols<T, DY>(a, &partial_blocks, stream);
+  launch_param_reduce<A>(partials, partial_blocks, a, stream);
+}
+
+// half / bfloat16 x: dy and weight each either x's type or float32.
+template <typename T>
+void launch_bwd_reduced(const LayerNormBwdArgs& a, bool dy_float, bool weight_float) {
+  if (dy_float) {
+    weight_float ? launch_bwd<T, float, float>(a) : launch_bwd<T, float, T>(a);
+  } else {
+    weight_float ? launch_bwd<T, T, float>(a) : launch_bwd<T, T, T>(a);
+  }
+}
+
+}  // namespace
+
+void layer_norm_bwd_cuda_kernel(const LayerNormBwdArgs& a) {
+  const at::ScalarType x_t = a.x.scalar_type();
+  const bool dy_float = a.dy.scalar_type() == at::kFloat;
+  const bool weight_float = a.weight.defined() && a.weight.scalar_type() == at::kFloat;
+  switch (x_t) {
+    case at::kFloat:
+      return launch_bwd<float, float, float>(a);
+    case at::kDouble:
+      return launch_bwd<double, double, double>(a);
+    case at::kHalf:
+      return launch_bwd_reduced<__half>(a, dy_float, weight_float);
+    case at::kBFloat16:
+      return launch_bwd_reduced<__nv_bfloat16>(a, dy_float, weight_float);
+    default:
+      TORCH_CHECK(false, "ln_ext.layer_norm (CUDA): unsupported input dtype ", x_t);
+  }
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, std::array<bool, 3> output_mask) {
+  // Guard on x's device; a mismatch is reported by layer_norm_bwd_impl's checks.
+  const c10::cuda::OptionalCUDAGuard guard(
+      x.is_cuda() ? std::optional<c10::Device>(x.device()) : std::nullopt);
+  return layer_norm_bwd_impl(dy, x, mean, rstd, weight, bias, output_mask,
+                             layer_norm_bwd_cuda_kernel);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ln_ext, CUDA, m) { m.impl("layer_norm_bwd", &layer_norm_bwd_cuda); }
+
+}  // namespace ln_ext

@@ -1,0 +1,322 @@
+// LayerNorm backward kernels. Device code only; knows nothing of torch.
+//
+// With xhat = (x - mean) * rstd and g = dy * weight (weight absent: g = dy):
+//   dx      = rstd * (g - mean(g) - xhat * mean(g * xhat))       per row
+//   dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy
+// accumulating in acc_t<T>. No floating-point atomics: dweight/dbias are summed
+// as per-block partials [blocks, 2, N] (dweight sums, then dbias sums), which a
+// second kernel adds in block order, so every bit is reproducible run to run.
+//
+// Families (x and dy always through the chunk grid of vec.cuh):
+//  * rows kernel: x and dy of a row live in registers (K chunks per thread,
+//    `group` threads per row as in the forward rows kernel); one read of x and
+//    dy, writes dx. When `partials` is set (only when every row is chunk-aligned:
+//    N % V == 0 and 16-byte aligned tensors, so each thread sees the same columns
+//    in every row) each thread also sums dy*xhat and dy for its columns over
+//    all its rows in registers; the block then adds its row groups in group
+//    order and writes one partial row. Everything is read exactly once.
+//  * long kernel: any N, one row per block, dx only. x and dy are cached raw in
+//    shared memory when they fit (read once), else re-read (L2).
+//  * param_cols kernel: the general dweight/dbias path (rows not chunk-aligned,
+//    or long rows): column-parallel sums over a slice of rows per block; re-reads
+//    x and dy (coalesced scalar loads).
+//  * param_reduce kernel: adds the [blocks, 2, N] partials in block order and
+//    converts to the parameter dtype.
+// Assumes: N >= 1, N + 2*V fits in int, same launch shape rules as the forward.
+// Measured: not yet on a GPU (see benchmarks/NOTES.md for ptxas/SASS facts).
+#pragma once
+
+#include "reduce.cuh"
+#include "vec.cuh"
+
+namespace ln_ext {
+namespace kernels {
+
+template <typename T, typename DY, typename P>
+struct BwdParams {
+  const DY* dy;           // [M, N]
+  const T* x;             // [M, N]
+  const acc_t<T>* mean;   // [M]
+  const acc_t<T>* rstd;   // [M]
+  const P* weight;        // [N] or nullptr (acts as 1)
+  T* dx;                  // [M, N] or nullptr (not requested)
+  acc_t<T>* partials;     // rows kernel only: [gridDim.x, 2, N] or nullptr (not fused)
+  int64_t rows;
+  int cols;
+  bool vec_ok;         // x, dy and dx 16-byte aligned
+  bool weight_vec_ok;  // weight (if present) 16-byte aligned
+};
+
+template <typename T, typename DY, typename P, int K>
+__global__ void __launch_bounds__(512)
+    layer_norm_bwd_rows_kernel(const BwdParams<T, DY, P> p, const int group) {
+  using A = acc_t<T>;
+  constexpr int V = kVecElems<T>;
+  __shared__ A scratch[32];
+  const int n = p.cols;
+  const int lane = threadIdx.x & (group - 1);
+  const int rows_per_block = blockDim.x / group;
+  const bool fused_params = p.partials != nullptr;
+
+  A acc_dw[K][V], acc_db[K][V];  // fused_params: this thread's columns s*V + i, s = k*group + lane
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc_dw[k][i] = acc_db[k][i] = 0;
+  }
+
+  // Uniform batch loop as in the forward rows kernel.
+  for (int64_t batch = static_cast<int64_t>(blockIdx.x) * rows_per_block; batch < p.rows;
+       batch += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t row = batch + threadIdx.x / group;
+    const bool valid = row < p.rows;
+    const RowChunks rc = valid ? row_chunks<V>(row, n) : RowChunks{0, 0, 0};
+    const A mean = valid ? p.mean[row] : A(0);
+    const A rstd = valid ? p.rstd[row] : A(0);
+    const T* x_row = p.x + rc.first * V;
+    const DY* dy_row = p.dy + rc.first * V;
+
+    A xhat[K][V], g[K][V];  // zero outside the row
+    A sum_g = 0, sum_gx = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int s = k * group + lane;
+      const int col0 = s * V - rc.head;
+      A w[V];
+      if (s < rc.count) {
+        const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
+        load_chunk(x_row + s * V, full, col0, n, A(0), xhat[k]);
+        load_chunk(dy_row + s * V, full, col0, n, A(0), g[k]);
+        load_param_chunk(p.weight, full && rc.head == 0 && p.weight_vec_ok, col0, n, A(1), w);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          xhat[k][i] = in_row(col0 + i, n) ? (xhat[k][i] - mean) * rstd : A(0);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) xhat[k][i] = g[k][i] = w[i] = 0;
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const A dy = g[k][i];
+        if (fused_params) {  // rows are chunk-aligned here, so column s*V + i
+          acc_dw[k][i] += dy * xhat[k][i];
+          acc_db[k][i] += dy;
+        }
+        g[k][i] = dy * w[i];
+        sum_g += g[k][i];
+        sum_gx += g[k][i] * xhat[k][i];
+      }
+    }
+    const A mean_g = row_group_sum(sum_g, group, scratch) / A(n);
+    const A mean_gx = row_group_sum(sum_gx, group, scratch) / A(n);
+
+    if (p.dx != nullptr) {
+      T* dx_row = p.dx + rc.first * V;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int s = k * group + lane;
+        const int col0 = s * V - rc.head;
+        if (s < rc.count) {
+          A out[V];
+#pragma unroll
+          for (int i = 0; i < V; ++i) out[i] = rstd * (g[k][i] - mean_g - xhat[k][i] * mean_gx);
+          store_chunk(dx_row + s * V, chunk_is_full<V>(p.vec_ok, col0, n), col0, n, out);
+        }
+      }
+    }
+  }
+
+  if (!fused_params) return;
+  // This block's partial sums: the row groups added in group order.
+  // rows_per_block == 1 writes straight from registers; otherwise through
+  // shared memory [rows_per_block, N] (the launcher sizes it).
+  A* block_partial = p.partials + static_cast<int64_t>(blockIdx.x) * 2 * n;
+  const int chunks = n / V;  // aligned rows: every row has exactly n / V chunks
+  if (rows_per_block == 1) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int s = k * group + lane;
+      if (s < chunks) {
+        alignas(16) A dw[V], db[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          dw[i] = acc_dw[k][i];
+          db[i] = acc_db[k][i];
+        }
+        store_words<V>(block_partial + s * V, dw);
+        store_words<V>(block_partial + n + s * V, db);
+      }
+    }
+    return;
+  }
+  extern __shared__ uint4 dynamic_smem[];
+  A* groups = reinterpret_cast<A*>(dynamic_smem);  // [rows_per_block, n]
+  A* group_row = groups + (threadIdx.x / group) * n;
+#pragma unroll
+  for (int which = 0; which < 2; ++which) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int s = k * group + lane;
+      if (s < chunks) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) group_row[s * V + i] = which == 0 ? acc_dw[k][i] : acc_db[k][i];
+      }
+    }
+    __syncthreads();
+    for (int col = threadIdx.x; col < n; col += blockDim.x) {
+      A total = 0;
+      for (int r = 0; r < rows_per_block; ++r) total += groups[r * n + col];
+      block_partial[which * n + col] = total;
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T, typename DY, typename P>
+__global__ void __launch_bounds__(1024)
+    layer_norm_bwd_long_kernel(const BwdParams<T, DY, P> p, const bool cache_row) {
+  using A = acc_t<T>;
+  constexpr int V = kVecElems<T>;
+  __shared__ A scratch[32];
+  extern __shared__ uint4 dynamic_smem[];  // cache_row: [count * V] T, then [count * V] DY
+  const int n = p.cols;
+  const int max_chunks = max_chunks_per_row(n, V);
+  T* x_cache = reinterpret_cast<T*>(dynamic_smem);
+  DY* dy_cache = reinterpret_cast<DY*>(x_cache + max_chunks * V);  // 16-byte aligned: V*sizeof(T) == 16
+
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const RowChunks rc = row_chunks<V>(row, n);
+    const A mean = p.mean[row];
+    const A rstd = p.rstd[row];
+    const T* x_row = p.x + rc.first * V;
+    const DY* dy_row = p.dy + rc.first * V;
+    // As in the forward long kernel, a thread only touches its own chunks.
+    if (cache_row) {
+      for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
+        const int col0 = s * V - rc.head;
+        const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
+        copy_chunk<V>(x_row + s * V, x_cache + s * V, full, col0, n);
+        copy_chunk<V>(dy_row + s * V, dy_cache + s * V, full, col0, n);
+      }
+    }
+    const T* x_src = cache_row ? x_cache : x_row;
+    const DY* dy_src = cache_row ? dy_cache : dy_row;
+
+    // One chunk's xhat and g, zero outside the row.
+    auto load_xhat_g = [&](int s, int col0, bool full, A (&xhat)[V], A (&g)[V]) {
+      A w[V];
+      load_chunk(x_src + s * V, full, col0, n, A(0), xhat);
+      load_chunk(dy_src + s * V, full, col0, n, A(0), g);
+      load_param_chunk(p.weight, full && rc.head == 0 && p.weight_vec_ok, col0, n, A(1), w);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        xhat[i] = in_row(col0 + i, n) ? (xhat[i] - mean) * rstd : A(0);
+        g[i] *= w[i];
+      }
+    };
+
+    A sum_g = 0, sum_gx = 0;
+    for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
+      const int col0 = s * V - rc.head;
+      A xhat[V], g[V];
+      load_xhat_g(s, col0, chunk_is_full<V>(p.vec_ok, col0, n), xhat, g);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        sum_g += g[i];
+        sum_gx += g[i] * xhat[i];
+      }
+    }
+    const A mean_g = block_sum(sum_g, scratch) / A(n);
+    const A mean_gx = block_sum(sum_gx, scratch) / A(n);
+
+    T* dx_row = p.dx + rc.first * V;
+    for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
+      const int col0 = s * V - rc.head;
+      const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
+      A xhat[V], g[V], out[V];
+      load_xhat_g(s, col0, full, xhat, g);
+#pragma unroll
+      for (int i = 0; i < V; ++i) out[i] = rstd * (g[i] - mean_g - xhat[i] * mean_gx);
+      store_chunk(dx_row + s * V, full, col0, n, out);
+    }
+  }
+}
+
+// Block (kColTile, kColRowLanes): threadIdx.x picks the column inside a tile of
+// kColTile columns, threadIdx.y a row lane; block (bx, by) sums rows
+// [by * rows_per_slice, (by + 1) * rows_per_slice) of columns bx * kColTile + tx.
+constexpr int kColTile = 32;
+constexpr int kColRowLanes = 8;
+
+template <typename T, typename DY>
+__global__ void __launch_bounds__(kColTile* kColRowLanes)
+    layer_norm_bwd_param_cols_kernel(const DY* __restrict__ dy, const T* __restrict__ x,
+                                     const acc_t<T>* __restrict__ mean,
+                                     const acc_t<T>* __restrict__ rstd,
+                                     acc_t<T>* __restrict__ partials,  // [gridDim.y, 2, n]
+                                     int64_t rows, int n, int64_t rows_per_slice) {
+  using A = acc_t<T>;
+  __shared__ A part_dw[kColRowLanes][kColTile];
+  __shared__ A part_db[kColRowLanes][kColTile];
+  const int col = blockIdx.x * kColTile + threadIdx.x;
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_slice;
+  const int64_t row_end = row_begin + rows_per_slice < rows ? row_begin + rows_per_slice : rows;
+  A dw = 0, db = 0;
+  if (col < n) {
+    for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kColRowLanes) {
+      const int64_t off = r * n + col;
+      const A d = to_acc(dy[off]);
+      dw += d * ((to_acc(x[off]) - mean[r]) * rstd[r]);
+      db += d;
+    }
+  }
+  part_dw[threadIdx.y][threadIdx.x] = dw;
+  part_db[threadIdx.y][threadIdx.x] = db;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < n) {
+    A total_dw = 0, total_db = 0;
+    for (int lane = 0; lane < kColRowLanes; ++lane) {
+      total_dw += part_dw[lane][threadIdx.x];
+      total_db += part_db[lane][threadIdx.x];
+    }
+    A* out = partials + static_cast<int64_t>(blockIdx.y) * 2 * n;
+    out[col] = total_dw;
+    out[n + col] = total_db;
+  }
+}
+
+// dweight[j] = sum_b partials[b, 0, j], dbias[j] = sum_b partials[b, 1, j], in a
+// fixed order: row lane y adds blocks y, y + kColRowLanes, ..., then lanes in order.
+template <typename A, typename O>
+__global__ void __launch_bounds__(kColTile* kColRowLanes)
+    layer_norm_bwd_param_reduce_kernel(const A* __restrict__ partials,  // [blocks, 2, n]
+                                       int blocks, int n,
+                                       O* __restrict__ dweight,  // [n] or nullptr
+                                       O* __restrict__ dbias) {  // [n] or nullptr
+  __shared__ A part[2][kColRowLanes][kColTile];
+  const int col = blockIdx.x * kColTile + threadIdx.x;
+  A dw = 0, db = 0;
+  if (col < n) {
+    for (int b = threadIdx.y; b < blocks; b += kColRowLanes) {
+      const A* block_partial = partials + static_cast<int64_t>(b) * 2 * n;
+      dw += block_partial[col];
+      db += block_partial[n + col];
+    }
+  }
+  part[0][threadIdx.y][threadIdx.x] = dw;
+  part[1][threadIdx.y][threadIdx.x] = db;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < n) {
+    A total_dw = 0, total_db = 0;
+    for (int lane = 0; lane < kColRowLanes; ++lane) {
+      total_dw += part[0][lane][threadIdx.x];
+      total_db += part[1][lane][threadIdx.x];
+    }
+    if (dweight != nullptr) dweight[col] = from_acc<O>(total_dw);
+    if (dbias != nullptr) dbias[col] = from_acc<O>(total_db);
+  }
+}
+
+}  // namespace kernels
+}  // namespace ln_ext

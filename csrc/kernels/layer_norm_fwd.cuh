@@ -1,0 +1,188 @@
+// LayerNorm forward kernels. Device code only; knows nothing of torch.
+//
+// Computes, for each row of x: [M, N],
+//   mean = sum(x) / N,  var = sum((x - mean)^2) / N   (two passes over the on-chip row)
+//   rstd = 1 / sqrt(var + eps)                           (correctly rounded)
+//   y    = (x - mean) * rstd * weight + bias             (weight/bias optional)
+// accumulating in acc_t<T> (float, or double for double x). mean/rstd: [M].
+//
+// Two families, both reading x from device memory with the chunk grid of vec.cuh
+// (16-byte loads/stores, per-row peeled head/tail when N % V != 0):
+//  * rows kernel: the row lives in registers, K chunks per thread, `group`
+//    threads per row (group <= 32: 32/group rows per warp, several rows per
+//    block; group > 32: one row per block of `group` threads). Persistent grid
+//    stride over batches of rows. x is read exactly once.
+//  * long kernel: any N. One row per block; each thread walks its chunks three
+//    times (sum, centered squares, output). With `cache_row` the row is first
+//    copied raw into shared memory and the passes read it there (x read once);
+//    without it (rows larger than shared memory) the passes re-read x (L2).
+// Assumes: N >= 1, N + 2*V fits in int, group a power of two, blockDim.x a
+// multiple of group and of 32, group * K >= max_chunks_per_row(N, V).
+// Measured: not yet on a GPU (see benchmarks/NOTES.md for ptxas/SASS facts).
+#pragma once
+
+#include "reduce.cuh"
+#include "vec.cuh"
+
+namespace ln_ext {
+namespace kernels {
+
+template <typename T, typename P, typename Y>
+struct FwdParams {
+  const T* x;       // [M, N]
+  const P* weight;  // [N] or nullptr (acts as 1)
+  const P* bias;    // [N] or nullptr (acts as 0)
+  Y* y;             // [M, N]
+  acc_t<T>* mean;   // [M]
+  acc_t<T>* rstd;   // [M]
+  int64_t rows;
+  int cols;
+  acc_t<T> eps;
+  bool vec_ok;         // x and y 16-byte aligned: full chunks may use vector access
+  bool params_vec_ok;  // weight and bias (those present) 16-byte aligned
+};
+
+// y for the chunk's columns from the row's x values v (acc), then store.
+template <int V, typename T, typename P, typename Y, typename A>
+__device__ __forceinline__ void fwd_write_chunk(const FwdParams<T, P, Y>& p, Y* y_chunk,
+                                                bool full, bool params_vec, int col0,
+                                                const A (&v)[V], A mean, A rstd) {
+  A w[V], b[V], out[V];
+  load_param_chunk(p.weight, params_vec, col0, p.cols, A(1), w);
+  load_param_chunk(p.bias, params_vec, col0, p.cols, A(0), b);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = (v[i] - mean) * rstd * w[i] + b[i];
+  store_chunk(y_chunk, full, col0, p.cols, out);
+}
+
+template <typename T, typename P, typename Y, int K>
+__global__ void __launch_bounds__(512)
+    layer_norm_fwd_rows_kernel(const FwdParams<T, P, Y> p, const int group) {
+  using A = acc_t<T>;
+  constexpr int V = kVecElems<T>;
+  __shared__ A scratch[32];
+  const int n = p.cols;
+  const int lane = threadIdx.x & (group - 1);
+  const int rows_per_block = blockDim.x / group;
+  // The batch loop is uniform over the block, so every lane reaches every
+  // shuffle / barrier; lanes past the last row work on an empty row.
+  for (int64_t batch = static_cast<int64_t>(blockIdx.x) * rows_per_block; batch < p.rows;
+       batch += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t row = batch + threadIdx.x / group;
+    const bool valid = row < p.rows;
+    const RowChunks rc = valid ? row_chunks<V>(row, n) : RowChunks{0, 0, 0};
+    const T* x_row = p.x + rc.first * V;
+
+    A v[K][V];  // this thread's chunks of the row: chunk s = k * group + lane
+    A sum = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int s = k * group + lane;
+      const int col0 = s * V - rc.head;
+      if (s < rc.count) {
+        load_chunk(x_row + s * V, chunk_is_full<V>(p.vec_ok, col0, n), col0, n, A(0), v[k]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) v[k][i] = 0;
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) sum += v[k][i];
+    }
+    const A mean = row_group_sum(sum, group, scratch) / A(n);
+
+    A sq = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int s = k * group + lane;
+      const int col0 = s * V - rc.head;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const A d = (s < rc.count && in_row(col0 + i, n)) ? v[k][i] - mean : A(0);
+        sq += d * d;
+      }
+    }
+    const A rstd = inv_sqrt(row_group_sum(sq, group, scratch) / A(n) + p.eps);
+    if (valid && lane == 0) {
+      p.mean[row] = mean;
+      p.rstd[row] = rstd;
+    }
+
+    Y* y_row = p.y + rc.first * V;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int s = k * group + lane;
+      const int col0 = s * V - rc.head;
+      if (s < rc.count) {
+        const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
+        fwd_write_chunk<V>(p, y_row + s * V, full, full && rc.head == 0 && p.params_vec_ok, col0,
+                           v[k], mean, rstd);
+      }
+    }
+  }
+}
+
+template <typename T, typename P, typename Y>
+__global__ void __launch_bounds__(1024)
+    layer_norm_fwd_long_kernel(const FwdParams<T, P, Y> p, const bool cache_row) {
+  using A = acc_t<T>;
+  constexpr int V = kVecElems<T>;
+  __shared__ A scratch[32];
+  extern __shared__ uint4 dynamic_smem[];  // cache_row: the row's chunks, [count * V] T
+  T* cache = reinterpret_cast<T*>(dynamic_smem);
+  const int n = p.cols;
+
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const RowChunks rc = row_chunks<V>(row, n);
+    const T* x_row = p.x + rc.first * V;
+    // Each thread only ever touches its own chunks s = threadIdx.x + j * blockDim.x,
+    // in the cache as in x, so the cache needs no barrier of its own.
+    if (cache_row) {
+      for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
+        const int col0 = s * V - rc.head;
+        copy_chunk<V>(x_row + s * V, cache + s * V, chunk_is_full<V>(p.vec_ok, col0, n), col0, n);
+      }
+    }
+    const T* src = cache_row ? cache : x_row;
+
+    A sum = 0;
+    for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
+      const int col0 = s * V - rc.head;
+      A v[V];
+      load_chunk(src + s * V, chunk_is_full<V>(p.vec_ok, col0, n), col0, n, A(0), v);
+#pragma unroll
+      for (int i = 0; i < V; ++i) sum += v[i];
+    }
+    const A mean = block_sum(sum, scratch) / A(n);
+
+    A sq = 0;
+    for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
+      const int col0 = s * V - rc.head;
+      A v[V];
+      load_chunk(src + s * V, chunk_is_full<V>(p.vec_ok, col0, n), col0, n, A(0), v);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const A d = in_row(col0 + i, n) ? v[i] - mean : A(0);
+        sq += d * d;
+      }
+    }
+    const A rstd = inv_sqrt(block_sum(sq, scratch) / A(n) + p.eps);
+    if (threadIdx.x == 0) {
+      p.mean[row] = mean;
+      p.rstd[row] = rstd;
+    }
+
+    Y* y_row = p.y + rc.first * V;
+    for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
+      const int col0 = s * V - rc.head;
+      const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
+      A v[V];
+      load_chunk(src + s * V, full, col0, n, A(0), v);
+      fwd_write_chunk<V>(p, y_row + s * V, full, full && rc.head == 0 && p.params_vec_ok, col0, v,
+                         mean, rstd);
+    }
+    // The next row's cache copy overwrites only this thread's own chunks: no barrier.
+  }
+}
+
+}  // namespace kernels
+}  // namespace ln_ext

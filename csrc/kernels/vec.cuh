@@ -1,0 +1,197 @@
+// Element types, conversions and 16-byte vector access to the rows of a
+// contiguous [M, N] tensor. Device code only; knows nothing of torch.
+//
+// The chunk grid: every row is cut along the 16-byte grid of the *flattened*
+// tensor. Chunk c holds flattened elements [c*V, (c+1)*V), V = 16 / sizeof(T)
+// for the input element type T (8 for half/bfloat16, 4 for float, 2 for double).
+// A row [r*N, r*N + N) touches `count` consecutive chunks starting at `first`;
+// its first element sits `head` elements into the first chunk. When N % V != 0
+// the rows start at varying offsets inside a chunk, so the first and last chunk
+// of a row are only partly the row's: those are moved element by element (the
+// "peeled head and tail"), every other chunk with 16-byte loads/stores. Tensors
+// of other element types (y, dy, weight...) use the same element index, so a
+// chunk of them is V elements = 16 or 32 bytes, aligned whenever x's is.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace ln_ext {
+namespace kernels {
+
+// Accumulation type: float for float/half/bfloat16, double for double.
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccOf<T>::type;
+
+// Elements of T per 16-byte access.
+template <typename T>
+constexpr int kVecElems = 16 / static_cast<int>(sizeof(T));
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// acc -> storage type, round to nearest even.
+template <typename T>
+struct FromAcc;
+template <>
+struct FromAcc<float> {
+  __device__ __forceinline__ static float cast(float v) { return v; }
+};
+template <>
+struct FromAcc<double> {
+  __device__ __forceinline__ static double cast(double v) { return v; }
+};
+template <>
+struct FromAcc<__half> {
+  __device__ __forceinline__ static __half cast(float v) { return __float2half_rn(v); }
+};
+template <>
+struct FromAcc<__nv_bfloat16> {
+  __device__ __forceinline__ static __nv_bfloat16 cast(float v) { return __float2bfloat16_rn(v); }
+};
+template <typename T, typename A>
+__device__ __forceinline__ T from_acc(A v) {
+  return FromAcc<T>::cast(v);
+}
+
+// Correctly rounded (IEEE) 1 / sqrt(v): nvcc's default -prec-div/-prec-sqrt,
+// the same expression as the CPU kernel, never the rsqrt approximation.
+__device__ __forceinline__ float inv_sqrt(float v) { return 1.0f / sqrtf(v); }
+__device__ __forceinline__ double inv_sqrt(double v) { return 1.0 / sqrt(v); }
+
+// The chunks of one row; see the file comment.
+struct RowChunks {
+  int64_t first;  // flattened chunk index of the row's first chunk
+  int head;       // the row starts `head` elements into that chunk, 0 <= head < V
+  int count;      // chunks the row touches
+};
+
+template <int V>
+__device__ __forceinline__ RowChunks row_chunks(int64_t row, int n) {
+  const int64_t start = row * n;
+  RowChunks rc;
+  rc.first = start / V;
+  rc.head = static_cast<int>(start - rc.first * V);
+  rc.count = (rc.head + n + V - 1) / V;
+  return rc;
+}
+
+// Upper bound of RowChunks::count over all rows (host and device).
+__host__ __device__ constexpr int max_chunks_per_row(int n, int v) {
+  return n % v == 0 ? n / v : (n + 2 * (v - 1)) / v;
+}
+
+// Chunk s of a row covers the row's columns [col0, col0 + V) with col0 = s*V - head.
+// `full`: all of them are in the row and the tensors are 16-byte aligned.
+template <int V>
+__device__ __forceinline__ bool chunk_is_full(bool vec_ok, int col0, int n) {
+  return vec_ok && col0 >= 0 && col0 + V <= n;
+}
+
+__device__ __forceinline__ bool in_row(int col, int n) {
+  return static_cast<unsigned>(col) < static_cast<unsigned>(n);
+}
+
+// V elements of T at a 16-byte aligned address as 16-byte words (LDG.128 / STG.128).
+template <int V, typename T>
+__device__ __forceinline__ void load_words(const T* src, T (&dst)[V]) {
+  static_assert((sizeof(T) * V) % 16 == 0, "a chunk must be whole 16-byte words");
+  constexpr int kWords = sizeof(T) * V / 16;
+  const uint4* s = reinterpret_cast<const uint4*>(src);
+  uint4* d = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) d[w] = s[w];
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_words(T* dst, const T (&src)[V]) {
+  static_assert((sizeof(T) * V) % 16 == 0, "a chunk must be whole 16-byte words");
+  constexpr int kWords = sizeof(T) * V / 16;
+  const uint4* s = reinterpret_cast<const uint4*>(src);
+  uint4* d = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) d[w] = s[w];
+}
+
+// out[v] = chunk[v] as acc for the columns col0 + v inside the row, `fill` elsewhere.
+// `chunk` points at the chunk's first element (which may precede the row).
+template <typename A, int V, typename T>
+__device__ __forceinline__ void load_chunk(const T* chunk, bool full, int col0, int n, A fill,
+                                           A (&out)[V]) {
+  if (full) {
+    alignas(16) T raw[V];
+    load_words<V>(chunk, raw);
+#pragma unroll
+    for (int v = 0; v < V; ++v) out[v] = to_acc(raw[v]);
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) out[v] = in_row(col0 + v, n) ? A(to_acc(chunk[v])) : fill;
+  }
+}
+
+// Writes the elements of the chunk that lie inside the row.
+template <typename T, int V, typename A>
+__device__ __forceinline__ void store_chunk(T* chunk, bool full, int col0, int n,
+                                            const A (&in)[V]) {
+  if (full) {
+    alignas(16) T raw[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) raw[v] = from_acc<T>(in[v]);
+    store_words<V>(chunk, raw);
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      if (in_row(col0 + v, n)) chunk[v] = from_acc<T>(in[v]);
+    }
+  }
+}
+
+// Copies the chunk's in-row elements (raw, no conversion), e.g. into a shared-memory row cache.
+template <int V, typename T>
+__device__ __forceinline__ void copy_chunk(const T* src, T* dst, bool full, int col0, int n) {
+  if (full) {
+    alignas(16) T raw[V];
+    load_words<V>(src, raw);
+    store_words<V>(dst, raw);
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      if (in_row(col0 + v, n)) dst[v] = src[v];
+    }
+  }
+}
+
+// weight/bias for the columns [col0, col0 + V) of a row: `fill` when the
+// parameter is absent or for columns outside the row. `vec`: the chunk is full
+// AND starts on a column multiple of V (head == 0), so p + col0 is 16-byte aligned.
+template <typename A, int V, typename P>
+__device__ __forceinline__ void load_param_chunk(const P* p, bool vec, int col0, int n, A fill,
+                                                 A (&out)[V]) {
+  if (p == nullptr) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) out[v] = fill;
+  } else if (vec) {
+    alignas(16) P raw[V];
+    load_words<V>(p + col0, raw);
+#pragma unroll
+    for (int v = 0; v < V; ++v) out[v] = to_acc(raw[v]);
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) out[v] = in_row(col0 + v, n) ? A(to_acc(p[col0 + v])) : fill;
+  }
+}
+
+}  // namespace kernels
+}  // namespace ln_ext
