@@ -9,7 +9,7 @@ csrc/kernels/*.cuh walk the 16-byte chunk grid, and checks for every shape given
   * the fused dweight/dbias path is only taken for chunk-aligned rows, and every
     column's partial is written;
   * the param_cols grid covers every (row, column) once and keeps grid.y <= 65535.
-Run: python benchmarks/kernel_check/index_model.py   (prints a summary, exits 1 on a failure)
+Run: python scripts/kernel_check/index_model.py   (prints a summary, exits 1 on a failure)
 """
 import itertools
 import sys
