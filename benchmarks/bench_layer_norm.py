@@ -561,21 +561,7 @@ def main(argv=None) -> int:
         "completed": {"shapes": done, "of": len(cases)},
         "results": records,
     }
-    out_dir = args.out or common.default_out_dir(env)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    common.write_json(out_dir / "layer_norm.json", payload)
-    report = markdown_report(payload)
-    (out_dir / "layer_norm.md").write_text(report + "\n")
-    png = plot(payload, out_dir / "layer_norm.png")
-    print(report)
-    print(f"\nwrote {out_dir / 'layer_norm.json'}, layer_norm.md" + (", layer_norm.png" if png else ""), file=sys.stderr)
-    wrong = sorted({r["provider"] for r in records if r.get("correct") is False})
-    if wrong:
-        print(f"outputs that did not match the float64 reference: {', '.join(wrong)}", file=sys.stderr)
-    # A wrong ln_ext fails the run (and `make bench`); a wrong peer is reported only.
-    if done < len(cases):
-        return 130
-    return 1 if "ln_ext" in wrong else 0
+    return common.write_results(payload, "layer_norm", args.out, markdown_report, plot, "the float64 reference", len(cases))
 
 
 if __name__ == "__main__":

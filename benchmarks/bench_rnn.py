@@ -428,20 +428,7 @@ def main(argv=None) -> int:
         "completed": {"shapes": done, "of": len(shapes)},
         "results": records,
     }
-    out_dir = args.out or common.default_out_dir(env)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    common.write_json(out_dir / "rnn.json", payload)
-    report = markdown_report(payload)
-    (out_dir / "rnn.md").write_text(report + "\n")
-    png = plot(payload, out_dir / "rnn.png")
-    print(report)
-    print(f"\nwrote {out_dir / 'rnn.json'}, rnn.md" + (", rnn.png" if png else ""), file=sys.stderr)
-    wrong = sorted({r["provider"] for r in records if r.get("correct") is False})
-    if wrong:
-        print(f"outputs that did not match their float64 CPU copy: {', '.join(wrong)}", file=sys.stderr)
-    if done < len(shapes):
-        return 130
-    return 1 if "ln_ext" in wrong else 0
+    return common.write_results(payload, "rnn", args.out, markdown_report, plot, "their float64 CPU copy", len(shapes))
 
 
 if __name__ == "__main__":

@@ -397,6 +397,27 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(clean(payload), indent=1) + "\n")
 
 
+def write_results(payload: dict, stem: str, out_dir: Optional[Path], report: Callable[[dict], str],
+                  plot: Callable[[dict, Path], Optional[Path]], reference: str, total: int) -> int:
+    """Write <stem>.json/.md/.png under out_dir, print the report, and return the exit
+    status: 130 when stopped early, 1 when ln_ext missed `reference`, else 0 (a peer
+    that misses it is only reported)."""
+    out_dir = out_dir or default_out_dir(payload["env"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / f"{stem}.json", payload)
+    text = report(payload)
+    (out_dir / f"{stem}.md").write_text(text + "\n")
+    png = plot(payload, out_dir / f"{stem}.png")
+    print(text)
+    print(f"\nwrote {out_dir / (stem + '.json')}, {stem}.md" + (f", {stem}.png" if png else ""), file=sys.stderr)
+    wrong = sorted({r["provider"] for r in payload["results"] if r.get("correct") is False})
+    if wrong:
+        print(f"outputs that did not match {reference}: {', '.join(wrong)}", file=sys.stderr)
+    if payload["completed"]["shapes"] < total:
+        return 130
+    return 1 if "ln_ext" in wrong else 0
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(headers))) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
