@@ -26,6 +26,11 @@ def convert_layer_norm(module: nn.Module) -> nn.Module:
     of nn.LayerNorm are left alone, since their forward may differ. Returns the
     converted module (a new object only when `module` itself is an nn.LayerNorm),
     in the manner of `nn.SyncBatchNorm.convert_sync_batchnorm`.
+
+    Note: in eval mode under no_grad, `nn.TransformerEncoderLayer` may take PyTorch's
+    fused "fast path", which reads the norm parameters directly and never calls the
+    norm modules; disable it (`torch.backends.mha.set_fastpath_enabled(False)`) to
+    run ln_ext there.
     """
     if type(module) is nn.LayerNorm:
         converted = LayerNorm(
