@@ -3,6 +3,7 @@
 #include "layer_norm.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/irange.h>
 
 namespace ln_ext {
@@ -162,6 +163,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_impl(
   return {args.dx.defined() ? args.dx : none(),
           args.dweight.defined() ? args.dweight : none(),
           args.dbias.defined() ? args.dbias : none()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_layer_norm_fwd(
+    const at::Tensor& x, at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, std::optional<at::ScalarType> out_dtype) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ln_ext::layer_norm_fwd", "")
+                             .typed<decltype(call_layer_norm_fwd)>();
+  return op.call(x, normalized_shape, weight, bias, eps, out_dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_layer_norm_bwd(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    std::array<bool, 3> output_mask) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ln_ext::layer_norm_bwd", "")
+                             .typed<decltype(call_layer_norm_bwd)>();
+  return op.call(dy, x, mean, rstd, weight, bias, output_mask);
 }
 
 }  // namespace ln_ext

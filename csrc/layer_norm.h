@@ -43,6 +43,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_impl(
     const std::optional<at::Tensor>& bias, std::array<bool, 3> output_mask,
     LayerNormBwdKernel kernel);
 
+// The ops through the dispatcher (autograd, autocast, device and fake kernels
+// included), for C++ callers: the autograd backward and the Python fast path.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_layer_norm_fwd(
+    const at::Tensor& x, at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    double eps, std::optional<at::ScalarType> out_dtype);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_layer_norm_bwd(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, std::array<bool, 3> output_mask);
+
 // Kernel entry points.
 void layer_norm_fwd_cpu_kernel(const LayerNormFwdArgs& args);
 void layer_norm_bwd_cpu_kernel(const LayerNormBwdArgs& args);

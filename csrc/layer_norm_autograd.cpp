@@ -7,7 +7,6 @@
 #include "layer_norm.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -17,25 +16,6 @@ namespace {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-std::tuple<Tensor, Tensor, Tensor> call_layer_norm_fwd(
-    const Tensor& x, at::IntArrayRef normalized_shape, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias, double eps, std::optional<at::ScalarType> out_dtype) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("ln_ext::layer_norm_fwd", "")
-                             .typed<decltype(call_layer_norm_fwd)>();
-  return op.call(x, normalized_shape, weight, bias, eps, out_dtype);
-}
-
-std::tuple<Tensor, Tensor, Tensor> call_layer_norm_bwd(
-    const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& rstd,
-    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-    std::array<bool, 3> output_mask) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("ln_ext::layer_norm_bwd", "")
-                             .typed<decltype(call_layer_norm_bwd)>();
-  return op.call(dy, x, mean, rstd, weight, bias, output_mask);
-}
 
 std::optional<Tensor> defined_or_none(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
