@@ -44,6 +44,18 @@ void check_param(const std::optional<at::Tensor>& p, const at::Tensor& x,
               p->scalar_type());
 }
 
+// weight and bias each valid, and of one dtype: the kernels take a single parameter type.
+void check_params(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& x, at::IntArrayRef normalized_shape) {
+  check_param(weight, x, normalized_shape, "weight");
+  check_param(bias, x, normalized_shape, "bias");
+  const bool has_w = weight.has_value() && weight->defined();
+  const bool has_b = bias.has_value() && bias->defined();
+  TORCH_CHECK(!(has_w && has_b) || weight->scalar_type() == bias->scalar_type(),
+              "ln_ext.layer_norm: weight and bias must share a dtype, got ",
+              weight->scalar_type(), " and ", bias->scalar_type());
+}
+
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined()) ? t->contiguous() : at::Tensor();
 }
@@ -75,13 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_impl(
     double eps, std::optional<at::ScalarType> out_dtype, LayerNormFwdKernel kernel) {
   check_input_dtype(x, "input");
   const auto [rows, cols] = rows_and_cols(x, normalized_shape);
-  check_param(weight, x, normalized_shape, "weight");
-  check_param(bias, x, normalized_shape, "bias");
-  const bool has_w = weight.has_value() && weight->defined();
-  const bool has_b = bias.has_value() && bias->defined();
-  TORCH_CHECK(!(has_w && has_b) || weight->scalar_type() == bias->scalar_type(),
-              "ln_ext.layer_norm: weight and bias must share a dtype, got ",
-              weight->scalar_type(), " and ", bias->scalar_type());
+  check_params(weight, bias, x, normalized_shape);
   const auto y_dtype = out_dtype.value_or(x.scalar_type());
   TORCH_CHECK(dtype_matches(y_dtype, x.scalar_type()),
               "ln_ext.layer_norm: out_dtype must be the input's dtype or, for a "
@@ -135,8 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_impl(
               mean.scalar_type(), " and ", rstd.scalar_type());
   const auto normalized_shape = x.sizes().slice(x.dim() - k);
   const auto [rows, cols] = rows_and_cols(x, normalized_shape);
-  check_param(weight, x, normalized_shape, "weight");
-  check_param(bias, x, normalized_shape, "bias");
+  check_params(weight, bias, x, normalized_shape);
   const bool has_w = weight.has_value() && weight->defined();
   const bool has_b = bias.has_value() && bias->defined();
 

@@ -64,6 +64,11 @@ def test_weight_and_bias_different_dtypes(device, x_dtype):
         ln_ext.layer_norm(_x(x_dtype, device), (6,), w, b)
     with pytest.raises(RuntimeError, match="weight and bias must share a dtype"):
         ln_ext.layer_norm(_x(x_dtype, device), (6,), b, w)
+    # The backward op checks it too: its kernels write dweight and dbias in one dtype.
+    x = _x(x_dtype, device)
+    _, mean, rstd = torch.ops.ln_ext.layer_norm_fwd(x, [6], None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="weight and bias must share a dtype"):
+        torch.ops.ln_ext.layer_norm_bwd(torch.randn_like(x), x, mean, rstd, b, w, [True, True, True])
 
 
 @pytest.mark.parametrize("device", DEVICES)
