@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import ln_ext
 from ln_ext import reference
+from samples import requires_cuda
 
 MODES = ("RNN", "LSTM", "GRU")
 LAYER = {"RNN": ln_ext.LayerNormRNN, "LSTM": ln_ext.LayerNormLSTM, "GRU": ln_ext.LayerNormGRU}
@@ -33,10 +34,6 @@ TOL = {
 }
 
 cuda = pytest.mark.cuda
-needs_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and ln_ext.has_cuda_kernels()),
-    reason="needs a CUDA GPU and an ln_ext build with the CUDA kernels",
-)
 
 
 def n_states(mode):
@@ -525,7 +522,7 @@ def test_torch_compile_fullgraph(mode):
 # ---------------------------------------------------------------- CUDA
 
 @cuda
-@needs_gpu
+@requires_cuda
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cuda_layers_match_reference(mode, dtype):
@@ -536,7 +533,7 @@ def test_cuda_layers_match_reference(mode, dtype):
 
 
 @cuda
-@needs_gpu
+@requires_cuda
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("H", [1, 31, 257, 1024])
 def test_cuda_cell_ops_match_cpu(mode, H):
@@ -552,7 +549,7 @@ def test_cuda_cell_ops_match_cpu(mode, H):
 
 
 @cuda
-@needs_gpu
+@requires_cuda
 @pytest.mark.parametrize("mode", MODES)
 def test_cuda_opcheck_and_reproducible_grads(mode):
     op = getattr(torch.ops.ln_ext, FWD_OP[mode])
