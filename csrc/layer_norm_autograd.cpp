@@ -47,6 +47,8 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
                                const std::optional<Tensor>& bias, double eps,
                                std::optional<at::ScalarType> out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    // mean/rstd never get gradients: don't have autograd build zero tensors for them.
+    ctx->set_materialize_grads(false);
     auto [y, mean, rstd] = call_layer_norm_fwd(x, normalized_shape, weight, bias, eps, out_dtype);
     const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
     ctx->save_for_backward({x, mean, rstd, w, b});

@@ -55,7 +55,7 @@ def _autocast_args(input, weight, bias):
     and reduced-precision parameters are used as float32. The input is read as it is
     (the kernels upcast on chip), so no float32 copy of it is made. CPU autocast
     leaves layer_norm alone, and so do we."""
-    if input.device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
+    if not input.is_cuda or not torch.is_autocast_enabled("cuda"):
         return None, weight, bias
 
     def up(t):

@@ -51,23 +51,32 @@ cpu::Elem elem_of(at::ScalarType t) {
   }
 }
 
-// weight/bias as acc_t [N]; an absent one becomes `fill` (1 for weight, 0 for bias).
+// weight/bias as N contiguous acc_t (its shape is normalized_shape); an absent one
+// becomes `fill` (1 for weight, 0 for bias). Already acc_t and contiguous: p itself.
 at::Tensor param_as_acc(const at::Tensor& p, int64_t n, double fill, const at::Tensor& x,
                         at::ScalarType acc) {
-  return p.defined() ? p.to(acc).contiguous().view({n})
-                     : at::full({n}, fill, x.options().dtype(acc));
+  if (!p.defined()) return at::full({n}, fill, x.options().dtype(acc));
+  if (p.scalar_type() == acc && p.is_contiguous()) return p;
+  return p.to(acc).contiguous();
 }
 
 at::ScalarType acc_type(at::ScalarType x) { return x == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Row blocks of the backward: enough for many threads, few enough that the
-// partial sums (2 * N acc_t per block) stay small. Depends on M and N only.
+// partial sums (2 * N acc_t per block) stay small next to the rows and that a
+// block is worth a thread (a few rows would otherwise cost more in zeroing and
+// adding partials than in the rows themselves). Depends on M and N only.
 int64_t bwd_blocks(int64_t rows, int64_t cols) {
   constexpr int64_t kMaxBlocks = 64;
   constexpr int64_t kPartialBudget = int64_t{1} << 21;  // acc_t elements over all blocks
+  constexpr int64_t kMinBlockElements = int64_t{1} << 16;
   const int64_t by_memory = std::max<int64_t>(8, kPartialBudget / (2 * cols));
-  return std::max<int64_t>(1, std::min({rows, kMaxBlocks, by_memory}));
+  const int64_t by_work = rows * cols / kMinBlockElements;
+  return std::max<int64_t>(1, std::min({rows, kMaxBlocks, by_memory, by_work}));
 }
+
+// At least this many elements of work per thread before a loop is split.
+constexpr int64_t kGrainElements = 32768;
 
 }  // namespace
 
@@ -82,7 +91,7 @@ void layer_norm_fwd_cpu_kernel(const LayerNormFwdArgs& a) {
   void* y = a.y.mutable_data_ptr();
   void* mean = a.mean.mutable_data_ptr();
   void* rstd = a.rstd.mutable_data_ptr();
-  const int64_t grain = std::max<int64_t>(1, 32768 / N);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / N);
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     k.fwd(x_t, y_t, x, w.const_data_ptr(), b.const_data_ptr(), y, mean, rstd, begin, end, N, a.eps);
   });
@@ -101,13 +110,24 @@ void layer_norm_bwd_cpu_kernel(const LayerNormBwdArgs& a) {
   void* dx = a.dx.defined() ? a.dx.mutable_data_ptr() : nullptr;
   const bool want_params = a.dweight.defined() || a.dbias.defined();
   if (!want_params) {
-    const int64_t grain = std::max<int64_t>(1, 32768 / N);
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / N);
     at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
       k.bwd(x_t, dy_t, x, dy, w.const_data_ptr(), mean, rstd, dx, nullptr, nullptr, begin, end, N);
     });
     return;
   }
   const int64_t blocks = bwd_blocks(M, N);
+  if (blocks == 1 && a.dweight.defined() && a.dbias.defined() &&
+      a.dweight.scalar_type() == acc && a.dbias.scalar_type() == acc) {
+    // One block, parameters in acc_t: its sums are the gradients (few rows: no partials).
+    const size_t bytes = N * a.dweight.element_size();
+    void* dw_out = a.dweight.mutable_data_ptr();
+    void* db_out = a.dbias.mutable_data_ptr();
+    std::memset(dw_out, 0, bytes);
+    std::memset(db_out, 0, bytes);
+    k.bwd(x_t, dy_t, x, dy, w.const_data_ptr(), mean, rstd, dx, dw_out, db_out, 0, M, N);
+    return;
+  }
   // partial[blk]: dweight partial sums [N], then dbias partial sums [N].
   at::Tensor partial = at::zeros({blocks, 2, N}, a.x.options().dtype(acc));
   const int64_t elem_size = partial.element_size();
@@ -122,18 +142,22 @@ void layer_norm_bwd_cpu_kernel(const LayerNormBwdArgs& a) {
   });
   // Sum the block partials in block order (a reduction over dim 0 of a contiguous
   // tensor would leave the order to ATen): columns are independent.
-  at::Tensor sums = at::empty({2, N}, partial.options());
-  AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "layer_norm_bwd_cpu_partials", [&] {
-    const scalar_t* p = partial.const_data_ptr<scalar_t>();
-    scalar_t* out = sums.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, 2 * N, 4096, [&](int64_t begin, int64_t end) {
-      std::fill(out + begin, out + end, scalar_t(0));
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        const scalar_t* row = p + blk * 2 * N;
-        for (int64_t j = begin; j < end; ++j) out[j] += row[j];
-      }
+  at::Tensor sums = partial[0];  // one block: its partial is the sum
+  if (blocks > 1) {
+    sums = at::empty({2, N}, partial.options());
+    AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "layer_norm_bwd_cpu_partials", [&] {
+      const scalar_t* p = partial.const_data_ptr<scalar_t>();
+      scalar_t* out = sums.mutable_data_ptr<scalar_t>();
+      const int64_t grain = std::max<int64_t>(1, kGrainElements / blocks);
+      at::parallel_for(0, 2 * N, grain, [&](int64_t begin, int64_t end) {
+        std::fill(out + begin, out + end, scalar_t(0));
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          const scalar_t* row = p + blk * 2 * N;
+          for (int64_t j = begin; j < end; ++j) out[j] += row[j];
+        }
+      });
     });
-  });
+  }
   // dweight/dbias have normalized_shape, which may have several dims.
   if (a.dweight.defined()) a.dweight.copy_(sums[0].view(a.dweight.sizes()));
   if (a.dbias.defined()) a.dbias.copy_(sums[1].view(a.dbias.sizes()));
