@@ -82,6 +82,19 @@ inline int persistent_grid(int64_t blocks_needed, int block_threads) {
   return static_cast<int>(std::max<int64_t>(1, std::min(blocks_needed, resident)));
 }
 
+// Blocks of kLongBlock threads with `smem_bytes` of dynamic shared memory that
+// the card holds at once.
+inline int resident_grid(size_t smem_bytes) {
+  const int threads_per_sm = device_attribute(cudaDevAttrMaxThreadsPerMultiProcessor);
+  const auto smem_per_sm =
+      static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor));
+  int per_sm = std::max(1, threads_per_sm / kLongBlock);
+  if (smem_bytes > 0) {
+    per_sm = std::min<int>(per_sm, std::max<size_t>(1, smem_per_sm / (smem_bytes + 1024)));
+  }
+  return multiprocessor_count() * per_sm;
+}
+
 // Whether `bytes` of dynamic shared memory (a row cache) fit in one block.
 inline bool fits_in_shared_memory(size_t bytes) {
   constexpr size_t kStaticReserve = 1024;  // the kernels' own __shared__ scratch

@@ -12,11 +12,12 @@
 // Plan by C = max_chunks_per_row(N, V), V = 16 / sizeof(x element):
 //   C <= 32:        rows kernel, K=1, 1..32 threads per row, 256-thread blocks
 //   C <= 2 * 512:   rows kernel, K=2, 32..512 threads per row (a block per row above 32)
-//   larger:         long kernel (dx only), a 1024-thread block per row
-// dweight/dbias: fused into the rows kernel when every row is chunk-aligned
-// (N % V == 0, 16-byte aligned tensors); otherwise the param_cols kernel. Either
-// way per-block partials [blocks, 2, N] (acc dtype) are summed in block order by
-// the param_reduce kernel: deterministic, no atomics.
+//   larger:         long kernel, a 1024-thread block per row
+// dweight/dbias: fused into the rows kernel (any N and alignment; rows with
+// N % V != 0 through a shared-memory staging row) and into the long kernel while
+// [2, N] acc sums fit in shared memory (N up to ~28K floats); longer rows use the
+// param_cols kernel. Either way per-block partials [blocks, 2, N] (acc dtype) are
+// summed in block order by the param_reduce kernel: deterministic, no atomics.
 #include "../layer_norm.h"
 #include "../kernels/layer_norm_bwd.cuh"
 #include "launch_common.cuh"
@@ -119,8 +120,8 @@ void launch_bwd(const LayerNormBwdArgs& a) {
   const bool want_params = a.dweight.defined() || a.dbias.defined();
   const int chunks = kernels::max_chunks_per_row(p.cols, V);
   const RowsConfig cfg = choose_rows_config(chunks, kBwdBigK, kBwdMaxGroup);
-  // Fusing needs every row to start on a chunk: then each thread sees fixed columns.
-  const bool fuse_params = want_params && cfg.k != 0 && p.vec_ok && p.cols % V == 0;
+  const bool fuse_params = want_params && cfg.k != 0;
+  bool fuse_long_params = false;  // decided below by shared memory
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   at::Tensor partials;
@@ -132,29 +133,47 @@ void launch_bwd(const LayerNormBwdArgs& a) {
       partials = at::empty({grid, 2, a.cols}, a.x.options().dtype(a.mean.scalar_type()));
       p.partials = mut_ptr<A>(partials);
       partial_blocks = grid;
-      // Row groups of a block meet in shared memory: [rows_per_block, N] acc (<= 16 KiB).
-      if (cfg.rows_per_block() > 1) smem = cfg.rows_per_block() * a.cols * sizeof(A);
+      if (p.cols % V != 0) {
+        // A staging row [2, chunks * V] acc per row group (<= 64 KiB per block), also
+        // large enough for adding the groups.
+        smem = static_cast<size_t>(cfg.rows_per_block()) * 2 * chunks * V * sizeof(A);
+      } else if (cfg.rows_per_block() > 1) {
+        // Row groups of a block meet in shared memory: [rows_per_block, N] acc (<= 16 KiB).
+        smem = static_cast<size_t>(cfg.rows_per_block()) * a.cols * sizeof(A);
+      }
     }
-    if (cfg.k == 1) {
-      kernels::layer_norm_bwd_rows_kernel<T, DY, P, 1>
-          <<<grid, cfg.block, smem, stream>>>(p, cfg.group);
-    } else {
-      kernels::layer_norm_bwd_rows_kernel<T, DY, P, kBwdBigK>
-          <<<grid, cfg.block, smem, stream>>>(p, cfg.group);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else if (want_dx) {
-    const size_t cache_bytes = static_cast<size_t>(chunks) * V * (sizeof(T) + sizeof(DY));
-    const bool cache_row = fits_in_shared_memory(cache_bytes);
-    const size_t smem = cache_row ? cache_bytes : 0;
-    auto kernel = kernels::layer_norm_bwd_long_kernel<T, DY, P>;
+    auto kernel = cfg.k == 1 ? kernels::layer_norm_bwd_rows_kernel<T, DY, P, 1>
+                             : kernels::layer_norm_bwd_rows_kernel<T, DY, P, kBwdBigK>;
     allow_dynamic_shared_memory(kernel, smem);
-    const int grid = persistent_grid(a.rows, kLongBlock);
-    kernel<<<grid, kLongBlock, smem, stream>>>(p, cache_row);
+    kernel<<<grid, cfg.block, smem, stream>>>(p, cfg.group);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    // Long rows: the dweight/dbias sums in shared memory take precedence over the
+    // row cache (they save re-reading x and dy from HBM, the cache only from L2).
+    const size_t sums_bytes = 2 * static_cast<size_t>(kernels::long_param_cols(p.cols)) * sizeof(A);
+    fuse_long_params = want_params && fits_in_shared_memory(sums_bytes);
+    const size_t cache_bytes = static_cast<size_t>(chunks) * V * (sizeof(T) + sizeof(DY));
+    const size_t base_bytes = fuse_long_params ? sums_bytes : 0;
+    const bool cache_row = want_dx && fits_in_shared_memory(base_bytes + cache_bytes);
+    const size_t smem = base_bytes + (cache_row ? cache_bytes : 0);
+    if (want_dx || fuse_long_params) {
+      auto kernel = kernels::layer_norm_bwd_long_kernel<T, DY, P>;
+      allow_dynamic_shared_memory(kernel, smem);
+      // Blocks beyond those resident at once would only add partial rows.
+      const int grid = std::min(persistent_grid(a.rows, kLongBlock), resident_grid(smem));
+      if (fuse_long_params) {
+        partials = at::empty({grid, 2, a.cols}, a.x.options().dtype(a.mean.scalar_type()));
+        p.partials = mut_ptr<A>(partials);
+        partial_blocks = grid;
+      }
+      kernel<<<grid, kLongBlock, smem, stream>>>(p, cache_row);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
   if (!want_params) return;
-  if (!fuse_params) partials = launch_param_cols<T, DY>(a, &partial_blocks, stream);
+  if (!fuse_params && !fuse_long_params) {
+    partials = launch_param_cols<T, DY>(a, &partial_blocks, stream);
+  }
   launch_param_reduce<A>(partials, partial_blocks, a, stream);
 }
 

@@ -10,16 +10,21 @@
 // Families (x and dy always through the chunk grid of vec.cuh):
 //  * rows kernel: x and dy of a row live in registers (K chunks per thread,
 //    `group` threads per row as in the forward rows kernel); one read of x and
-//    dy, writes dx. When `partials` is set (only when every row is chunk-aligned:
-//    N % V == 0 and 16-byte aligned tensors, so each thread sees the same columns
-//    in every row) each thread also sums dy*xhat and dy for its columns over
-//    all its rows in registers; the block then adds its row groups in group
-//    order and writes one partial row. Everything is read exactly once.
-//  * long kernel: any N, one row per block, dx only. x and dy are cached raw in
-//    shared memory when they fit (read once), else re-read (L2).
-//  * param_cols kernel: the general dweight/dbias path (rows not chunk-aligned,
-//    or long rows): column-parallel sums over a slice of rows per block; re-reads
-//    x and dy (coalesced scalar loads).
+//    dy, writes dx. When `partials` is set each thread also sums dy*xhat and dy
+//    over all its rows in registers, for columns that stay the same from row to
+//    row: when every row starts on a chunk (N % V == 0) those of its own chunks;
+//    otherwise (the row's chunks start `head` columns early, head varying by
+//    row) the group first writes the row's dy*xhat and dy in chunk order to a
+//    staging row in shared memory and each thread then adds the columns
+//    lane + m * group (bank-conflict-free reads). The block adds its row groups
+//    in group order and writes one partial row. Everything is read exactly once.
+//  * long kernel: any N, one row per block. x and dy are cached raw in shared
+//    memory when they fit (read once), else re-read (L2). When `partials` is
+//    set, the block's dweight/dbias sums [2, N] live in shared memory, column j
+//    owned by thread j % blockDim.x (read from the cache or L2 once more).
+//  * param_cols kernel: dweight/dbias of rows too long for those sums to fit in
+//    shared memory: column-parallel sums over a slice of rows per block;
+//    re-reads x and dy (coalesced scalar loads).
 //  * param_reduce kernel: adds the [blocks, 2, N] partials in block order and
 //    converts to the parameter dtype.
 // Assumes: N >= 1, N + 2*V fits in int, same launch shape rules as the forward.
@@ -40,7 +45,7 @@ struct BwdParams {
   const acc_t<T>* rstd;   // [M]
   const P* weight;        // [N] or nullptr (acts as 1)
   T* dx;                  // [M, N] or nullptr (not requested)
-  acc_t<T>* partials;     // rows kernel only: [gridDim.x, 2, N] or nullptr (not fused)
+  acc_t<T>* partials;     // [gridDim.x, 2, N] or nullptr (dweight/dbias not fused)
   int64_t rows;
   int cols;
   bool vec_ok;         // x, dy and dx 16-byte aligned
@@ -57,8 +62,20 @@ __global__ void __launch_bounds__(512)
   const int lane = threadIdx.x & (group - 1);
   const int rows_per_block = blockDim.x / group;
   const bool fused_params = p.partials != nullptr;
+  // Rows not all starting on a chunk: dweight/dbias go through the staging row.
+  const bool staged = fused_params && n % V != 0;
+  // Dynamic shared memory: staged, per row group [2][stage_len] (dy*xhat, dy in
+  // chunk order); after the row loop, [rows_per_block, N] to add the groups.
+  extern __shared__ uint4 dynamic_smem[];
+  const int stage_len = max_chunks_per_row(n, V) * V;
+  A* const stage_dw = reinterpret_cast<A*>(dynamic_smem) + (threadIdx.x / group) * 2 * stage_len;
+  A* const stage_db = stage_dw + stage_len;
+  // The column of accumulator [k][i]; every column < N has exactly one (k, i, lane).
+  auto column = [&](int k, int i) {
+    return staged ? lane + (k * V + i) * group : (k * group + lane) * V + i;
+  };
 
-  A acc_dw[K][V], acc_db[K][V];  // fused_params: this thread's columns s*V + i, s = k*group + lane
+  A acc_dw[K][V], acc_db[K][V];  // fused_params: sums for this thread's columns column(k, i)
 #pragma unroll
   for (int k = 0; k < K; ++k) {
 #pragma unroll
@@ -96,10 +113,20 @@ __global__ void __launch_bounds__(512)
 #pragma unroll
         for (int i = 0; i < V; ++i) xhat[k][i] = g[k][i] = w[i] = 0;
       }
+      if (staged && s < rc.count) {  // zeros outside the row are never read back
+        alignas(16) A dw[V], db[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          dw[i] = g[k][i] * xhat[k][i];
+          db[i] = g[k][i];
+        }
+        store_words<V>(stage_dw + s * V, dw);
+        store_words<V>(stage_db + s * V, db);
+      }
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const A dy = g[k][i];
-        if (fused_params) {  // rows are chunk-aligned here, so column s*V + i
+        if (fused_params && !staged) {  // chunk-aligned rows: column s*V + i
           acc_dw[k][i] += dy * xhat[k][i];
           acc_db[k][i] += dy;
         }
@@ -107,6 +134,23 @@ __global__ void __launch_bounds__(512)
         sum_g += g[k][i];
         sum_gx += g[k][i] * xhat[k][i];
       }
+    }
+    if (staged) {
+      row_group_sync(group);  // the group's staging row is complete
+      if (valid) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            const int col = column(k, i);
+            if (col < n) {
+              acc_dw[k][i] += stage_dw[rc.head + col];  // column col of the row
+              acc_db[k][i] += stage_db[rc.head + col];
+            }
+          }
+        }
+      }
+      row_group_sync(group);  // read before the next row overwrites it
     }
     const A mean_g = row_group_sum(sum_g, group, scratch) / A(n);
     const A mean_gx = row_group_sum(sum_gx, group, scratch) / A(n);
@@ -132,35 +176,31 @@ __global__ void __launch_bounds__(512)
   // rows_per_block == 1 writes straight from registers; otherwise through
   // shared memory [rows_per_block, N] (the launcher sizes it).
   A* block_partial = p.partials + static_cast<int64_t>(blockIdx.x) * 2 * n;
-  const int chunks = n / V;  // aligned rows: every row has exactly n / V chunks
   if (rows_per_block == 1) {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const int s = k * group + lane;
-      if (s < chunks) {
-        alignas(16) A dw[V], db[V];
 #pragma unroll
-        for (int i = 0; i < V; ++i) {
-          dw[i] = acc_dw[k][i];
-          db[i] = acc_db[k][i];
+      for (int i = 0; i < V; ++i) {
+        const int col = column(k, i);
+        if (col < n) {
+          block_partial[col] = acc_dw[k][i];
+          block_partial[n + col] = acc_db[k][i];
         }
-        store_words<V>(block_partial + s * V, dw);
-        store_words<V>(block_partial + n + s * V, db);
       }
     }
     return;
   }
-  extern __shared__ uint4 dynamic_smem[];
   A* groups = reinterpret_cast<A*>(dynamic_smem);  // [rows_per_block, n]
   A* group_row = groups + (threadIdx.x / group) * n;
+  __syncthreads();  // staged: every group is done with its staging row
 #pragma unroll
   for (int which = 0; which < 2; ++which) {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const int s = k * group + lane;
-      if (s < chunks) {
 #pragma unroll
-        for (int i = 0; i < V; ++i) group_row[s * V + i] = which == 0 ? acc_dw[k][i] : acc_db[k][i];
+      for (int i = 0; i < V; ++i) {
+        const int col = column(k, i);
+        if (col < n) group_row[col] = which == 0 ? acc_dw[k][i] : acc_db[k][i];
       }
     }
     __syncthreads();
@@ -173,17 +213,30 @@ __global__ void __launch_bounds__(512)
   }
 }
 
+// Columns of the long kernel's dweight/dbias sums in shared memory, rounded so
+// that the row cache behind them starts 16-byte aligned.
+__host__ __device__ constexpr int long_param_cols(int n) { return (n + 3) / 4 * 4; }
+
 template <typename T, typename DY, typename P>
 __global__ void __launch_bounds__(1024)
     layer_norm_bwd_long_kernel(const BwdParams<T, DY, P> p, const bool cache_row) {
   using A = acc_t<T>;
   constexpr int V = kVecElems<T>;
   __shared__ A scratch[32];
-  extern __shared__ uint4 dynamic_smem[];  // cache_row: [count * V] T, then [count * V] DY
+  // Dynamic shared memory: partials set: [2, long_param_cols(n)] A (dweight, dbias
+  // sums of this block's rows); then cache_row: [count * V] T, [count * V] DY.
+  extern __shared__ uint4 dynamic_smem[];
   const int n = p.cols;
   const int max_chunks = max_chunks_per_row(n, V);
-  T* x_cache = reinterpret_cast<T*>(dynamic_smem);
+  const bool fused_params = p.partials != nullptr;
+  A* const sum_dw = reinterpret_cast<A*>(dynamic_smem);
+  A* const sum_db = sum_dw + long_param_cols(n);
+  T* x_cache = reinterpret_cast<T*>(fused_params ? sum_db + long_param_cols(n) : sum_dw);
   DY* dy_cache = reinterpret_cast<DY*>(x_cache + max_chunks * V);  // 16-byte aligned: V*sizeof(T) == 16
+  // Column j's sums belong to thread j % blockDim.x in every row: no barrier needed.
+  if (fused_params) {
+    for (int j = threadIdx.x; j < n; j += blockDim.x) sum_dw[j] = sum_db[j] = 0;
+  }
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const RowChunks rc = row_chunks<V>(row, n);
@@ -202,6 +255,18 @@ __global__ void __launch_bounds__(1024)
     }
     const T* x_src = cache_row ? x_cache : x_row;
     const DY* dy_src = cache_row ? dy_cache : dy_row;
+
+    if (fused_params) {  // column j of the row is element head + j of its chunks
+      // Columns cut across the chunks that other threads cached. (The cache is
+      // refilled only after the dx pass's block sums: every thread is past this.)
+      if (cache_row) __syncthreads();
+      for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const A dy = to_acc(dy_src[rc.head + j]);
+        sum_dw[j] += dy * ((to_acc(x_src[rc.head + j]) - mean) * rstd);
+        sum_db[j] += dy;
+      }
+    }
+    if (p.dx == nullptr) continue;
 
     // One chunk's xhat and g, zero outside the row.
     auto load_xhat_g = [&](int s, int col0, bool full, A (&xhat)[V], A (&g)[V]) {
@@ -239,6 +304,14 @@ __global__ void __launch_bounds__(1024)
 #pragma unroll
       for (int i = 0; i < V; ++i) out[i] = rstd * (g[i] - mean_g - xhat[i] * mean_gx);
       store_chunk(dx_row + s * V, full, col0, n, out);
+    }
+  }
+
+  if (fused_params) {
+    A* block_partial = p.partials + static_cast<int64_t>(blockIdx.x) * 2 * n;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+      block_partial[j] = sum_dw[j];
+      block_partial[n + j] = sum_db[j];
     }
   }
 }

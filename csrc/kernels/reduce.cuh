@@ -41,5 +41,15 @@ __device__ __forceinline__ A row_group_sum(A v, int group, A* scratch) {
   return group <= 32 ? warp_group_sum(v, group) : block_sum(v, scratch);
 }
 
+// Orders the shared-memory accesses of the `group` threads of a row: the warp
+// (group <= 32) or the block. Every thread of the block must call it.
+__device__ __forceinline__ void row_group_sync(int group) {
+  if (group <= 32) {
+    __syncwarp();
+  } else {
+    __syncthreads();
+  }
+}
+
 }  // namespace kernels
 }  // namespace ln_ext

@@ -30,6 +30,11 @@ inline uint4* dynamic_smem() { return emu_dynamic_smem_buf.data(); }
 
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  assert(mask == 0xffffffffu);
+  emu_warp_barriers[threadIdx.x / 32]->arrive_and_wait();
+}
+
 template <typename A>
 A __shfl_xor_sync(unsigned mask, A v, int offset) {
   assert(mask == 0xffffffffu);

@@ -6,8 +6,8 @@ csrc/kernels/*.cuh walk the 16-byte chunk grid, and checks for every shape given
     (rows kernels: the row fits in group * K chunks; long kernels: strided walk);
   * no access outside the tensor, no vector access that is not 16-byte aligned
     or that leaves its row; parameter vector loads only at columns % V == 0;
-  * the fused dweight/dbias path is only taken for chunk-aligned rows, and every
-    column's partial is written;
+  * the fused dweight/dbias path gives every column exactly one accumulator, and
+    rows not starting on a chunk read their staging row only where it was written;
   * the param_cols grid covers every (row, column) once and keeps grid.y <= 65535.
 Run: python scripts/kernel_check/index_model.py   (prints a summary, exits 1 on a failure)
 """
@@ -106,6 +106,30 @@ def check_long_kernel(m, n, v, vec_ok, grid, block=LONG_BLOCK):
     return loads
 
 
+def check_fused_params(m, n, v, k, group, rpb):
+    """The rows kernel's fused dweight/dbias: each column has exactly one accumulator
+    (k, i, lane); with N % V == 0 it is the thread's own chunk column in every row, else
+    the staging row holds column j at head + j, inside what the row's chunks wrote."""
+    chunks = max_chunks_per_row(n, v)
+    staged = n % v != 0
+    def column(kk, i, lane):
+        return lane + (kk * v + i) * group if staged else (kk * group + lane) * v + i
+    owners = [column(kk, i, lane) for lane in range(group) for kk in range(k) for i in range(v)]
+    owners = [c for c in owners if c < n]
+    assert sorted(owners) == list(range(n)), "fused partial: a column with no or two owners"
+    stage_len = chunks * v
+    for r in range(min(m, 2 * v)):
+        _, head, count = row_chunks(r, n, v)
+        if not staged:
+            assert head == 0 and count == n // v
+            continue
+        written = set(range(0, min(count, k * group) * v))  # chunks s < count store V values
+        assert all(head + j in written and head + j < stage_len for j in range(n)), "staging read"
+    acc_bytes = 8 if v == 2 else 4
+    smem = rpb * 2 * stage_len * acc_bytes if staged else (rpb * n * acc_bytes if rpb > 1 else 0)
+    assert smem <= 64 * 1024 + 1024 and (not staged or 2 * stage_len >= n)
+
+
 def assert_once(loads, m, n, what):
     assert len(loads) == m * n and all(c == 1 for c in loads.values()), \
         f"{what}: {m}x{n} covered {len(loads)} elements, counts {set(loads.values())}"
@@ -122,14 +146,8 @@ def check_shape(m, n, v, vec_ok, sms=132, threads_per_sm=2048):
             rpb = block // group
             grid = max(1, min(ceil_div(m, rpb), sms * max(1, threads_per_sm // block)))
             assert_once(check_rows_kernel(m, n, v, vec_ok, k, group, block, grid), m, n, f"{name} rows")
-            if name == "bwd" and vec_ok and n % v == 0:  # fused dweight/dbias
-                assert all(row_chunks(r, n, v)[1] == 0 and row_chunks(r, n, v)[2] == n // v for r in range(m))
-                cols = {c for lane in range(group) for kk in range(k)
-                        for c in range((kk * group + lane) * v, (kk * group + lane) * v + v)
-                        if kk * group + lane < n // v}
-                assert cols == set(range(n)), "fused partial misses columns"
-                if rpb > 1:
-                    assert rpb * n * 4 <= 16 * 1024 * (2 if v == 2 else 1)
+            if name == "bwd":
+                check_fused_params(m, n, v, k, group, rpb)
         else:
             grid = max(1, min(m, sms * max(1, threads_per_sm // LONG_BLOCK)))
             assert_once(check_long_kernel(m, n, v, vec_ok, grid), m, n, f"{name} long")

@@ -102,23 +102,29 @@ void test_bwd(int64_t M, int N, int offset, bool has_w, bool want_dx, bool want_
   const int chunks = max_chunks_per_row(N, V);
   Cfg c = choose(chunks, 2, 512);
   if (force_long_block) c.k = 0;
-  const bool fuse = want_params && c.k != 0 && p.vec_ok && N % V == 0;
+  const bool fuse = want_params && c.k != 0;
   std::vector<A> partials;
   int partial_blocks = 0;
+  bool fuse_long = false;
   if (c.k && (want_dx || fuse)) {
     int grid = (int)std::max<int64_t>(1, std::min<int64_t>(ceil_div(M, c.rpb()), grid_cap));
     size_t smem = 0;
-    if (fuse) { partials.assign((size_t)grid * 2 * N, (A)-777); p.partials = partials.data(); partial_blocks = grid; if (c.rpb() > 1) smem = c.rpb() * N * sizeof(A); }
+    if (fuse) { partials.assign((size_t)grid * 2 * N, (A)-777); p.partials = partials.data(); partial_blocks = grid; if (N % V != 0) smem = (size_t)c.rpb() * 2 * chunks * V * sizeof(A); else if (c.rpb() > 1) smem = c.rpb() * N * sizeof(A); }
     emu_launch({(unsigned)grid}, {(unsigned)c.block}, smem, [&] {
       if (c.k == 1) layer_norm_bwd_rows_kernel<T, DY, P, 1>(p, c.group); else layer_norm_bwd_rows_kernel<T, DY, P, 2>(p, c.group);
     });
-  } else if (want_dx) {
+  } else if (c.k == 0) {
+    // long kernel: dweight/dbias sums in shared memory (here: unless (M + N) % 3 == 0,
+    // standing in for "too large", which takes param_cols), row cache or not
+    fuse_long = want_params && (M + N) % 3 != 0;
     const int block = force_long_block ? force_long_block : 1024;
-    const bool cache = (M + N) % 2 == 1;
+    const bool cache = want_dx && (M + N) % 2 == 1;
     int grid = (int)std::max<int64_t>(1, std::min<int64_t>(M, grid_cap));
-    emu_launch({(unsigned)grid}, {(unsigned)block}, cache ? (size_t)chunks * V * (sizeof(T) + sizeof(DY)) : 0, [&] { layer_norm_bwd_long_kernel<T, DY, P>(p, cache); });
+    const size_t smem = (fuse_long ? 2 * (size_t)long_param_cols(N) * sizeof(A) : 0) + (cache ? (size_t)chunks * V * (sizeof(T) + sizeof(DY)) : 0);
+    if (fuse_long) { partials.assign((size_t)grid * 2 * N, (A)-777); p.partials = partials.data(); partial_blocks = grid; }
+    if (want_dx || fuse_long) emu_launch({(unsigned)grid}, {(unsigned)block}, smem, [&] { layer_norm_bwd_long_kernel<T, DY, P>(p, cache); });
   }
-  if (want_params && !fuse) {
+  if (want_params && !fuse && !fuse_long) {
     const int64_t col_tiles = ceil_div(N, kColTile);
     const int64_t max_slices = std::min<int64_t>(65535, std::max<int64_t>(1, M / (4 * kColRowLanes)));
     int64_t slices = std::clamp<int64_t>(ceil_div(grid_cap * 8, col_tiles), 1, max_slices);
@@ -136,7 +142,7 @@ void test_bwd(int64_t M, int N, int offset, bool has_w, bool want_dx, bool want_
       layer_norm_bwd_param_reduce_kernel<A, P>(partials.data(), partial_blocks, N, dw.data(), db.data());
     });
   }
-  const std::string tag = "bwd M=" + std::to_string(M) + " N=" + std::to_string(N) + " off=" + std::to_string(offset) + " k=" + std::to_string(c.k) + " fuse=" + std::to_string(fuse) + " T=" + std::to_string(sizeof(T)) + " DY=" + std::to_string(sizeof(DY)) + " P=" + std::to_string(sizeof(P)) + " w=" + std::to_string(has_w) + " dx=" + std::to_string(want_dx) + " params=" + std::to_string(want_params);
+  const std::string tag = "bwd M=" + std::to_string(M) + " N=" + std::to_string(N) + " off=" + std::to_string(offset) + " k=" + std::to_string(c.k) + " fuse=" + std::to_string(fuse) + std::to_string(fuse_long) + " T=" + std::to_string(sizeof(T)) + " DY=" + std::to_string(sizeof(DY)) + " P=" + std::to_string(sizeof(P)) + " w=" + std::to_string(has_w) + " dx=" + std::to_string(want_dx) + " params=" + std::to_string(want_params);
   std::vector<double> rdw(N, 0), rdb(N, 0);
   for (int64_t r = 0; r < M; ++r) {
     double sg = 0, sgx = 0;
@@ -175,6 +181,7 @@ void suite(const std::vector<int>& ns, const std::vector<int64_t>& ms) {
     if (n <= 700) {  // the long kernels on short rows too, small blocks: several chunks per thread
       test_fwd<T, P, Y>(m, n, off, true, true, grid_cap, 64);
       test_bwd<T, DY, P>(m, n, off, true, true, true, grid_cap, 32);
+      test_bwd<T, DY, P>(m, n, 0, n % 2 == 0, false, true, grid_cap, 64);
     }
     cases++;
   }
