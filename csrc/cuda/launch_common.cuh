@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 
 namespace ln_ext {
 namespace cuda_launch {
@@ -61,45 +63,63 @@ inline int pow2_at_least(int v) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// One attribute of the current device. (ATen/cuda/CUDAContext.h would give the
-// cached cudaDeviceProp but pulls in cuSPARSE/cuBLAS headers that a bare CUDA
-// toolkit may lack; cudaDeviceGetAttribute is a cheap host-side lookup.)
-inline int device_attribute(cudaDeviceAttr attr) {
-  int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, c10::cuda::current_device()));
-  return value;
+// The few limits of the current device the launchers size grids by, read once
+// per device: small LayerNorms are host-bound, so a launch makes no driver query.
+// (ATen/cuda/CUDAContext.h would give the cached cudaDeviceProp but pulls in
+// cuSPARSE/cuBLAS headers that a bare CUDA toolkit may lack.)
+struct DeviceLimits {
+  int multiprocessors;
+  int threads_per_sm;
+  size_t smem_per_sm;
+  size_t smem_per_block_optin;
+};
+
+inline const DeviceLimits& device_limits() {
+  static const int devices = c10::cuda::device_count();
+  static const std::unique_ptr<std::once_flag[]> once(new std::once_flag[devices]);
+  static const std::unique_ptr<DeviceLimits[]> limits(new DeviceLimits[devices]);
+  const int device = c10::cuda::current_device();
+  std::call_once(once[device], [device] {
+    auto attribute = [device](cudaDeviceAttr attr) {
+      int value = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+      return value;
+    };
+    limits[device] = {attribute(cudaDevAttrMultiProcessorCount),
+                      attribute(cudaDevAttrMaxThreadsPerMultiProcessor),
+                      static_cast<size_t>(attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor)),
+                      static_cast<size_t>(attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))};
+  });
+  return limits[device];
 }
 
-inline int multiprocessor_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
+inline int multiprocessor_count() { return device_limits().multiprocessors; }
 
 // A persistent grid: as many blocks as the work needs, at most as many as the
 // multiprocessors hold at once by thread count (a kernel held back by registers
 // or shared memory just runs the extra blocks in a second wave).
 inline int persistent_grid(int64_t blocks_needed, int block_threads) {
-  const int threads_per_sm = device_attribute(cudaDevAttrMaxThreadsPerMultiProcessor);
-  const int64_t per_sm = std::max(1, threads_per_sm / block_threads);
-  const int64_t resident = static_cast<int64_t>(multiprocessor_count()) * per_sm;
+  const DeviceLimits& dev = device_limits();
+  const int64_t per_sm = std::max(1, dev.threads_per_sm / block_threads);
+  const int64_t resident = static_cast<int64_t>(dev.multiprocessors) * per_sm;
   return static_cast<int>(std::max<int64_t>(1, std::min(blocks_needed, resident)));
 }
 
 // Blocks of kLongBlock threads with `smem_bytes` of dynamic shared memory that
 // the card holds at once.
 inline int resident_grid(size_t smem_bytes) {
-  const int threads_per_sm = device_attribute(cudaDevAttrMaxThreadsPerMultiProcessor);
-  const auto smem_per_sm =
-      static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor));
-  int per_sm = std::max(1, threads_per_sm / kLongBlock);
+  const DeviceLimits& dev = device_limits();
+  int per_sm = std::max(1, dev.threads_per_sm / kLongBlock);
   if (smem_bytes > 0) {
-    per_sm = std::min<int>(per_sm, std::max<size_t>(1, smem_per_sm / (smem_bytes + 1024)));
+    per_sm = std::min<int>(per_sm, std::max<size_t>(1, dev.smem_per_sm / (smem_bytes + 1024)));
   }
-  return multiprocessor_count() * per_sm;
+  return dev.multiprocessors * per_sm;
 }
 
 // Whether `bytes` of dynamic shared memory (a row cache) fit in one block.
 inline bool fits_in_shared_memory(size_t bytes) {
   constexpr size_t kStaticReserve = 1024;  // the kernels' own __shared__ scratch
-  const auto optin = static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
-  return bytes + kStaticReserve <= optin;
+  return bytes + kStaticReserve <= device_limits().smem_per_block_optin;
 }
 
 // Above 48 KiB a kernel must opt in to its dynamic shared memory.
