@@ -53,6 +53,8 @@ CASES = [
     Case("N=5127 odd", (3,), (5127,), "fp16"),
     Case("N=8192, M=65", (65,), (8192,), "fp32"),
     Case("N=12289 odd mixed", (2,), (12289,), "mixed"),
+    Case("N=16384: long bwd, dweight/dbias sums and row cache in smem", (3,), (16384,), "bf16"),
+    Case("N=20000: long bwd, dweight/dbias sums in smem, no row cache", (3,), (20000,), "fp32"),
     Case("N=65536", (3,), (65536,), "bf16"),
     Case("N=100000", (1,), (100000,), "fp32"),
     Case("N=262144", (2,), (262144,), "bf16"),
