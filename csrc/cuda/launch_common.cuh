@@ -116,10 +116,23 @@ inline int resident_grid(size_t smem_bytes) {
   return dev.multiprocessors * per_sm;
 }
 
-// Whether `bytes` of dynamic shared memory (a row cache) fit in one block.
-inline bool fits_in_shared_memory(size_t bytes) {
-  constexpr size_t kStaticReserve = 1024;  // the kernels' own __shared__ scratch
-  return bytes + kStaticReserve <= device_limits().smem_per_block_optin;
+// Dynamic shared memory one block may use: the opt-in limit less the kernels'
+// own __shared__ scratch.
+inline size_t dynamic_shared_memory_limit() {
+  constexpr size_t kStaticReserve = 1024;
+  return device_limits().smem_per_block_optin - kStaticReserve;
+}
+
+// Whether `bytes` of dynamic shared memory fit in one block.
+inline bool fits_in_shared_memory(size_t bytes) { return bytes <= dynamic_shared_memory_limit(); }
+
+// How many of a row's `chunks` chunks (`chunk_bytes` each) a long kernel caches in
+// the shared memory left after `used` bytes: all when they fit, else as many as fit
+// (the rest is re-read; a partly cached row still saves those re-reads).
+inline int cached_chunks(int chunks, size_t chunk_bytes, size_t used) {
+  const size_t limit = dynamic_shared_memory_limit();
+  const size_t room = used < limit ? (limit - used) / chunk_bytes : 0;
+  return static_cast<int>(std::min<size_t>(chunks, room));
 }
 
 // Above 48 KiB a kernel must opt in to its dynamic shared memory.

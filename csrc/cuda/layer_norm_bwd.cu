@@ -149,13 +149,14 @@ void launch_bwd(const LayerNormBwdArgs& a) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     // Long rows: the dweight/dbias sums in shared memory take precedence over the
-    // row cache (they save re-reading x and dy from HBM, the cache only from L2).
+    // row cache (they save re-reading x and dy from HBM, the cache only from L2);
+    // the cache holds as much of the row as the rest of shared memory does.
     const size_t sums_bytes = 2 * static_cast<size_t>(kernels::long_param_cols(p.cols)) * sizeof(A);
     fuse_long_params = want_params && fits_in_shared_memory(sums_bytes);
-    const size_t cache_bytes = static_cast<size_t>(chunks) * V * (sizeof(T) + sizeof(DY));
-    const size_t base_bytes = fuse_long_params ? sums_bytes : 0;
-    const bool cache_row = want_dx && fits_in_shared_memory(base_bytes + cache_bytes);
-    const size_t smem = base_bytes + (cache_row ? cache_bytes : 0);
+    const size_t sums_used = fuse_long_params ? sums_bytes : 0;
+    const size_t chunk_bytes = V * (sizeof(T) + sizeof(DY));  // a chunk of x and one of dy
+    const int cached = want_dx ? cached_chunks(chunks, chunk_bytes, sums_used) : 0;
+    const size_t smem = sums_used + static_cast<size_t>(cached) * chunk_bytes;
     if (want_dx || fuse_long_params) {
       auto kernel = kernels::layer_norm_bwd_long_kernel<T, DY, P>;
       allow_dynamic_shared_memory(kernel, smem);
@@ -166,7 +167,7 @@ void launch_bwd(const LayerNormBwdArgs& a) {
         p.partials = mut_ptr<A>(partials);
         partial_blocks = grid;
       }
-      kernel<<<grid, kLongBlock, smem, stream>>>(p, cache_row);
+      kernel<<<grid, kLongBlock, smem, stream>>>(p, cached);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }

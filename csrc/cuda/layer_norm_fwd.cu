@@ -12,7 +12,7 @@
 //   C <= 32:         rows kernel, K=1, 1..32 threads per row, 256-thread blocks
 //   C <= 4 * 512:    rows kernel, K=4, 16..512 threads per row (a block per row above 32)
 //   larger:          long kernel, a 1024-thread block per row, row cached in shared
-//                    memory when it fits, else re-read
+//                    memory (as much of it as fits; the rest re-read)
 #include "../layer_norm.h"
 #include "../kernels/layer_norm_fwd.cuh"
 #include "launch_common.cuh"
@@ -63,13 +63,12 @@ void launch_fwd(const LayerNormFwdArgs& a) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  const size_t cache_bytes = static_cast<size_t>(chunks) * V * sizeof(T);
-  const bool cache_row = fits_in_shared_memory(cache_bytes);
-  const size_t smem = cache_row ? cache_bytes : 0;
+  const int cached = cached_chunks(chunks, V * sizeof(T), 0);
+  const size_t smem = static_cast<size_t>(cached) * V * sizeof(T);
   auto kernel = kernels::layer_norm_fwd_long_kernel<T, P, Y>;
   allow_dynamic_shared_memory(kernel, smem);
   const int grid = persistent_grid(a.rows, kLongBlock);
-  kernel<<<grid, kLongBlock, smem, stream>>>(p, cache_row);
+  kernel<<<grid, kLongBlock, smem, stream>>>(p, cached);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -19,9 +19,10 @@
 //    lane + m * group (bank-conflict-free reads). The block adds its row groups
 //    in group order and writes one partial row. Everything is read exactly once.
 //  * long kernel: any N, one row per block. x and dy are cached raw in shared
-//    memory when they fit (read once), else re-read (L2). When `partials` is
-//    set, the block's dweight/dbias sums [2, N] live in shared memory, column j
-//    owned by thread j % blockDim.x (read from the cache or L2 once more).
+//    memory, as much of the row as fits (read once), the rest re-read (L2).
+//    When `partials` is set, the block's dweight/dbias sums [2, N] live in
+//    shared memory ahead of the cache, column j owned by thread j % blockDim.x
+//    (x and dy read from the cache or L2 once more).
 //  * param_cols kernel: dweight/dbias of rows too long for those sums to fit in
 //    shared memory: column-parallel sums over a slice of rows per block;
 //    re-reads x and dy (coalesced scalar loads).
@@ -219,20 +220,20 @@ __host__ __device__ constexpr int long_param_cols(int n) { return (n + 3) / 4 * 
 
 template <typename T, typename DY, typename P>
 __global__ void __launch_bounds__(1024)
-    layer_norm_bwd_long_kernel(const BwdParams<T, DY, P> p, const bool cache_row) {
+    layer_norm_bwd_long_kernel(const BwdParams<T, DY, P> p, const int cached_chunks) {
   using A = acc_t<T>;
   constexpr int V = kVecElems<T>;
   __shared__ A scratch[32];
   // Dynamic shared memory: partials set: [2, long_param_cols(n)] A (dweight, dbias
-  // sums of this block's rows); then cache_row: [count * V] T, [count * V] DY.
+  // sums of this block's rows); then the row's first cached_chunks chunks of x and
+  // of dy: [cached_chunks * V] T, [cached_chunks * V] DY.
   extern __shared__ uint4 dynamic_smem[];
   const int n = p.cols;
-  const int max_chunks = max_chunks_per_row(n, V);
   const bool fused_params = p.partials != nullptr;
   A* const sum_dw = reinterpret_cast<A*>(dynamic_smem);
   A* const sum_db = sum_dw + long_param_cols(n);
   T* x_cache = reinterpret_cast<T*>(fused_params ? sum_db + long_param_cols(n) : sum_dw);
-  DY* dy_cache = reinterpret_cast<DY*>(x_cache + max_chunks * V);  // 16-byte aligned: V*sizeof(T) == 16
+  DY* dy_cache = reinterpret_cast<DY*>(x_cache + cached_chunks * V);  // 16-byte aligned: V*sizeof(T) == 16
   // Column j's sums belong to thread j % blockDim.x in every row: no barrier needed.
   if (fused_params) {
     for (int j = threadIdx.x; j < n; j += blockDim.x) sum_dw[j] = sum_db[j] = 0;
@@ -245,24 +246,24 @@ __global__ void __launch_bounds__(1024)
     const T* x_row = p.x + rc.first * V;
     const DY* dy_row = p.dy + rc.first * V;
     // As in the forward long kernel, a thread only touches its own chunks.
-    if (cache_row) {
-      for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
-        const int col0 = s * V - rc.head;
-        const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
-        copy_chunk<V>(x_row + s * V, x_cache + s * V, full, col0, n);
-        copy_chunk<V>(dy_row + s * V, dy_cache + s * V, full, col0, n);
-      }
+    for (int s = threadIdx.x; s < rc.count && s < cached_chunks; s += blockDim.x) {
+      const int col0 = s * V - rc.head;
+      const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
+      copy_chunk<V>(x_row + s * V, x_cache + s * V, full, col0, n);
+      copy_chunk<V>(dy_row + s * V, dy_cache + s * V, full, col0, n);
     }
-    const T* x_src = cache_row ? x_cache : x_row;
-    const DY* dy_src = cache_row ? dy_cache : dy_row;
+    // Element e of the row's chunks (chunk e / V): in the cache when it holds it,
+    // else in memory (read again).
+    auto x_at = [&](int e) { return (e < cached_chunks * V ? x_cache : x_row) + e; };
+    auto dy_at = [&](int e) { return (e < cached_chunks * V ? dy_cache : dy_row) + e; };
 
     if (fused_params) {  // column j of the row is element head + j of its chunks
       // Columns cut across the chunks that other threads cached. (The cache is
       // refilled only after the dx pass's block sums: every thread is past this.)
-      if (cache_row) __syncthreads();
+      if (cached_chunks > 0) __syncthreads();
       for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        const A dy = to_acc(dy_src[rc.head + j]);
-        sum_dw[j] += dy * ((to_acc(x_src[rc.head + j]) - mean) * rstd);
+        const A dy = to_acc(*dy_at(rc.head + j));
+        sum_dw[j] += dy * ((to_acc(*x_at(rc.head + j)) - mean) * rstd);
         sum_db[j] += dy;
       }
     }
@@ -271,8 +272,8 @@ __global__ void __launch_bounds__(1024)
     // One chunk's xhat and g, zero outside the row.
     auto load_xhat_g = [&](int s, int col0, bool full, A (&xhat)[V], A (&g)[V]) {
       A w[V];
-      load_chunk(x_src + s * V, full, col0, n, A(0), xhat);
-      load_chunk(dy_src + s * V, full, col0, n, A(0), g);
+      load_chunk(x_at(s * V), full, col0, n, A(0), xhat);
+      load_chunk(dy_at(s * V), full, col0, n, A(0), g);
       load_param_chunk(p.weight, full && rc.head == 0 && p.weight_vec_ok, col0, n, A(1), w);
 #pragma unroll
       for (int i = 0; i < V; ++i) {

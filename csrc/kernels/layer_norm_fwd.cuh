@@ -13,9 +13,9 @@
 //    block; group > 32: one row per block of `group` threads). Persistent grid
 //    stride over batches of rows. x is read exactly once.
 //  * long kernel: any N. One row per block; each thread walks its chunks three
-//    times (sum, centered squares, output). With `cache_row` the row is first
-//    copied raw into shared memory and the passes read it there (x read once);
-//    without it (rows larger than shared memory) the passes re-read x (L2).
+//    times (sum, centered squares, output). The row's first `cached_chunks`
+//    chunks (all of it when it fits) are first copied raw into shared memory and
+//    the passes read them there; the rest of a longer row is re-read from x (L2).
 // Assumes: N >= 1, N + 2*V fits in int, group a power of two, blockDim.x a
 // multiple of group and of 32, group * K >= max_chunks_per_row(N, V).
 // Measured: not yet on a GPU (see benchmarks/NOTES.md for ptxas/SASS facts).
@@ -123,11 +123,11 @@ __global__ void __launch_bounds__(512)
 
 template <typename T, typename P, typename Y>
 __global__ void __launch_bounds__(1024)
-    layer_norm_fwd_long_kernel(const FwdParams<T, P, Y> p, const bool cache_row) {
+    layer_norm_fwd_long_kernel(const FwdParams<T, P, Y> p, const int cached_chunks) {
   using A = acc_t<T>;
   constexpr int V = kVecElems<T>;
   __shared__ A scratch[32];
-  extern __shared__ uint4 dynamic_smem[];  // cache_row: the row's chunks, [count * V] T
+  extern __shared__ uint4 dynamic_smem[];  // the row's first cached_chunks chunks, [cached_chunks * V] T
   T* cache = reinterpret_cast<T*>(dynamic_smem);
   const int n = p.cols;
 
@@ -136,19 +136,18 @@ __global__ void __launch_bounds__(1024)
     const T* x_row = p.x + rc.first * V;
     // Each thread only ever touches its own chunks s = threadIdx.x + j * blockDim.x,
     // in the cache as in x, so the cache needs no barrier of its own.
-    if (cache_row) {
-      for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
-        const int col0 = s * V - rc.head;
-        copy_chunk<V>(x_row + s * V, cache + s * V, chunk_is_full<V>(p.vec_ok, col0, n), col0, n);
-      }
+    for (int s = threadIdx.x; s < rc.count && s < cached_chunks; s += blockDim.x) {
+      const int col0 = s * V - rc.head;
+      copy_chunk<V>(x_row + s * V, cache + s * V, chunk_is_full<V>(p.vec_ok, col0, n), col0, n);
     }
-    const T* src = cache_row ? cache : x_row;
+    // Chunk s of the row: from the cache when it holds it, else (again) from x.
+    auto chunk = [&](int s) { return (s < cached_chunks ? cache : x_row) + s * V; };
 
     A sum = 0;
     for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
       const int col0 = s * V - rc.head;
       A v[V];
-      load_chunk(src + s * V, chunk_is_full<V>(p.vec_ok, col0, n), col0, n, A(0), v);
+      load_chunk(chunk(s), chunk_is_full<V>(p.vec_ok, col0, n), col0, n, A(0), v);
 #pragma unroll
       for (int i = 0; i < V; ++i) sum += v[i];
     }
@@ -158,7 +157,7 @@ __global__ void __launch_bounds__(1024)
     for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
       const int col0 = s * V - rc.head;
       A v[V];
-      load_chunk(src + s * V, chunk_is_full<V>(p.vec_ok, col0, n), col0, n, A(0), v);
+      load_chunk(chunk(s), chunk_is_full<V>(p.vec_ok, col0, n), col0, n, A(0), v);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const A d = in_row(col0 + i, n) ? v[i] - mean : A(0);
@@ -176,7 +175,7 @@ __global__ void __launch_bounds__(1024)
       const int col0 = s * V - rc.head;
       const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
       A v[V];
-      load_chunk(src + s * V, full, col0, n, A(0), v);
+      load_chunk(chunk(s), full, col0, n, A(0), v);
       fwd_write_chunk<V>(p, y_row + s * V, full, full && rc.head == 0 && p.params_vec_ok, col0, v,
                          mean, rstd);
     }

@@ -21,6 +21,16 @@ Cfg choose(int chunks, int big_k, int max_group) {
   return {0, 0, 1024};
 }
 
+// Chunks of a row the long kernels cache: all, none, or a part (standing in for
+// rows longer than shared memory), by shape.
+int cached_of(int64_t M, int N, int chunks) {
+  switch ((M + N) % 3) {
+    case 0: return chunks;
+    case 1: return 0;
+    default: return chunks / 2 + 1 < chunks ? chunks / 2 + 1 : chunks;
+  }
+}
+
 std::mt19937 rng(1234);
 template <typename T> T from_d(double v) { if constexpr (std::is_same_v<T, __half>) return __float2half_rn((float)v); else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn((float)v); else return (T)v; }
 template <typename T> double to_d(T v) { if constexpr (std::is_same_v<T, __half>) return __half2float(v); else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v); else return (double)v; }
@@ -60,9 +70,9 @@ void test_fwd(int64_t M, int N, int offset, bool has_w, bool has_b, int grid_cap
     });
   } else {
     const int block = force_long_block ? force_long_block : 1024;
-    const bool cache = (M + N) % 2 == 0;
+    const int cached = cached_of(M, N, chunks);
     int grid = (int)std::max<int64_t>(1, std::min<int64_t>(M, grid_cap));
-    emu_launch({(unsigned)grid}, {(unsigned)block}, cache ? (size_t)chunks * V * sizeof(T) : 0, [&] { layer_norm_fwd_long_kernel<T, P, Y>(p, cache); });
+    emu_launch({(unsigned)grid}, {(unsigned)block}, (size_t)cached * V * sizeof(T), [&] { layer_norm_fwd_long_kernel<T, P, Y>(p, cached); });
   }
   const std::string tag = "fwd M=" + std::to_string(M) + " N=" + std::to_string(N) + " off=" + std::to_string(offset) + " k=" + std::to_string(c.k) + " T=" + std::to_string(sizeof(T)) + " P=" + std::to_string(sizeof(P)) + " Y=" + std::to_string(sizeof(Y)) + " w=" + std::to_string(has_w) + " b=" + std::to_string(has_b);
   for (int64_t r = 0; r < M; ++r) {
@@ -118,11 +128,11 @@ void test_bwd(int64_t M, int N, int offset, bool has_w, bool want_dx, bool want_
     // standing in for "too large", which takes param_cols), row cache or not
     fuse_long = want_params && (M + N) % 3 != 0;
     const int block = force_long_block ? force_long_block : 1024;
-    const bool cache = want_dx && (M + N) % 2 == 1;
+    const int cached = want_dx ? cached_of(M + 1, N, chunks) : 0;
     int grid = (int)std::max<int64_t>(1, std::min<int64_t>(M, grid_cap));
-    const size_t smem = (fuse_long ? 2 * (size_t)long_param_cols(N) * sizeof(A) : 0) + (cache ? (size_t)chunks * V * (sizeof(T) + sizeof(DY)) : 0);
+    const size_t smem = (fuse_long ? 2 * (size_t)long_param_cols(N) * sizeof(A) : 0) + (size_t)cached * V * (sizeof(T) + sizeof(DY));
     if (fuse_long) { partials.assign((size_t)grid * 2 * N, (A)-777); p.partials = partials.data(); partial_blocks = grid; }
-    if (want_dx || fuse_long) emu_launch({(unsigned)grid}, {(unsigned)block}, smem, [&] { layer_norm_bwd_long_kernel<T, DY, P>(p, cache); });
+    if (want_dx || fuse_long) emu_launch({(unsigned)grid}, {(unsigned)block}, smem, [&] { layer_norm_bwd_long_kernel<T, DY, P>(p, cached); });
   }
   if (want_params && !fuse && !fuse_long) {
     const int64_t col_tiles = ceil_div(N, kColTile);
