@@ -75,6 +75,18 @@ __global__ void __launch_bounds__(512)
   auto column = [&](int k, int i) {
     return staged ? lane + (k * V + i) * group : (k * group + lane) * V + i;
   };
+  // f(k, i, column) for each of this thread's accumulators whose column is in the row
+  // (forced inline: without it ptxas spilled the 16-bit K=1 kernels at 64 registers).
+  auto for_each_column = [&](auto&& f) __attribute__((always_inline)) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const int col = column(k, i);
+        if (col < n) f(k, i, col);
+      }
+    }
+  };
 
   A acc_dw[K][V], acc_db[K][V];  // fused_params: sums for this thread's columns column(k, i)
 #pragma unroll
@@ -139,17 +151,10 @@ __global__ void __launch_bounds__(512)
     if (staged) {
       row_group_sync(group);  // the group's staging row is complete
       if (valid) {
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-#pragma unroll
-          for (int i = 0; i < V; ++i) {
-            const int col = column(k, i);
-            if (col < n) {
-              acc_dw[k][i] += stage_dw[rc.head + col];  // column col of the row
-              acc_db[k][i] += stage_db[rc.head + col];
-            }
-          }
-        }
+        for_each_column([&](int k, int i, int col) {
+          acc_dw[k][i] += stage_dw[rc.head + col];  // column col of the row
+          acc_db[k][i] += stage_db[rc.head + col];
+        });
       }
       row_group_sync(group);  // read before the next row overwrites it
     }
@@ -178,17 +183,10 @@ __global__ void __launch_bounds__(512)
   // shared memory [rows_per_block, N] (the launcher sizes it).
   A* block_partial = p.partials + static_cast<int64_t>(blockIdx.x) * 2 * n;
   if (rows_per_block == 1) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const int col = column(k, i);
-        if (col < n) {
-          block_partial[col] = acc_dw[k][i];
-          block_partial[n + col] = acc_db[k][i];
-        }
-      }
-    }
+    for_each_column([&](int k, int i, int col) {
+      block_partial[col] = acc_dw[k][i];
+      block_partial[n + col] = acc_db[k][i];
+    });
     return;
   }
   A* groups = reinterpret_cast<A*>(dynamic_smem);  // [rows_per_block, n]
@@ -196,14 +194,9 @@ __global__ void __launch_bounds__(512)
   __syncthreads();  // staged: every group is done with its staging row
 #pragma unroll
   for (int which = 0; which < 2; ++which) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const int col = column(k, i);
-        if (col < n) group_row[col] = which == 0 ? acc_dw[k][i] : acc_db[k][i];
-      }
-    }
+    for_each_column([&](int k, int i, int col) {
+      group_row[col] = which == 0 ? acc_dw[k][i] : acc_db[k][i];
+    });
     __syncthreads();
     for (int col = threadIdx.x; col < n; col += blockDim.x) {
       A total = 0;
