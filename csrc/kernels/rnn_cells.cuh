@@ -25,8 +25,13 @@
 // row copy, so no size limit). No torch headers: T only needs conversions to
 // and from A.
 // Measured: the math against float64 references through the CPU executor
-// (tests/test_rnn.py). The CUDA executor is built for sm_90 (ptxas: 21-70
-// registers, no spills) but has not yet run on a GPU; no timings yet.
+// (tests/test_rnn.py). CPU (AMD EPYC, AVX2 build, fp32, B = 16): one op call on
+// 1 thread, LSTM H = 128 fwd 16 / bwd 14 us (scalar libm, before: 82 / 118);
+// layers fwd+bwd at T = 32 on 2 threads (benchmarks/bench_rnn.py; the RNN by
+// the same pattern; a shared machine) against the naive nn composition: LSTM H = 128 4.4-5.7 ms vs 8.7, H = 256 12.3
+// vs 19.5; GRU 3.1 vs 8.8, 9.4 vs 17.2; RNN 1.4 vs 2.9, 3.1-4.0 vs 5.2-5.9.
+// The CUDA executor is built for sm_90 (ptxas: 21-70 registers, no spills) but
+// has not yet run on a GPU; no timings yet.
 #pragma once
 
 #include <math.h>
