@@ -32,6 +32,7 @@ vector. Under autocast a layer computes in the autocast dtype, as nn.LSTM does.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -47,6 +48,17 @@ from .ops import has_cuda_kernels, layer_norm
 
 _ops = torch.ops.ln_ext
 _GATES = {"RNN": 1, "LSTM": 4, "GRU": 3}
+
+
+def _below_autograd():
+    """A context in which ops skip their autograd kernel. The fused forward ops' one is
+    Python (register_autograd in rnn_ops.py) and costs ~3 us a call even with grad off:
+    a tenth of an LSTM step at H=128 on the CPU. Only where the caller has grad off
+    anyway (a Function's forward); dynamo cannot trace the guard, so not when compiling."""
+    guard = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+    if guard is None or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return guard()
 
 
 def _param_shapes(mode: str, input_size: int, H: int, bias: bool) -> dict:
@@ -178,81 +190,104 @@ class _Sequence(torch.autograd.Function):
     backward op and one GEMM for the gradient reaching h_{t-1}; afterwards the
     gradient of weight_hh is ONE GEMM over all T*B rows and every LN/bias gradient
     one sum over all rows (fixed order: reproducible).
-    Inputs: xs0/xs1 the input terms from _project_inputs ([T, B, n]; xs1 only for the
-    GRU), h0/c0 [B, H] (c0 only for the LSTM), then the cell op's parameters.
+    Inputs: `keep` (grad mode was on: save for the backward; ctx.needs_input_grad says
+    True under no_grad too), xs0/xs1 the input terms from _project_inputs ([T, B, n];
+    xs1 only for the GRU), h0/c0 [B, H] (c0 only for the LSTM), then the cell op's
+    parameters.
     Returns (output [T, B, H], h_T) or, for the LSTM, (output, h_T, c_T).
     """
 
     @staticmethod
-    def forward(ctx, mode, eps, reverse, weight_hh, h0, c0, xs0, xs1, *params):
+    def forward(ctx, mode, eps, reverse, keep, weight_hh, h0, c0, xs0, xs1, *params):
         T = xs0.shape[0]
-        order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
+        order = range(T - 1, -1, -1) if reverse else range(T)
+        w_t = weight_hh.t()
+        # Each step's GEMM writes W_h h straight into its slice: no stack afterwards.
+        hprojs = xs0.new_empty((T, h0.shape[0], weight_hh.shape[0]))
+        hp, x0 = hprojs.unbind(0), xs0.unbind(0)
         h, c = h0, c0
-        outs, cs, hprojs, gates, stats = ([None] * T for _ in range(5))
-        for t in order:
-            hproj = torch.mm(h, weight_hh.t())
+        outs, cs, gates, stats = ([None] * T for _ in range(4))
+        # One loop per mode: at small sizes the Python per step is a visible share.
+        with _below_autograd():
             if mode == "LSTM":
-                h, c, g, s = _ops.lstm_cell_fwd(xs0[t], hproj, c, *params, eps)
-                cs[t] = c
+                op = _ops.lstm_cell_fwd
+                for t in order:
+                    h, c, gates[t], stats[t] = op(x0[t], torch.mm(h, w_t, out=hp[t]), c, *params, eps)
+                    outs[t], cs[t] = h, c
             elif mode == "GRU":
-                h, g, s = _ops.gru_cell_fwd(xs0[t], xs1[t], hproj, h, *params, eps)
+                op, x1 = _ops.gru_cell_fwd, xs1.unbind(0)
+                for t in order:
+                    h, gates[t], stats[t] = op(x0[t], x1[t], torch.mm(h, w_t, out=hp[t]), h, *params, eps)
+                    outs[t] = h
             else:
-                (h, s), g = _ops.rnn_cell_fwd(xs0[t], hproj, *params, eps), None
-            outs[t], hprojs[t], gates[t], stats[t] = h, hproj, g, s
+                op = _ops.rnn_cell_fwd
+                for t in order:
+                    h, stats[t] = op(x0[t], torch.mm(h, w_t, out=hp[t]), *params, eps)
+                    outs[t] = h
         out = torch.stack(outs)
         ctx.mode, ctx.eps, ctx.reverse, ctx.n_params = mode, eps, reverse, len(params)
-        if any(ctx.needs_input_grad):  # inference keeps nothing
-            stacked = [torch.stack(v) if v[0] is not None else None for v in (cs, hprojs, gates, stats)]
-            ctx.save_for_backward(weight_hh, h0, c0, xs0, xs1, out, *stacked, *params)
+        if keep and any(ctx.needs_input_grad):  # inference keeps nothing
+            stacked = [torch.stack(v) if v[0] is not None else None for v in (cs, gates, stats)]
+            ctx.save_for_backward(weight_hh, h0, c0, xs0, xs1, out, hprojs, *stacked, *params)
         return (out, h, c) if mode == "LSTM" else (out, h)
 
     @staticmethod
     def backward(ctx, dout, dh_T, dc_T=None):
-        mode, eps, reverse = ctx.mode, ctx.eps, ctx.reverse
-        weight_hh, h0, c0, xs0, xs1, out, cs, hprojs, gates, stats, *params = ctx.saved_tensors
+        mode, reverse = ctx.mode, ctx.reverse
+        weight_hh, h0, c0, xs0, xs1, out, hprojs, cs, gates, stats, *params = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiate the per-step composite path
             return _Sequence._differentiable_backward(ctx, (dout, dh_T, dc_T))
         T = out.shape[0]
         order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
-        prev = {t: p for p, t in zip([None] + order[:-1], order)}  # step before t, in run order
+        prev = [None] * T  # the step run before t (whose output is t's h_{t-1}), None for the first
+        for p, t in zip(order, order[1:]):
+            prev[t] = p
         dout = torch.zeros_like(out) if dout is None else dout
+        outs, douts, hps, sts = out.unbind(0), dout.unbind(0), hprojs.unbind(0), stats.unbind(0)
         # dh: the whole gradient reaching the h of the step being differentiated.
-        dh = dout[order[-1]] if dh_T is None else dout[order[-1]] + dh_T
+        dh = douts[order[-1]] if dh_T is None else douts[order[-1]] + dh_T
         dc = None
-        if mode == "LSTM":
-            dc = torch.zeros_like(c0) if dc_T is None else dc_T
         dx0, dx1, dhproj_all, rows = ([None] * T for _ in range(4))
-        for t in reversed(order):
-            h_prev = h0 if prev[t] is None else out[prev[t]]
-            if mode == "LSTM":
-                c_prev = c0 if prev[t] is None else cs[prev[t]]
-                gamma_h, _, gamma_c, beta_c = params
+
+        def grad_of_h_prev(t, dhproj, dh_direct=None):
+            """Gradient reaching h_{t-1}: through W_h (one GEMM, to which the output
+            gradient of step t-1 is added), plus the GRU's direct (1 - z) path."""
+            p = prev[t]
+            if p is None:
+                return torch.mm(dhproj, weight_hh) if dh_direct is None else torch.addmm(dh_direct, dhproj, weight_hh)
+            return torch.addmm(douts[p] if dh_direct is None else dh_direct + douts[p], dhproj, weight_hh)
+
+        if mode == "LSTM":
+            gamma_h, _, gamma_c, beta_c = params
+            dc = torch.zeros_like(c0) if dc_T is None else dc_T
+            c_steps, g_steps = cs.unbind(0), gates.unbind(0)
+            for t in reversed(order):
+                c_prev = c0 if prev[t] is None else c_steps[prev[t]]
                 dx0[t], dhproj, dc, *rows[t] = _ops.lstm_cell_bwd(
-                    dh, dc, hprojs[t], c_prev, cs[t], gates[t], stats[t], gamma_h, gamma_c, beta_c)
-                dh_direct = None
-            elif mode == "GRU":
+                    dh, dc, hps[t], c_prev, c_steps[t], g_steps[t], sts[t], gamma_h, gamma_c, beta_c)
+                dhproj_all[t] = dhproj
+                dh = grad_of_h_prev(t, dhproj)
+        elif mode == "GRU":
+            g_steps = gates.unbind(0)
+            for t in reversed(order):
+                h_prev = h0 if prev[t] is None else outs[prev[t]]
                 dx0[t], dx1[t], dhproj, dh_direct, *rows[t] = _ops.gru_cell_bwd(
-                    dh, hprojs[t], h_prev, gates[t], stats[t], params[0])
-            else:
-                dhproj, *rows[t] = _ops.rnn_cell_bwd(dh, xs0[t], hprojs[t], stats[t], *params)
-                dx0[t], dh_direct = dhproj, None
-            dhproj_all[t] = dhproj
-            # Gradient reaching h_{t-1}: through W_h (one GEMM, to which the output
-            # gradient of step t-1 is added), plus the GRU's direct (1 - z) path.
-            if prev[t] is not None and dh_direct is not None:
-                dh = torch.addmm(dh_direct + dout[prev[t]], dhproj, weight_hh)
-            elif prev[t] is not None:
-                dh = torch.addmm(dout[prev[t]], dhproj, weight_hh)
-            elif dh_direct is not None:
-                dh = torch.addmm(dh_direct, dhproj, weight_hh)
-            else:
-                dh = torch.mm(dhproj, weight_hh)
-        # h_{t-1} of every step, in time order: [T, B, H].
-        h_prev_all = torch.stack([h0 if prev[t] is None else out[prev[t]] for t in range(T)])
+                    dh, hps[t], h_prev, g_steps[t], sts[t], params[0])
+                dhproj_all[t] = dhproj
+                dh = grad_of_h_prev(t, dhproj, dh_direct)
+        else:
+            x0 = xs0.unbind(0)
+            for t in reversed(order):
+                dhproj, *rows[t] = _ops.rnn_cell_bwd(dh, x0[t], hps[t], sts[t], *params)
+                dhproj_all[t] = dhproj
+                dh = grad_of_h_prev(t, dhproj)
         dhproj_all = torch.stack(dhproj_all)
         need = ctx.needs_input_grad
         d_weight_hh = None
-        if need[3]:
+        if need[4]:
+            # h_{t-1} of every step in time order, [T, B, H]: h0 then the outputs
+            # (forward), or the outputs then h0 (reverse).
+            h_prev_all = (torch.cat([out[1:], h0[None]]) if reverse else torch.cat([h0[None], out[:-1]]))
             d_weight_hh = dhproj_all.flatten(0, 1).t().mm(h_prev_all.flatten(0, 1))
         rows = [torch.stack(r) for r in zip(*rows)]
         acc = torch.float64 if out.dtype == torch.float64 else torch.float32
@@ -272,7 +307,7 @@ class _Sequence(torch.autograd.Function):
             dparams = (total(rows[0], params[0]), total(rows[1], params[1]))
             dxs = (dhproj_all, None)
         grads = (d_weight_hh, dh, dc, *dxs, *dparams)
-        return (None, None, None) + tuple(g if n else None for g, n in zip(grads, need[3:]))
+        return (None,) * 4 + tuple(g if n else None for g, n in zip(grads, need[4:]))
 
     @staticmethod
     def _differentiable_backward(ctx, grads):
@@ -286,13 +321,13 @@ class _Sequence(torch.autograd.Function):
         out, state = _loop(mode, xs, (h0,) if c0 is None else (h0, c0), q, eps, reverse)
         outs = (out, *state)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
-        wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[3 + i]]
+        wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[4 + i]]
         got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
                                   [g for _, g in pairs], create_graph=True, allow_unused=True)
         result = [None] * len(inputs)
         for i, g in zip(wanted, got):
             result[i] = g
-        return (None, None, None) + tuple(result)
+        return (None,) * 4 + tuple(result)
 
 
 def _run_direction(mode, x, state, q, H, eps, reverse, batch_sizes):
@@ -310,8 +345,8 @@ def _run_direction(mode, x, state, q, H, eps, reverse, batch_sizes):
             return x.new_zeros((0, x.shape[1], H)), state
         c0 = state[1] if mode == "LSTM" else None
         xs1 = xs[1] if mode == "GRU" else None
-        result = _Sequence.apply(mode, eps, reverse, q["weight_hh"], state[0], c0, xs[0], xs1,
-                                 *(q[k] for k in _CELL_PARAMS[mode]))
+        result = _Sequence.apply(mode, eps, reverse, torch.is_grad_enabled(), q["weight_hh"], state[0],
+                                 c0, xs[0], xs1, *(q[k] for k in _CELL_PARAMS[mode]))
         return result[0], tuple(result[1:])
 
     sizes = batch_sizes.tolist()

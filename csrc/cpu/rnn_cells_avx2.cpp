@@ -1,0 +1,27 @@
+// The LN-RNN cell kernels built for AVX2 + FMA + F16C (x86-64 only), used when the
+// CPU has them: 8 float lanes and fused multiply-adds in every column loop. The
+// target is switched on after every header (see rnn_cells_impl.h for why).
+#include "rnn_cells_cpu.h"
+
+#ifdef LN_EXT_CPU_AVX2
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+
+#define LN_EXT_ISA_NAME "avx2"
+#include "rnn_cells_impl.h"
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+namespace ln_ext::cpu {
+CellKernelSet cell_kernels_avx2() { return make_cell_kernel_set(); }
+}  // namespace ln_ext::cpu
+#endif  // LN_EXT_CPU_AVX2
