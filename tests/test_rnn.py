@@ -290,6 +290,70 @@ def test_packed_sequence_matches_each_sequence_alone(mode, bidirectional, enforc
         assert torch.all(x.grad[:n, b] != 0)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed_gradients_match_each_sequence_alone(mode, bidirectional):
+    """Every gradient (packed input, h0/c0, every parameter) of a random linear function
+    of the packed output and of the final states equals the sum over the sequences run
+    alone. Lengths with ties, two length-1 sequences, unsorted: rows end (forwards) and
+    start (reverse) at several steps, and the final state of the rows that end early
+    gets its own gradient."""
+    module = make(mode, num_layers=2, bidirectional=bidirectional)
+    lengths = [4, 1, 6, 4, 1, 3]
+    T, B = max(lengths), len(lengths)
+    x, hx = sample(mode, module, T=T, B=B)
+    g = torch.Generator().manual_seed(5)
+    w_out = torch.randn(T, B, module.hidden_size * (2 if bidirectional else 1), generator=g, dtype=torch.float64)
+    w_hn = [torch.randn(h.shape, generator=g, dtype=torch.float64) for h in hx]
+    params = list(module.parameters())
+
+    x_p = x.clone().requires_grad_()
+    hx_p = tuple(h.clone().requires_grad_() for h in hx)
+    packed = pack_padded_sequence(x_p, torch.tensor(lengths), enforce_sorted=False)
+    out, hn = module(packed, hx_p if mode == "LSTM" else hx_p[0])
+    padded, _ = pad_packed_sequence(out, total_length=T)
+    loss = (padded * w_out).sum() + sum((h * w).sum() for h, w in zip(states_tuple(mode, hn), w_hn))
+    got = torch.autograd.grad(loss, [x_p, *hx_p, *params])
+
+    want = [torch.zeros_like(t) for t in (x, *hx, *params)]
+    for b, n in enumerate(lengths):
+        x_b = x[:n, b: b + 1].clone().requires_grad_()
+        hx_b = tuple(h[:, b: b + 1].clone().requires_grad_() for h in hx)
+        out_b, hn_b = module(x_b, hx_b if mode == "LSTM" else hx_b[0])
+        loss_b = (out_b * w_out[:n, b: b + 1]).sum() + sum(
+            (h * w[:, b: b + 1]).sum() for h, w in zip(states_tuple(mode, hn_b), w_hn))
+        grads = torch.autograd.grad(loss_b, [x_b, *hx_b, *params])
+        want[0][:n, b: b + 1] += grads[0]
+        for k in range(n_states(mode)):
+            want[1 + k][:, b: b + 1] += grads[1 + k]
+        for k, gr in enumerate(grads[1 + n_states(mode):]):
+            want[1 + n_states(mode) + k] += gr
+    names = ["input"] + ["h0", "c0"][: n_states(mode)] + [n for n, _ in module.named_parameters()]
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_gradcheck_and_double_backward_tiny(mode):
+    """The packed whole-sequence backward, and its create_graph fallback (per-step autograd)."""
+    module = make(mode, input_size=2, hidden_size=2, bidirectional=True)
+    lengths = torch.tensor([3, 1, 1])
+    x, hx = sample(mode, module, T=3, B=3)
+    data = pack_padded_sequence(x, lengths).data
+
+    def f(data, weight_hh, weight_hh_rev, *hx):
+        packed = pack_padded_sequence(x, lengths)._replace(data=data)
+        out, hn = torch.func.functional_call(
+            module, {"weight_hh_l0": weight_hh, "weight_hh_l0_reverse": weight_hh_rev},
+            (packed, hx if mode == "LSTM" else hx[0]), strict=False)
+        return (out.data, *states_tuple(mode, hn))
+
+    inputs = [data.requires_grad_(), module.weight_hh_l0.detach().requires_grad_(),
+              module.weight_hh_l0_reverse.detach().requires_grad_(), *(h.requires_grad_() for h in hx)]
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
 def test_packed_sequence_unsorted_needs_enforce_sorted_false():
     x = torch.randn(4, 2, 5, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="sorted"):
