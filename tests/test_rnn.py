@@ -586,6 +586,25 @@ def test_torch_compile_fullgraph(mode):
     torch.testing.assert_close(xc.grad, xe.grad)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_packed(mode):
+    """A PackedSequence under torch.compile (graph breaks where the batch sizes are read
+    on the host) gives eager's packed output, final state and input gradient."""
+    torch._dynamo.reset()
+    module = make(mode, num_layers=2, bidirectional=True)
+    x = torch.randn(6, 3, module.input_size, dtype=torch.float64)
+    lengths = torch.tensor([6, 2, 4])
+    results = []
+    for run in (torch.compile(module, backend="aot_eager"), module):
+        xr = x.clone().requires_grad_()
+        out, state = run(pack_padded_sequence(xr, lengths, enforce_sorted=False))
+        h_n = state[0] if mode == "LSTM" else state
+        (out.data.square().sum() + h_n.sum()).backward()
+        results.append((out.data.detach(), h_n.detach(), xr.grad))
+    for got, want, name in zip(*results, ("output", "h_n", "input grad")):
+        torch.testing.assert_close(got, want, msg=name)
+
+
 # ---------------------------------------------------------------- CUDA
 
 # ---------------------------------------------------------------- CPU cell kernels
