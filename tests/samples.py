@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 from typing import Iterator, Optional, Sequence
 
 import pytest
@@ -299,3 +302,17 @@ def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, tol: Tol, scale: 
         got64, want, atol=tol.atol * scale, rtol=tol.rtol, equal_nan=True,
         msg=lambda m: f"{what} (atol={tol.atol}*{scale:.3g}, rtol={tol.rtol}): {m}",
     )
+
+
+def run_with_generic_cpu_build(test_ids: Sequence[str]) -> None:
+    """Run the given tests (paths relative to tests/) in a fresh process with the
+    generic CPU kernels forced (LN_EXT_CPU_ISA=generic), as on a CPU without AVX2 or a
+    non-x86 one: the kernels are built twice and the best one is picked at run time."""
+    env = dict(os.environ, LN_EXT_CPU_ISA="generic")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           *(f"{tests}/{t}" for t in test_ids)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
+

@@ -1,9 +1,6 @@
 """LayerNorm forward and backward against a float64 reference, on every sample input."""
 import dataclasses
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +8,7 @@ import torch.nn.functional as F
 
 import ln_ext
 from samples import (CUDA_ONLY, DEVICES, STATS_TOL_DEFAULT, STATS_TOLERANCES, TOLERANCES, Sample, Tol, assert_close_scaled,
-                     make_sample, reference, sample_inputs)
+                     make_sample, reference, run_with_generic_cpu_build, sample_inputs)
 
 
 def _grads(s, y):
@@ -223,15 +220,7 @@ def test_cuda_side_stream_and_second_device(device):
     check_against_reference(s1)
 
 def test_generic_cpu_build_matches_reference():
-    """The CPU row kernels are built twice (generic and, on x86-64, AVX2) and the best
-    one for the CPU is picked at run time: run the reference comparison again with the
-    generic build forced, as on a CPU without AVX2 (or a non-x86 one)."""
-    env = dict(os.environ, LN_EXT_CPU_ISA="generic")
-    tests = os.path.dirname(os.path.abspath(__file__))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           f"{tests}/test_layer_norm.py::test_matches_float64_reference",
-           f"{tests}/test_layer_norm.py::test_non_finite_row_stays_in_its_row",
-           f"{tests}/test_layer_norm_autograd.py::test_gradients_independent_of_thread_count"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout
+    """The reference comparison again with the generic CPU row kernels forced."""
+    run_with_generic_cpu_build(["test_layer_norm.py::test_matches_float64_reference",
+                                "test_layer_norm.py::test_non_finite_row_stays_in_its_row",
+                                "test_layer_norm_autograd.py::test_gradients_independent_of_thread_count"])

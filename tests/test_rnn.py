@@ -6,9 +6,6 @@ fresh random inputs and random parameters (gains away from 1, shifts away from 0
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import ln_ext
 from ln_ext import reference
-from samples import requires_cuda
+from samples import requires_cuda, run_with_generic_cpu_build
 
 MODES = ("RNN", "LSTM", "GRU")
 LAYER = {"RNN": ln_ext.LayerNormRNN, "LSTM": ln_ext.LayerNormLSTM, "GRU": ln_ext.LayerNormGRU}
@@ -718,20 +715,11 @@ def test_cpu_cell_ops_independent_of_thread_count(mode, dtype, num_threads):
 
 
 def test_generic_cpu_cell_build_matches_reference():
-    """The CPU cell kernels are built twice (generic and, on x86-64, AVX2) and the best
-    one for the CPU is picked at run time: run the float32 checks again with the
-    generic build forced, as on a CPU without AVX2 (or a non-x86 one)."""
-    env = dict(os.environ, LN_EXT_CPU_ISA="generic")
-    here = os.path.abspath(__file__)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           f"{here}::test_cpu_cell_math_matches_float64",
-           f"{here}::test_cpu_saturated_cells_match_float64",
-           f"{here}::test_layers_match_reference_reduced_precision",
-           f"{here}::test_larger_hidden_float32",
-           f"{here}::test_cpu_cell_ops_independent_of_thread_count"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout
+    """The float32 checks again with the generic CPU cell kernels forced."""
+    run_with_generic_cpu_build([f"test_rnn.py::{name}" for name in (
+        "test_cpu_cell_math_matches_float64", "test_cpu_saturated_cells_match_float64",
+        "test_layers_match_reference_reduced_precision", "test_larger_hidden_float32",
+        "test_cpu_cell_ops_independent_of_thread_count")])
 
 
 @cuda

@@ -5,21 +5,12 @@
 
 #ifdef LN_EXT_CPU_AVX2
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+#include "avx2_target_push.h"
 
 #define LN_EXT_ISA_NAME "avx2"
 #include "rnn_cells_impl.h"
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#include "avx2_target_pop.h"
 
 namespace ln_ext::cpu {
 CellKernelSet cell_kernels_avx2() { return make_cell_kernel_set(); }

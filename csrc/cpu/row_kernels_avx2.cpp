@@ -13,22 +13,13 @@
 
 #include <immintrin.h>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+#include "avx2_target_push.h"
 
 #define LN_EXT_ISA_NAME "avx2"
 #define LN_EXT_F16C 1
 #include "row_kernels_impl.h"
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+#include "avx2_target_pop.h"
 
 namespace ln_ext::cpu {
 RowKernels row_kernels_avx2() { return make_row_kernels(); }
