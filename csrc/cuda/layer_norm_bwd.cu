@@ -147,7 +147,7 @@ void launch_bwd(const LayerNormBwdArgs& a) {
     allow_dynamic_shared_memory(kernel, smem);
     kernel<<<grid, cfg.block, smem, stream>>>(p, cfg.group);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else {
+  } else if (cfg.k == 0) {
     // Long rows: the dweight/dbias sums in shared memory take precedence over the
     // row cache (they save re-reading x and dy from HBM, the cache only from L2);
     // the cache holds as much of the row as the rest of shared memory does.
