@@ -96,24 +96,18 @@ inline const DeviceLimits& device_limits() {
 inline int multiprocessor_count() { return device_limits().multiprocessors; }
 
 // A persistent grid: as many blocks as the work needs, at most as many as the
-// multiprocessors hold at once by thread count (a kernel held back by registers
-// or shared memory just runs the extra blocks in a second wave).
-inline int persistent_grid(int64_t blocks_needed, int block_threads) {
+// multiprocessors hold at once by thread count and, when given, by the blocks'
+// dynamic shared memory (a kernel held back by registers just runs the extra
+// blocks in a second wave).
+inline int persistent_grid(int64_t blocks_needed, int block_threads, size_t smem_bytes = 0) {
   const DeviceLimits& dev = device_limits();
-  const int64_t per_sm = std::max(1, dev.threads_per_sm / block_threads);
+  int64_t per_sm = std::max(1, dev.threads_per_sm / block_threads);
+  if (smem_bytes > 0) {
+    // + 1 KiB: what the runtime reserves per block besides its dynamic shared memory.
+    per_sm = std::min<int64_t>(per_sm, std::max<size_t>(1, dev.smem_per_sm / (smem_bytes + 1024)));
+  }
   const int64_t resident = static_cast<int64_t>(dev.multiprocessors) * per_sm;
   return static_cast<int>(std::max<int64_t>(1, std::min(blocks_needed, resident)));
-}
-
-// Blocks of kLongBlock threads with `smem_bytes` of dynamic shared memory that
-// the card holds at once.
-inline int resident_grid(size_t smem_bytes) {
-  const DeviceLimits& dev = device_limits();
-  int per_sm = std::max(1, dev.threads_per_sm / kLongBlock);
-  if (smem_bytes > 0) {
-    per_sm = std::min<int>(per_sm, std::max<size_t>(1, dev.smem_per_sm / (smem_bytes + 1024)));
-  }
-  return dev.multiprocessors * per_sm;
 }
 
 // Dynamic shared memory one block may use: the opt-in limit less the kernels'

@@ -161,7 +161,7 @@ void launch_bwd(const LayerNormBwdArgs& a) {
       auto kernel = kernels::layer_norm_bwd_long_kernel<T, DY, P>;
       allow_dynamic_shared_memory(kernel, smem);
       // Blocks beyond those resident at once would only add partial rows.
-      const int grid = std::min(persistent_grid(a.rows, kLongBlock), resident_grid(smem));
+      const int grid = persistent_grid(a.rows, kLongBlock, smem);
       if (fuse_long_params) {
         partials = at::empty({grid, 2, a.cols}, a.x.options().dtype(a.mean.scalar_type()));
         p.partials = mut_ptr<A>(partials);
