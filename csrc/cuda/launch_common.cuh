@@ -14,7 +14,12 @@
 #include <climits>
 #include <cstdint>
 #include <memory>
+#include <map>
 #include <mutex>
+#include <tuple>
+#include <utility>
+
+#include "../kernels/cluster.cuh"
 
 namespace ln_ext {
 namespace cuda_launch {
@@ -72,6 +77,7 @@ struct DeviceLimits {
   int threads_per_sm;
   size_t smem_per_sm;
   size_t smem_per_block_optin;
+  bool cluster_launch;  // thread-block clusters (sm_90+)
 };
 
 inline const DeviceLimits& device_limits() {
@@ -88,7 +94,8 @@ inline const DeviceLimits& device_limits() {
     limits[device] = {attribute(cudaDevAttrMultiProcessorCount),
                       attribute(cudaDevAttrMaxThreadsPerMultiProcessor),
                       static_cast<size_t>(attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor)),
-                      static_cast<size_t>(attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))};
+                      static_cast<size_t>(attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)),
+                      attribute(cudaDevAttrClusterLaunch) != 0};
   });
   return limits[device];
 }
@@ -136,6 +143,115 @@ void allow_dynamic_shared_memory(Kernel kernel, size_t bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
   }
+}
+
+// A launch of a cluster kernel (kernels/cluster.cuh): `blocks` blocks of kLongBlock
+// threads per row, each with `slice_chunks` of the row's chunks and `smem` bytes of
+// dynamic shared memory; `grid` blocks in all. blocks == 0: no cluster launch.
+struct ClusterPlan {
+  int blocks = 0;
+  int slice_chunks = 0;
+  size_t smem = 0;
+  int grid = 0;
+  int clusters() const { return grid / blocks; }
+};
+
+// Largest cluster tried: 16 blocks is "non-portable" (sm_90 allows it per kernel,
+// when a GPU processing cluster has 16 free multiprocessors); 8 is always allowed.
+constexpr int kMaxClusterBlocks = 16;
+constexpr int kMaxPortableClusterBlocks = 8;
+
+// The launch of `grid` blocks of kLongBlock threads in clusters of `blocks`
+// (`attribute` holds the cluster shape and must outlive the returned config).
+inline cudaLaunchConfig_t cluster_config(int blocks, int grid, size_t smem, cudaStream_t stream,
+                                         cudaLaunchAttribute* attribute) {
+  attribute->id = cudaLaunchAttributeClusterDimension;
+  attribute->val.clusterDim.x = static_cast<unsigned>(blocks);
+  attribute->val.clusterDim.y = 1;
+  attribute->val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.blockDim = dim3(kLongBlock);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return config;
+}
+
+// How many clusters of `blocks` blocks (kLongBlock threads, `smem` bytes of dynamic
+// shared memory each) of `kernel` the current device runs at once; 0 when none
+// (no sm_90 code in the kernel's binary, or no processing cluster with room for
+// `blocks` blocks). Asks the driver once per (device, kernel, blocks, smem) and sets
+// the kernel's attributes on the way: few-row launches are host-bound.
+template <typename Kernel>
+int resident_cluster_count(Kernel kernel, int blocks, size_t smem) {
+  using Key = std::tuple<int, const void*, int, size_t>;
+  static std::mutex mutex;
+  static std::map<Key, int> known;
+  const Key key{c10::cuda::current_device(), reinterpret_cast<const void*>(kernel), blocks, smem};
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (auto it = known.find(key); it != known.end()) return it->second;
+
+  int resident = 0;
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  if (attributes.binaryVersion >= 90) {  // else built without sm_90 code: the kernel traps
+    allow_dynamic_shared_memory(kernel, smem);
+    if (blocks > kMaxPortableClusterBlocks) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    }
+    cudaLaunchAttribute cluster_shape;
+    const cudaLaunchConfig_t config = cluster_config(blocks, blocks, smem, nullptr, &cluster_shape);
+    if (cudaOccupancyMaxActiveClusters(&resident, kernel, &config) != cudaSuccess) {
+      (void)cudaGetLastError();  // not schedulable here: clear the error; the caller falls back
+      resident = 0;
+    }
+  }
+  known.emplace(key, resident);
+  return resident;
+}
+
+// The cluster for rows of `chunks` chunks: the fewest blocks (1, 2, 4, 8, 16) whose
+// slices fit in one block's shared memory (`smem_for(slice_chunks)` bytes), doubled
+// (up to 8) while `rows` such clusters would leave most multiprocessors idle.
+// blocks == 0 when one block per row would do (the long kernels), when no cluster
+// fits, or when the device or the kernel's binary has no clusters.
+template <typename Kernel, typename SmemFor>
+ClusterPlan plan_cluster(Kernel kernel, int chunks, int64_t rows, SmemFor smem_for) {
+  const DeviceLimits& dev = device_limits();
+  if (!dev.cluster_launch) return {};
+  int blocks = 1;
+  while (blocks <= kMaxClusterBlocks &&
+         !fits_in_shared_memory(smem_for(kernels::cluster_slice_chunks(chunks, blocks)))) {
+    blocks *= 2;
+  }
+  if (blocks > kMaxClusterBlocks) return {};
+  while (blocks < kMaxPortableClusterBlocks && rows * blocks * 2 <= dev.multiprocessors) blocks *= 2;
+  if (blocks == 1) return {};
+
+  ClusterPlan plan;
+  plan.blocks = blocks;
+  plan.slice_chunks = kernels::cluster_slice_chunks(chunks, blocks);
+  plan.smem = smem_for(plan.slice_chunks);
+  const int resident_clusters = resident_cluster_count(kernel, blocks, plan.smem);
+  if (resident_clusters == 0) return {};
+  // Persistent: clusters beyond those resident at once would only wait (and, in the
+  // backward, add partial rows).
+  plan.grid = static_cast<int>(std::min<int64_t>(rows, resident_clusters)) * blocks;
+  return plan;
+}
+
+// Launches a cluster kernel by its plan on `stream`.
+template <typename... Params, typename... Args>
+void launch_cluster(void (*kernel)(Params...), const ClusterPlan& plan, cudaStream_t stream,
+                    Args&&... args) {
+  // Again: a launch with another N may have set a smaller limit since the plan.
+  allow_dynamic_shared_memory(kernel, plan.smem);
+  cudaLaunchAttribute cluster_shape;
+  const cudaLaunchConfig_t config =
+      cluster_config(plan.blocks, plan.grid, plan.smem, stream, &cluster_shape);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
 // The shape of the rows kernels for a row of `chunks` chunks (vec.cuh):

@@ -12,12 +12,17 @@
 // Plan by C = max_chunks_per_row(N, V), V = 16 / sizeof(x element):
 //   C <= 32:        rows kernel, K=1, 1..32 threads per row, 256-thread blocks
 //   C <= 2 * 512:   rows kernel, K=2, 32..512 threads per row (a block per row above 32)
-//   larger:         long kernel, a 1024-thread block per row
+//   larger:         cluster kernel (sm_90+) when one block cannot hold the row (with
+//                   the dweight/dbias sums) or the rows are too few for the card:
+//                   2..16 1024-thread blocks per row; otherwise (or without
+//                   clusters) the long kernel, a 1024-thread block per row
 // dweight/dbias: fused into the rows kernel (any N and alignment; rows with
-// N % V != 0 through a shared-memory staging row) and into the long kernel while
-// [2, N] acc sums fit in shared memory (N up to ~28K floats); longer rows use the
-// param_cols kernel. Either way per-block partials [blocks, 2, N] (acc dtype) are
-// summed in block order by the param_reduce kernel: deterministic, no atomics.
+// N % V != 0 through a shared-memory staging row), into the long kernel while
+// [2, N] acc sums fit in shared memory (N up to ~28K floats), and into the cluster
+// kernel while each block's [2, N / blocks] sums fit next to its slice of x and dy
+// (bf16 N up to 262144 with 16 blocks); otherwise the param_cols kernel. Either way
+// per-block partials [blocks, 2, N] (acc dtype) are summed in block order by the
+// param_reduce kernel: deterministic, no atomics.
 #include "../layer_norm.h"
 #include "../kernels/layer_norm_bwd.cuh"
 #include "launch_common.cuh"
@@ -41,10 +46,20 @@ constexpr int kBwdMaxGroup = 512;
 // Blocks of the param_cols kernel the launcher aims for, per multiprocessor.
 constexpr int kColBlocksPerSm = 8;
 
-// dweight/dbias from the partials [blocks, 2, N]; O is the parameter dtype.
+// Per-block (or per-cluster) dweight/dbias sums [blocks, 2, N] in the acc dtype.
+struct Partials {
+  at::Tensor tensor;  // undefined: dweight/dbias not computed yet
+  int blocks = 0;
+};
+
+inline Partials new_partials(const LayerNormBwdArgs& a, int64_t blocks) {
+  return {at::empty({blocks, 2, a.cols}, a.x.options().dtype(a.mean.scalar_type())),
+          static_cast<int>(blocks)};
+}
+
+// dweight/dbias from the partials; O is the parameter dtype.
 template <typename A>
-void launch_param_reduce(const at::Tensor& partials, int blocks, const LayerNormBwdArgs& a,
-                         cudaStream_t stream) {
+void launch_param_reduce(const Partials& partials, const LayerNormBwdArgs& a, cudaStream_t stream) {
   const int n = static_cast<int>(a.cols);
   const at::Tensor& any_grad = a.dweight.defined() ? a.dweight : a.dbias;
   const dim3 block(kernels::kColTile, kernels::kColRowLanes);
@@ -52,7 +67,7 @@ void launch_param_reduce(const at::Tensor& partials, int blocks, const LayerNorm
   auto run = [&](auto out_tag) {
     using O = decltype(out_tag);
     kernels::layer_norm_bwd_param_reduce_kernel<A, O><<<grid, block, 0, stream>>>(
-        const_ptr<A>(partials), blocks, n, mut_ptr<O>(a.dweight), mut_ptr<O>(a.dbias));
+        const_ptr<A>(partials.tensor), partials.blocks, n, mut_ptr<O>(a.dweight), mut_ptr<O>(a.dbias));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if constexpr (std::is_same_v<A, double>) {
@@ -74,7 +89,7 @@ void launch_param_reduce(const at::Tensor& partials, int blocks, const LayerNorm
 
 // Per-block partials of dweight/dbias by the column kernel (re-reads x and dy).
 template <typename T, typename DY>
-at::Tensor launch_param_cols(const LayerNormBwdArgs& a, int* blocks_out, cudaStream_t stream) {
+Partials launch_param_cols(const LayerNormBwdArgs& a, cudaStream_t stream) {
   using A = kernels::acc_t<T>;
   const int n = static_cast<int>(a.cols);
   const int64_t col_tiles = ceil_div(n, kernels::kColTile);
@@ -86,14 +101,99 @@ at::Tensor launch_param_cols(const LayerNormBwdArgs& a, int* blocks_out, cudaStr
   int64_t slices = std::clamp<int64_t>(ceil_div(target_blocks, col_tiles), 1, max_slices);
   const int64_t rows_per_slice = ceil_div(a.rows, slices);
   slices = ceil_div(a.rows, rows_per_slice);
-  at::Tensor partials = at::empty({slices, 2, n}, a.x.options().dtype(a.mean.scalar_type()));
+  const Partials partials = new_partials(a, slices);
   const dim3 block(kernels::kColTile, kernels::kColRowLanes);
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(slices));
   kernels::layer_norm_bwd_param_cols_kernel<T, DY><<<grid, block, 0, stream>>>(
       const_ptr<DY>(a.dy), const_ptr<T>(a.x), const_ptr<A>(a.mean), const_ptr<A>(a.rstd),
-      mut_ptr<A>(partials), a.rows, n, rows_per_slice);
+      mut_ptr<A>(partials.tensor), a.rows, n, rows_per_slice);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  *blocks_out = static_cast<int>(slices);
+  return partials;
+}
+
+// Rows that fit in registers: the rows kernel, dweight/dbias always fused.
+template <typename T, typename DY, typename P>
+Partials launch_bwd_rows(kernels::BwdParams<T, DY, P> p, const LayerNormBwdArgs& a,
+                         const RowsConfig& cfg, int chunks, bool want_dx, bool want_params,
+                         cudaStream_t stream) {
+  using A = kernels::acc_t<T>;
+  constexpr int V = kernels::kVecElems<T>;
+  if (!want_dx && !want_params) return {};
+  const int grid = persistent_grid(ceil_div(a.rows, cfg.rows_per_block()), cfg.block);
+  Partials partials;
+  size_t smem = 0;
+  if (want_params) {
+    partials = new_partials(a, grid);
+    p.partials = mut_ptr<A>(partials.tensor);
+    if (p.cols % V != 0) {
+      // A staging row [2, chunks * V] acc per row group (<= 64 KiB per block), also
+      // large enough for adding the groups.
+      smem = static_cast<size_t>(cfg.rows_per_block()) * 2 * chunks * V * sizeof(A);
+    } else if (cfg.rows_per_block() > 1) {
+      // Row groups of a block meet in shared memory: [rows_per_block, N] acc (<= 16 KiB).
+      smem = static_cast<size_t>(cfg.rows_per_block()) * a.cols * sizeof(A);
+    }
+  }
+  auto kernel = cfg.k == 1 ? kernels::layer_norm_bwd_rows_kernel<T, DY, P, 1>
+                           : kernels::layer_norm_bwd_rows_kernel<T, DY, P, kBwdBigK>;
+  allow_dynamic_shared_memory(kernel, smem);
+  kernel<<<grid, cfg.block, smem, stream>>>(p, cfg.group);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return partials;
+}
+
+// Long rows: the cluster kernel when one block cannot hold the row or the rows are
+// too few for the card (sm_90+), else the long kernel. dweight/dbias fused when
+// their sums fit in shared memory (they take precedence over the row cache: they
+// save re-reading x and dy from HBM, the cache only from L2).
+template <typename T, typename DY, typename P>
+Partials launch_bwd_long_rows(kernels::BwdParams<T, DY, P> p, const LayerNormBwdArgs& a,
+                              int chunks, bool want_dx, bool want_params, cudaStream_t stream) {
+  using A = kernels::acc_t<T>;
+  constexpr int V = kernels::kVecElems<T>;
+  const size_t chunk_bytes = V * (sizeof(T) + sizeof(DY));  // a chunk of x and one of dy
+  Partials partials;
+
+  auto cluster_kernel = kernels::layer_norm_bwd_cluster_kernel<T, DY, P>;
+  auto cluster_smem = [chunk_bytes](bool with_sums) {
+    return [=](int slice_chunks) {
+      const size_t sums = with_sums ? 2 * static_cast<size_t>(kernels::long_param_cols(slice_chunks * V)) * sizeof(A) : 0;
+      return kernels::cluster_header_words<A>() * sizeof(uint4) + sums +
+             static_cast<size_t>(slice_chunks + 1) * chunk_bytes;  // + 1: see the kernel
+    };
+  };
+  ClusterPlan plan;
+  bool fuse = want_params;
+  if (fuse) plan = plan_cluster(cluster_kernel, chunks, a.rows, cluster_smem(true));
+  if (plan.blocks == 0 && want_dx) {
+    fuse = false;
+    plan = plan_cluster(cluster_kernel, chunks, a.rows, cluster_smem(false));
+  }
+  if (plan.blocks != 0) {
+    if (fuse) {
+      partials = new_partials(a, plan.clusters());
+      p.partials = mut_ptr<A>(partials.tensor);
+    }
+    launch_cluster(cluster_kernel, plan, stream, p, plan.slice_chunks);
+    return partials;
+  }
+
+  const size_t sums_bytes = 2 * static_cast<size_t>(kernels::long_param_cols(p.cols)) * sizeof(A);
+  fuse = want_params && fits_in_shared_memory(sums_bytes);
+  if (!want_dx && !fuse) return partials;
+  const size_t sums_used = fuse ? sums_bytes : 0;
+  const int cached = want_dx ? cached_chunks(chunks, chunk_bytes, sums_used) : 0;
+  const size_t smem = sums_used + static_cast<size_t>(cached) * chunk_bytes;
+  auto kernel = kernels::layer_norm_bwd_long_kernel<T, DY, P>;
+  allow_dynamic_shared_memory(kernel, smem);
+  // Blocks beyond those resident at once would only add partial rows.
+  const int grid = persistent_grid(a.rows, kLongBlock, smem);
+  if (fuse) {
+    partials = new_partials(a, grid);
+    p.partials = mut_ptr<A>(partials.tensor);
+  }
+  kernel<<<grid, kLongBlock, smem, stream>>>(p, cached);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return partials;
 }
 
@@ -120,62 +220,17 @@ void launch_bwd(const LayerNormBwdArgs& a) {
   const bool want_params = a.dweight.defined() || a.dbias.defined();
   const int chunks = kernels::max_chunks_per_row(p.cols, V);
   const RowsConfig cfg = choose_rows_config(chunks, kBwdBigK, kBwdMaxGroup);
-  const bool fuse_params = want_params && cfg.k != 0;
-  bool fuse_long_params = false;  // decided below by shared memory
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  at::Tensor partials;
-  int partial_blocks = 0;
-  if (cfg.k != 0 && (want_dx || fuse_params)) {
-    const int grid = persistent_grid(ceil_div(a.rows, cfg.rows_per_block()), cfg.block);
-    size_t smem = 0;
-    if (fuse_params) {
-      partials = at::empty({grid, 2, a.cols}, a.x.options().dtype(a.mean.scalar_type()));
-      p.partials = mut_ptr<A>(partials);
-      partial_blocks = grid;
-      if (p.cols % V != 0) {
-        // A staging row [2, chunks * V] acc per row group (<= 64 KiB per block), also
-        // large enough for adding the groups.
-        smem = static_cast<size_t>(cfg.rows_per_block()) * 2 * chunks * V * sizeof(A);
-      } else if (cfg.rows_per_block() > 1) {
-        // Row groups of a block meet in shared memory: [rows_per_block, N] acc (<= 16 KiB).
-        smem = static_cast<size_t>(cfg.rows_per_block()) * a.cols * sizeof(A);
-      }
-    }
-    auto kernel = cfg.k == 1 ? kernels::layer_norm_bwd_rows_kernel<T, DY, P, 1>
-                             : kernels::layer_norm_bwd_rows_kernel<T, DY, P, kBwdBigK>;
-    allow_dynamic_shared_memory(kernel, smem);
-    kernel<<<grid, cfg.block, smem, stream>>>(p, cfg.group);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else if (cfg.k == 0) {
-    // Long rows: the dweight/dbias sums in shared memory take precedence over the
-    // row cache (they save re-reading x and dy from HBM, the cache only from L2);
-    // the cache holds as much of the row as the rest of shared memory does.
-    const size_t sums_bytes = 2 * static_cast<size_t>(kernels::long_param_cols(p.cols)) * sizeof(A);
-    fuse_long_params = want_params && fits_in_shared_memory(sums_bytes);
-    const size_t sums_used = fuse_long_params ? sums_bytes : 0;
-    const size_t chunk_bytes = V * (sizeof(T) + sizeof(DY));  // a chunk of x and one of dy
-    const int cached = want_dx ? cached_chunks(chunks, chunk_bytes, sums_used) : 0;
-    const size_t smem = sums_used + static_cast<size_t>(cached) * chunk_bytes;
-    if (want_dx || fuse_long_params) {
-      auto kernel = kernels::layer_norm_bwd_long_kernel<T, DY, P>;
-      allow_dynamic_shared_memory(kernel, smem);
-      // Blocks beyond those resident at once would only add partial rows.
-      const int grid = persistent_grid(a.rows, kLongBlock, smem);
-      if (fuse_long_params) {
-        partials = at::empty({grid, 2, a.cols}, a.x.options().dtype(a.mean.scalar_type()));
-        p.partials = mut_ptr<A>(partials);
-        partial_blocks = grid;
-      }
-      kernel<<<grid, kLongBlock, smem, stream>>>(p, cached);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+  Partials partials;  // dweight/dbias fused into the dx kernel when set
+  if (cfg.k != 0) {
+    partials = launch_bwd_rows(p, a, cfg, chunks, want_dx, want_params, stream);
+  } else {
+    partials = launch_bwd_long_rows(p, a, chunks, want_dx, want_params, stream);
   }
   if (!want_params) return;
-  if (!fuse_params && !fuse_long_params) {
-    partials = launch_param_cols<T, DY>(a, &partial_blocks, stream);
-  }
-  launch_param_reduce<A>(partials, partial_blocks, a, stream);
+  if (!partials.tensor.defined()) partials = launch_param_cols<T, DY>(a, stream);
+  launch_param_reduce<A>(partials, a, stream);
 }
 
 // half / bfloat16 x: dy and weight each either x's type or float32.

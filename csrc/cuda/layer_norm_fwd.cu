@@ -11,8 +11,11 @@
 // Kernel shape by C = max_chunks_per_row(N, V), V = 16 / sizeof(x element):
 //   C <= 32:         rows kernel, K=1, 1..32 threads per row, 256-thread blocks
 //   C <= 4 * 512:    rows kernel, K=4, 16..512 threads per row (a block per row above 32)
-//   larger:          long kernel, a 1024-thread block per row, row cached in shared
-//                    memory (as much of it as fits; the rest re-read)
+//   larger:          cluster kernel (sm_90+) when the row does not fit in one block's
+//                    shared memory or the rows are too few to fill the card: 2..16
+//                    1024-thread blocks per row, each caching its slice; otherwise
+//                    (or without clusters) the long kernel, a 1024-thread block per
+//                    row, row cached in shared memory (as much as fits; the rest re-read)
 #include "../layer_norm.h"
 #include "../kernels/layer_norm_fwd.cuh"
 #include "launch_common.cuh"
@@ -61,6 +64,17 @@ void launch_fwd(const LayerNormFwdArgs& a) {
           <<<grid, cfg.block, 0, stream>>>(p, cfg.group);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  // Rows longer than one block's shared memory, or too few rows for the card: a
+  // cluster of blocks per row (sm_90+), each caching its slice of the row.
+  auto cluster_kernel = kernels::layer_norm_fwd_cluster_kernel<T, P, Y>;
+  const ClusterPlan plan = plan_cluster(cluster_kernel, chunks, a.rows, [](int slice_chunks) {
+    return kernels::cluster_header_words<A>() * sizeof(uint4) +
+           static_cast<size_t>(slice_chunks) * V * sizeof(T);
+  });
+  if (plan.blocks != 0) {
+    launch_cluster(cluster_kernel, plan, stream, p, plan.slice_chunks);
     return;
   }
   const int cached = cached_chunks(chunks, V * sizeof(T), 0);

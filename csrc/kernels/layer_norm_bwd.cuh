@@ -23,6 +23,13 @@
 //    When `partials` is set, the block's dweight/dbias sums [2, N] live in
 //    shared memory ahead of the cache, column j owned by thread j % blockDim.x
 //    (x and dy read from the cache or L2 once more).
+//  * cluster kernel (sm_90): one row per thread-block cluster (cluster.cuh).
+//    Block `rank` caches x and dy of its slice of the row's chunks (and the chunk
+//    after it) in shared memory, adds the slice's share of the row's two sums
+//    into cluster-wide sums (distributed shared memory), and writes its dx. When
+//    `partials` is set it also owns the dweight/dbias sums of the columns
+//    [rank * slice_chunks * V, (rank + 1) * slice_chunks * V) in shared memory:
+//    rows too long for one block's sums (bf16 N >= 32768) keep the 3·M·N traffic.
 //  * param_cols kernel: dweight/dbias of rows too long for those sums to fit in
 //    shared memory: column-parallel sums over a slice of rows per block;
 //    re-reads x and dy (coalesced scalar loads).
@@ -32,11 +39,15 @@
 // Measured: not yet on a GPU (see benchmarks/NOTES.md for ptxas/SASS facts).
 #pragma once
 
+#include "cluster.cuh"
 #include "reduce.cuh"
 #include "vec.cuh"
 
 namespace ln_ext {
 namespace kernels {
+
+// Bytes of a row each thread loads at once while filling a row cache (cache_chunks).
+constexpr int kBwdCacheBatchBytes = 32;
 
 template <typename T, typename DY, typename P>
 struct BwdParams {
@@ -239,12 +250,9 @@ __global__ void __launch_bounds__(1024)
     const T* x_row = p.x + rc.first * V;
     const DY* dy_row = p.dy + rc.first * V;
     // As in the forward long kernel, a thread only touches its own chunks.
-    for (int s = threadIdx.x; s < rc.count && s < cached_chunks; s += blockDim.x) {
-      const int col0 = s * V - rc.head;
-      const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
-      copy_chunk<V>(x_row + s * V, x_cache + s * V, full, col0, n);
-      copy_chunk<V>(dy_row + s * V, dy_cache + s * V, full, col0, n);
-    }
+    const int cache_end = imin(rc.count, cached_chunks);
+    cache_chunks<V, kBwdCacheBatchBytes>(x_row, x_cache, 0, cache_end, rc.head, n, p.vec_ok);
+    cache_chunks<V, kBwdCacheBatchBytes>(dy_row, dy_cache, 0, cache_end, rc.head, n, p.vec_ok);
     // Element e of the row's chunks (chunk e / V): in the cache when it holds it,
     // else in memory (read again).
     auto x_at = [&](int e) { return (e < cached_chunks * V ? x_cache : x_row) + e; };
@@ -308,6 +316,110 @@ __global__ void __launch_bounds__(1024)
       block_partial[n + j] = sum_db[j];
     }
   }
+}
+
+template <typename T, typename DY, typename P>
+__global__ void __launch_bounds__(1024)
+    layer_norm_bwd_cluster_kernel(const BwdParams<T, DY, P> p, const int slice_chunks) {
+  using A = acc_t<T>;
+  constexpr int V = kVecElems<T>;
+  // Dynamic shared memory only (see the forward cluster kernel): the header
+  // (cluster.cuh); partials set: dweight/dbias sums of this block's columns
+  // [2][long_param_cols(slice_chunks * V)] A; then x and dy of this block's chunks
+  // and the one after them, [(slice_chunks + 1) * V] T and DY.
+  extern __shared__ uint4 dynamic_smem[];
+  A* const header = reinterpret_cast<A*>(dynamic_smem);
+  ClusterSum<A, 2> cluster_sum{header, header + 32, 0};
+  const int n = p.cols;
+  const bool fused_params = p.partials != nullptr;
+  const int rank = cluster_rank();
+  const int blocks = cluster_blocks();
+  const int64_t clusters = gridDim.x / blocks;
+  const int slice_cols = slice_chunks * V;
+  const int col_begin = imin(rank * slice_cols, n);
+  const int col_end = imin(col_begin + slice_cols, n);
+  A* const sum_dw = reinterpret_cast<A*>(dynamic_smem + cluster_header_words<A>());
+  A* const sum_db = sum_dw + long_param_cols(slice_cols);
+  T* const x_cache = reinterpret_cast<T*>(fused_params ? sum_db + long_param_cols(slice_cols) : sum_dw);
+  DY* const dy_cache = reinterpret_cast<DY*>(x_cache + (slice_chunks + 1) * V);
+  if (fused_params) {  // column j's sums belong to thread (j - col_begin) % blockDim.x
+    for (int j = threadIdx.x; j < col_end - col_begin; j += blockDim.x) sum_dw[j] = sum_db[j] = 0;
+  }
+
+  for (int64_t row = blockIdx.x / blocks; row < p.rows; row += clusters) {
+    const RowChunks rc = row_chunks<V>(row, n);
+    const A mean = p.mean[row];
+    const A rstd = p.rstd[row];
+    const int begin = imin(rank * slice_chunks, rc.count);
+    const int end = imin(begin + slice_chunks, rc.count);
+    const T* x_row = p.x + rc.first * V;
+    const DY* dy_row = p.dy + rc.first * V;
+    // The previous row's column pass read chunks that other threads cache.
+    __syncthreads();
+    // This block's columns end up to `head` elements into chunk `end`: cache it too.
+    const int cache_end = imin(end + 1, rc.count);
+    cache_chunks<V, kBwdCacheBatchBytes>(x_row, x_cache, begin, cache_end, rc.head, n, p.vec_ok);
+    cache_chunks<V, kBwdCacheBatchBytes>(dy_row, dy_cache, begin, cache_end, rc.head, n, p.vec_ok);
+
+    if (fused_params) {  // column j is element head + j of the row's chunks
+      __syncthreads();   // columns cut across the chunks that other threads cached
+      for (int j = col_begin + threadIdx.x; j < col_end; j += blockDim.x) {
+        const int e = rc.head + j - begin * V;
+        const A dy = to_acc(dy_cache[e]);
+        sum_dw[j - col_begin] += dy * ((to_acc(x_cache[e]) - mean) * rstd);
+        sum_db[j - col_begin] += dy;
+      }
+    }
+    if (p.dx == nullptr) continue;
+
+    // This thread's chunks s (the ones it cached), as xhat and g = dy * weight, zero
+    // outside the row.
+    auto for_my_chunks = [&](auto&& f) {
+      for (int s = begin + threadIdx.x; s < end; s += blockDim.x) {
+        const int col0 = s * V - rc.head;
+        const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
+        A xhat[V], g[V], w[V];
+        load_chunk(x_cache + (s - begin) * V, full, col0, n, A(0), xhat);
+        load_chunk(dy_cache + (s - begin) * V, full, col0, n, A(0), g);
+        load_param_chunk(p.weight, full && rc.head == 0 && p.weight_vec_ok, col0, n, A(1), w);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          xhat[i] = in_row(col0 + i, n) ? (xhat[i] - mean) * rstd : A(0);
+          g[i] *= w[i];
+        }
+        f(s, col0, full, xhat, g);
+      }
+    };
+
+    A sums[2] = {0, 0};  // sum of g, sum of g * xhat
+    for_my_chunks([&](int, int, bool, const A(&xhat)[V], const A(&g)[V]) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        sums[0] += g[i];
+        sums[1] += g[i] * xhat[i];
+      }
+    });
+    cluster_sum(sums);
+    const A mean_g = sums[0] / A(n);
+    const A mean_gx = sums[1] / A(n);
+
+    T* dx_row = p.dx + rc.first * V;
+    for_my_chunks([&](int s, int col0, bool full, const A(&xhat)[V], const A(&g)[V]) {
+      A out[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) out[i] = rstd * (g[i] - mean_g - xhat[i] * mean_gx);
+      store_chunk(dx_row + s * V, full, col0, n, out);
+    });
+  }
+
+  if (fused_params) {  // one partial row per cluster, each block its columns
+    A* cluster_partial = p.partials + (blockIdx.x / blocks) * 2 * static_cast<int64_t>(n);
+    for (int j = col_begin + threadIdx.x; j < col_end; j += blockDim.x) {
+      cluster_partial[j] = sum_dw[j - col_begin];
+      cluster_partial[n + j] = sum_db[j - col_begin];
+    }
+  }
+  cluster_sync();  // no block leaves while another may still read its sums
 }
 
 // Block (kColTile, kColRowLanes): threadIdx.x picks the column inside a tile of

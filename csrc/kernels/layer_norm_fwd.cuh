@@ -16,16 +16,26 @@
 //    times (sum, centered squares, output). The row's first `cached_chunks`
 //    chunks (all of it when it fits) are first copied raw into shared memory and
 //    the passes read them there; the rest of a longer row is re-read from x (L2).
+//  * cluster kernel (sm_90): one row per thread-block cluster (cluster.cuh).
+//    Block `rank` caches its slice of the row's chunks in shared memory (read
+//    once from x) and works on it alone; the row's two sums are added across the
+//    cluster through distributed shared memory. For rows longer than one block's
+//    shared memory (bf16 N = 262144 is 512 KB) and to spread few rows over more
+//    multiprocessors.
 // Assumes: N >= 1, N + 2*V fits in int, group a power of two, blockDim.x a
 // multiple of group and of 32, group * K >= max_chunks_per_row(N, V).
 // Measured: not yet on a GPU (see benchmarks/NOTES.md for ptxas/SASS facts).
 #pragma once
 
+#include "cluster.cuh"
 #include "reduce.cuh"
 #include "vec.cuh"
 
 namespace ln_ext {
 namespace kernels {
+
+// Bytes of a row each thread loads at once while filling a row cache (cache_chunks).
+constexpr int kFwdCacheBatchBytes = 64;
 
 template <typename T, typename P, typename Y>
 struct FwdParams {
@@ -136,10 +146,7 @@ __global__ void __launch_bounds__(1024)
     const T* x_row = p.x + rc.first * V;
     // Each thread only ever touches its own chunks s = threadIdx.x + j * blockDim.x,
     // in the cache as in x, so the cache needs no barrier of its own.
-    for (int s = threadIdx.x; s < rc.count && s < cached_chunks; s += blockDim.x) {
-      const int col0 = s * V - rc.head;
-      copy_chunk<V>(x_row + s * V, cache + s * V, chunk_is_full<V>(p.vec_ok, col0, n), col0, n);
-    }
+    cache_chunks<V, kFwdCacheBatchBytes>(x_row, cache, 0, imin(rc.count, cached_chunks), rc.head, n, p.vec_ok);
     // Chunk s of the row: from the cache when it holds it, else (again) from x.
     auto chunk = [&](int s) { return (s < cached_chunks ? cache : x_row) + s * V; };
 
@@ -181,6 +188,72 @@ __global__ void __launch_bounds__(1024)
     }
     // The next row's cache copy overwrites only this thread's own chunks: no barrier.
   }
+}
+
+template <typename T, typename P, typename Y>
+__global__ void __launch_bounds__(1024)
+    layer_norm_fwd_cluster_kernel(const FwdParams<T, P, Y> p, const int slice_chunks) {
+  using A = acc_t<T>;
+  constexpr int V = kVecElems<T>;
+  // Dynamic shared memory only (the host emulation gives each block of a cluster its
+  // own): the header (cluster.cuh), then this block's chunks of the row,
+  // [slice_chunks * V] T.
+  extern __shared__ uint4 dynamic_smem[];
+  A* const header = reinterpret_cast<A*>(dynamic_smem);
+  ClusterSum<A, 1> cluster_sum{header, header + 32, 0};
+  T* const cache = reinterpret_cast<T*>(dynamic_smem + cluster_header_words<A>());
+  const int n = p.cols;
+  const int rank = cluster_rank();
+  const int blocks = cluster_blocks();
+  const int64_t clusters = gridDim.x / blocks;
+
+  // Every block of a cluster walks the same rows, so all reach every cluster barrier.
+  for (int64_t row = blockIdx.x / blocks; row < p.rows; row += clusters) {
+    const RowChunks rc = row_chunks<V>(row, n);
+    const int begin = imin(rank * slice_chunks, rc.count);
+    const int end = imin(begin + slice_chunks, rc.count);
+    const T* x_row = p.x + rc.first * V;
+    cache_chunks<V, kFwdCacheBatchBytes>(x_row, cache, begin, end, rc.head, n, p.vec_ok);
+    // This thread's chunks s of the row, in the cache at (s - begin) * V: the
+    // chunks it cached itself, so no barrier.
+    auto for_my_chunks = [&](auto&& f) {
+      for (int s = begin + threadIdx.x; s < end; s += blockDim.x) {
+        const int col0 = s * V - rc.head;
+        const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
+        A v[V];
+        load_chunk(cache + (s - begin) * V, full, col0, n, A(0), v);
+        f(s, col0, full, v);
+      }
+    };
+
+    A sum = 0;
+    for_my_chunks([&](int, int, bool, const A(&v)[V]) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) sum += v[i];
+    });
+    const A mean = cluster_sum(sum) / A(n);
+
+    A sq = 0;
+    for_my_chunks([&](int, int col0, bool, const A(&v)[V]) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const A d = in_row(col0 + i, n) ? v[i] - mean : A(0);
+        sq += d * d;
+      }
+    });
+    const A rstd = inv_sqrt(cluster_sum(sq) / A(n) + p.eps);
+    if (rank == 0 && threadIdx.x == 0) {
+      p.mean[row] = mean;
+      p.rstd[row] = rstd;
+    }
+
+    Y* y_row = p.y + rc.first * V;
+    for_my_chunks([&](int s, int col0, bool full, const A(&v)[V]) {
+      fwd_write_chunk<V>(p, y_row + s * V, full, full && rc.head == 0 && p.params_vec_ok, col0, v,
+                         mean, rstd);
+    });
+  }
+  cluster_sync();  // no block leaves while another may still read its sums
 }
 
 }  // namespace kernels

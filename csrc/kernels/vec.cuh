@@ -71,6 +71,9 @@ __device__ __forceinline__ T from_acc(A v) {
 __device__ __forceinline__ float inv_sqrt(float v) { return 1.0f / sqrtf(v); }
 __device__ __forceinline__ double inv_sqrt(double v) { return 1.0 / sqrt(v); }
 
+// min of two ints, the same in device code and in the host emulation.
+__host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
+
 // The chunks of one row; see the file comment.
 struct RowChunks {
   int64_t first;  // flattened chunk index of the row's first chunk
@@ -169,6 +172,41 @@ __device__ __forceinline__ void copy_chunk(const T* src, T* dst, bool full, int 
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       if (in_row(col0 + v, n)) dst[v] = src[v];
+    }
+  }
+}
+
+// Copies chunks [begin, end) of a row (chunk s at src + s * V; the row starts `head`
+// elements into chunk 0) raw to dst + (s - begin) * V, e.g. into a shared-memory row
+// cache. Thread t copies the chunks begin + t + m * blockDim.x, the same ones it
+// later works on, so the copy needs no barrier for the thread's own reads. Each
+// thread loads kBatchBytes of chunks before it stores any: the long-row kernels
+// run one 1024-thread block per multiprocessor, and one 16-byte load in flight per
+// thread (16 KB per multiprocessor) is too few to keep HBM busy. The batch costs
+// registers (64 at 1024 threads): the backward kernels spill at 64 bytes.
+template <int V, int kBatchBytes, typename T>
+__device__ __forceinline__ void cache_chunks(const T* src, T* dst, int begin, int end, int head,
+                                             int n, bool vec_ok) {
+  constexpr int kCacheBatch = kBatchBytes / (V * sizeof(T)) > 0 ? kBatchBytes / (V * sizeof(T)) : 1;
+  for (int s0 = begin + static_cast<int>(threadIdx.x); s0 < end;
+       s0 += kCacheBatch * static_cast<int>(blockDim.x)) {
+    alignas(16) T raw[kCacheBatch][V];
+    bool full[kCacheBatch];
+#pragma unroll
+    for (int u = 0; u < kCacheBatch; ++u) {
+      const int s = s0 + u * static_cast<int>(blockDim.x);
+      full[u] = s < end && chunk_is_full<V>(vec_ok, s * V - head, n);
+      if (full[u]) load_words<V>(src + s * V, raw[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kCacheBatch; ++u) {
+      const int s = s0 + u * static_cast<int>(blockDim.x);
+      if (s >= end) break;
+      if (full[u]) {
+        store_words<V>(dst + (s - begin) * V, raw[u]);
+      } else {
+        copy_chunk<V>(src + s * V, dst + (s - begin) * V, false, s * V - head, n);
+      }
     }
   }
 }

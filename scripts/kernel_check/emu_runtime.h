@@ -19,30 +19,59 @@
 struct EmuDim { unsigned x = 1, y = 1, z = 1; };
 inline thread_local EmuDim threadIdx, blockIdx;
 inline EmuDim blockDim, gridDim;
-inline thread_local std::barrier<>* emu_block_barrier = nullptr;
-inline std::vector<std::unique_ptr<std::barrier<>>> emu_warp_barriers;
-inline std::vector<double> emu_warp_slots;  // [warps * 32]
-inline std::vector<uint4> emu_dynamic_smem_buf;
+
+// One running block: its barrier, warps and dynamic shared memory.
+struct EmuBlock {
+  explicit EmuBlock(unsigned threads) : barrier(threads), warp_slots(threads, 0.0) {
+    for (unsigned w = 0; w < threads / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+  }
+  std::barrier<> barrier;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  std::vector<double> warp_slots;  // [warps * 32]
+  std::vector<uint4>* smem = nullptr;
+};
+inline thread_local EmuBlock* emu_block = nullptr;
+
+// The running thread-block cluster (a plain launch: clusters of one block).
+inline thread_local unsigned emu_cluster_rank = 0;
+inline unsigned emu_cluster_blocks = 1;
+inline std::barrier<>* emu_cluster_barrier = nullptr;
+inline std::vector<std::vector<uint4>> emu_smem;  // per block of a cluster, left dirty from cluster to cluster
 
 namespace emu {
-inline uint4* dynamic_smem() { return emu_dynamic_smem_buf.data(); }
-}
+inline uint4* dynamic_smem() { return emu_block->smem->data(); }
 
-inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+// Stands in for cooperative_groups::this_cluster() (scripts/kernel_check rewrites cluster.cuh).
+struct Cluster {
+  unsigned block_rank() const { return emu_cluster_rank; }
+  unsigned num_blocks() const { return emu_cluster_blocks; }
+  void sync() const { emu_cluster_barrier->arrive_and_wait(); }
+  template <typename A>
+  A* map_shared_rank(A* local, unsigned rank) const {
+    const char* mine = reinterpret_cast<const char*>(emu_block->smem->data());
+    const size_t offset = reinterpret_cast<const char*>(local) - mine;
+    assert(offset < emu_block->smem->size() * sizeof(uint4) && rank < emu_cluster_blocks);
+    return reinterpret_cast<A*>(reinterpret_cast<char*>(emu_smem[rank].data()) + offset);
+  }
+};
+inline Cluster this_cluster() { return {}; }
+}  // namespace emu
+
+inline void __syncthreads() { emu_block->barrier.arrive_and_wait(); }
 
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   assert(mask == 0xffffffffu);
-  emu_warp_barriers[threadIdx.x / 32]->arrive_and_wait();
+  emu_block->warp_barriers[threadIdx.x / 32]->arrive_and_wait();
 }
 
 template <typename A>
 A __shfl_xor_sync(unsigned mask, A v, int offset) {
   assert(mask == 0xffffffffu);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  emu_warp_slots[warp * 32 + lane] = static_cast<double>(v);
-  emu_warp_barriers[warp]->arrive_and_wait();
-  const A r = static_cast<A>(emu_warp_slots[warp * 32 + (lane ^ offset)]);
-  emu_warp_barriers[warp]->arrive_and_wait();
+  emu_block->warp_slots[warp * 32 + lane] = static_cast<double>(v);
+  emu_block->warp_barriers[warp]->arrive_and_wait();
+  const A r = static_cast<A>(emu_block->warp_slots[warp * 32 + (lane ^ offset)]);
+  emu_block->warp_barriers[warp]->arrive_and_wait();
   return r;
 }
 
@@ -54,27 +83,37 @@ A __shfl_xor_sync(unsigned mask, A v, int offset) {
     }                                                                               \
   } while (0)
 
-inline void emu_launch(EmuDim grid, EmuDim block, size_t smem_bytes, const std::function<void()>& body) {
+// Runs the grid cluster by cluster (`cluster` blocks along x, all of a cluster at
+// once, one std::thread per CUDA thread); a plain launch is clusters of one block.
+inline void emu_launch(EmuDim grid, EmuDim block, size_t smem_bytes, const std::function<void()>& body,
+                       unsigned cluster = 1) {
   gridDim = grid;
   blockDim = block;
   const unsigned threads = block.x * block.y;
-  assert(threads % 32 == 0 && threads <= 1024);
-  emu_dynamic_smem_buf.assign(smem_bytes / 16 + 1, uint4{0xdeadbeefu, 0xdeadbeefu, 0xdeadbeefu, 0xdeadbeefu});
+  assert(threads % 32 == 0 && threads <= 1024 && grid.x % cluster == 0);
+  emu_cluster_blocks = cluster;
+  emu_smem.assign(cluster, std::vector<uint4>(smem_bytes / 16 + 1, uint4{0xdeadbeefu, 0xdeadbeefu, 0xdeadbeefu, 0xdeadbeefu}));
   for (unsigned by = 0; by < grid.y; ++by) {
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      std::barrier<> bar(threads);
-      emu_warp_barriers.clear();
-      for (unsigned w = 0; w < threads / 32; ++w) emu_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
-      emu_warp_slots.assign(threads, 0.0);
+    for (unsigned cx = 0; cx < grid.x; cx += cluster) {
+      std::barrier<> cluster_barrier(threads * cluster);
+      emu_cluster_barrier = &cluster_barrier;
+      std::vector<std::unique_ptr<EmuBlock>> blocks;
+      for (unsigned r = 0; r < cluster; ++r) {
+        blocks.push_back(std::make_unique<EmuBlock>(threads));
+        blocks.back()->smem = &emu_smem[r];
+      }
       std::vector<std::thread> ts;
-      ts.reserve(threads);
-      for (unsigned t = 0; t < threads; ++t) {
-        ts.emplace_back([&, t] {
-          threadIdx = {t % block.x, t / block.x, 0};
-          blockIdx = {bx, by, 0};
-          emu_block_barrier = &bar;
-          body();
-        });
+      ts.reserve(threads * cluster);
+      for (unsigned r = 0; r < cluster; ++r) {
+        for (unsigned t = 0; t < threads; ++t) {
+          ts.emplace_back([&, r, t] {
+            threadIdx = {t % block.x, t / block.x, 0};
+            blockIdx = {cx + r, by, 0};
+            emu_block = blocks[r].get();
+            emu_cluster_rank = r;
+            body();
+          });
+        }
       }
       for (auto& t : ts) t.join();
     }

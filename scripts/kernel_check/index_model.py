@@ -8,7 +8,10 @@ csrc/kernels/*.cuh walk the 16-byte chunk grid, and checks for every shape given
     or that leaves its row; parameter vector loads only at columns % V == 0;
   * the fused dweight/dbias path gives every column exactly one accumulator, and
     rows not starting on a chunk read their staging row only where it was written;
-  * the param_cols grid covers every (row, column) once and keeps grid.y <= 65535.
+  * the param_cols grid covers every (row, column) once and keeps grid.y <= 65535;
+  * the cluster kernels: the blocks of a cluster cover every chunk of a row once,
+    every column has one dweight/dbias owner whose cache (its chunks and the next)
+    holds it, and the cluster sizes the launchers pick for the long rows.
 Run: python scripts/kernel_check/index_model.py   (prints a summary, exits 1 on a failure)
 """
 import itertools
@@ -130,6 +133,74 @@ def check_fused_params(m, n, v, k, group, rpb):
     assert smem <= 64 * 1024 + 1024 and (not staged or 2 * stage_len >= n)
 
 
+SMEM_OPTIN_SM90 = 227 * 1024 - 1024  # dynamic_shared_memory_limit() on sm_90
+MAX_CLUSTER_BLOCKS, MAX_PORTABLE_CLUSTER_BLOCKS = 16, 8
+
+
+def cluster_slice_chunks(chunks, blocks):
+    return ceil_div(chunks, blocks)
+
+
+def check_cluster_kernel(m, n, v, vec_ok, blocks, clusters):
+    """Chunks of each row split over the cluster's blocks (each walks its own slice);
+    dweight/dbias columns: one owner each, read from inside that block's cache."""
+    loads = {}
+    slice_chunks = cluster_slice_chunks(max_chunks_per_row(n, v), blocks)
+    for c in range(clusters):
+        for row in range(c, m, clusters):
+            _, head, count = row_chunks(row, n, v)
+            owners = []
+            for rank in range(blocks):
+                begin = min(rank * slice_chunks, count)
+                end = min(begin + slice_chunks, count)
+                cache_end = min(end + 1, count)
+                walk_row(m, n, v, vec_ok, row, range(begin, end), loads)
+                col_begin = min(rank * slice_chunks * v, n)
+                col_end = min(col_begin + slice_chunks * v, n)
+                for j in range(col_begin, col_end):
+                    e = head + j - begin * v
+                    assert 0 <= e < (cache_end - begin) * v <= (slice_chunks + 1) * v, "cluster column cache"
+                    owners.append(j)
+            assert sorted(owners) == list(range(n)), "cluster columns: none or two owners"
+    return loads
+
+
+def plan_cluster_blocks(chunks, rows, smem_for, sms=132):
+    """Cluster blocks per row the launchers pick (0: the long kernel), before the
+    device's occupancy check."""
+    blocks = 1
+    while blocks <= MAX_CLUSTER_BLOCKS and smem_for(cluster_slice_chunks(chunks, blocks)) > SMEM_OPTIN_SM90:
+        blocks *= 2
+    if blocks > MAX_CLUSTER_BLOCKS:
+        return 0
+    while blocks < MAX_PORTABLE_CLUSTER_BLOCKS and rows * blocks * 2 <= sms:
+        blocks *= 2
+    return 0 if blocks == 1 else blocks
+
+
+def check_cluster_plans():
+    header = 16 * ceil_div(36 * 4, 16)
+    fwd = lambda t: (lambda s: header + s * 16)  # x chunks of 16 bytes
+    def bwd(t_bytes, dy_bytes, sums):
+        v = 16 // t_bytes
+        return lambda s: header + (2 * ((s * v + 3) // 4 * 4) * 4 if sums else 0) + (s + 1) * v * (t_bytes + dy_bytes)
+    facts = [  # (what, chunks, rows, smem_for, expected blocks)
+        ("fwd bf16 N=262144, many rows", 262144 // 8, 256, fwd(2), 4),
+        ("fwd bf16 N=65536, many rows (one block holds the row)", 65536 // 8, 1024, fwd(2), 0),
+        ("fwd bf16 N=65536, 16 rows (spread over 128 SMs)", 65536 // 8, 16, fwd(2), 8),
+        ("fwd fp32 N=262144", 262144 // 4, 256, fwd(4), 8),
+        ("bwd bf16 N=262144 with sums", 262144 // 8, 256, bwd(2, 2, True), 16),
+        ("bwd bf16 N=262144 without sums", 262144 // 8, 256, bwd(2, 2, False), 8),
+        ("bwd bf16 N=32768 with sums", 32768 // 8, 2048, bwd(2, 2, True), 2),
+        ("bwd bf16 N=16384 with sums (the long kernel)", 16384 // 8, 4096, bwd(2, 2, True), 0),
+        ("bwd fp32 N=262144 with sums (too large)", 262144 // 4, 256, bwd(4, 4, True), 0),
+        ("bwd fp32 N=262144 without sums", 262144 // 4, 256, bwd(4, 4, False), 16),
+    ]
+    for what, chunks, rows, smem_for, want in facts:
+        got = plan_cluster_blocks(chunks, rows, smem_for)
+        assert got == want, f"cluster plan {what}: {got} blocks, expected {want}"
+
+
 def assert_once(loads, m, n, what):
     assert len(loads) == m * n and all(c == 1 for c in loads.values()), \
         f"{what}: {m}x{n} covered {len(loads)} elements, counts {set(loads.values())}"
@@ -151,6 +222,9 @@ def check_shape(m, n, v, vec_ok, sms=132, threads_per_sm=2048):
         else:
             grid = max(1, min(m, sms * max(1, threads_per_sm // LONG_BLOCK)))
             assert_once(check_long_kernel(m, n, v, vec_ok, grid), m, n, f"{name} long")
+    for blocks in (1, 2, 3, 4, 16):
+        clusters = max(1, min(m, 7))
+        assert_once(check_cluster_kernel(m, n, v, vec_ok, blocks, clusters), m, n, f"cluster x{blocks}")
     # param_cols grid
     col_tiles = ceil_div(n, COL_TILE)
     max_slices = min(65535, max(1, m // (4 * COL_ROW_LANES)))
@@ -176,6 +250,7 @@ def main():
         max_slices = min(65535, max(1, m // (4 * COL_ROW_LANES)))
         slices = min(max(ceil_div(132 * COL_BLOCKS_PER_SM, col_tiles), 1), max_slices)
         assert ceil_div(m, ceil_div(m, slices)) <= 65535
+    check_cluster_plans()
     print(f"kernel_index_model: {shapes} (M, N, V, aligned) cases OK")
 
 

@@ -14,11 +14,13 @@ root=$(cd "$here/../.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/kernels"
-# Host C++ has no __shared__ or dynamic shared memory: make them static / a host buffer,
-# and check the alignment of every 16-byte access.
+# Host C++ has no __shared__ or dynamic shared memory: make them static / a host buffer
+# per block, clusters emulated (emu_runtime.h), and check the alignment of every 16-byte access.
 for f in "$root"/csrc/kernels/*.cuh; do
   sed -e 's/extern __shared__ uint4 dynamic_smem\[\];/uint4* dynamic_smem = emu::dynamic_smem();/' \
       -e 's/__shared__/static/' \
+      -e 's/cooperative_groups::this_cluster()/emu::this_cluster()/' \
+      -e '/#include <cooperative_groups.h>/d' \
       -e 's/const uint4\* s = reinterpret_cast<const uint4\*>(src);/& EMU_CHECK_ALIGN(src); EMU_CHECK_ALIGN(dst);/' \
       "$f" > "$work/kernels/$(basename "$f")"
 done

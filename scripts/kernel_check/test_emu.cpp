@@ -48,10 +48,13 @@ template <typename T> struct Buf {
 };
 
 int failures = 0;
+bool mode_big = false;  // long rows: run the cluster kernels on them too
 void fail(const std::string& what) { if (++failures < 30) std::fprintf(stderr, "FAIL %s\n", what.c_str()); }
 
+// force_long_block: run the long kernel (or, with cluster > 0, the cluster kernel with clusters of
+// `cluster` blocks) with blocks of that many threads, whatever N.
 template <typename T, typename P, typename Y>
-void test_fwd(int64_t M, int N, int offset, bool has_w, bool has_b, int grid_cap, int force_long_block) {
+void test_fwd(int64_t M, int N, int offset, bool has_w, bool has_b, int grid_cap, int force_long_block, int cluster = 0) {
   using A = acc_t<T>; constexpr int V = kVecElems<T>;
   Buf<T> x(M * N, offset); Buf<Y> y(M * N, offset % 2); Buf<P> w(N, 0), b(N, 0);
   std::vector<A> mean(M), rstd(M);
@@ -63,7 +66,12 @@ void test_fwd(int64_t M, int N, int offset, bool has_w, bool has_b, int grid_cap
   const int chunks = max_chunks_per_row(N, V);
   Cfg c = choose(chunks, 4, 512);
   if (force_long_block) c.k = 0;
-  if (c.k) {
+  if (cluster) {
+    const int slice = cluster_slice_chunks(chunks, cluster);
+    const size_t smem = cluster_header_words<A>() * 16 + (size_t)slice * V * sizeof(T);
+    const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(M, grid_cap)) * cluster;
+    emu_launch({(unsigned)grid}, {(unsigned)force_long_block}, smem, [&] { layer_norm_fwd_cluster_kernel<T, P, Y>(p, slice); }, cluster);
+  } else if (c.k) {
     int grid = (int)std::max<int64_t>(1, std::min<int64_t>(ceil_div(M, c.rpb()), grid_cap));
     emu_launch({(unsigned)grid}, {(unsigned)c.block}, 0, [&] {
       if (c.k == 1) layer_norm_fwd_rows_kernel<T, P, Y, 1>(p, c.group); else layer_norm_fwd_rows_kernel<T, P, Y, 4>(p, c.group);
@@ -74,7 +82,7 @@ void test_fwd(int64_t M, int N, int offset, bool has_w, bool has_b, int grid_cap
     int grid = (int)std::max<int64_t>(1, std::min<int64_t>(M, grid_cap));
     emu_launch({(unsigned)grid}, {(unsigned)block}, (size_t)cached * V * sizeof(T), [&] { layer_norm_fwd_long_kernel<T, P, Y>(p, cached); });
   }
-  const std::string tag = "fwd M=" + std::to_string(M) + " N=" + std::to_string(N) + " off=" + std::to_string(offset) + " k=" + std::to_string(c.k) + " T=" + std::to_string(sizeof(T)) + " P=" + std::to_string(sizeof(P)) + " Y=" + std::to_string(sizeof(Y)) + " w=" + std::to_string(has_w) + " b=" + std::to_string(has_b);
+  const std::string tag = "fwd M=" + std::to_string(M) + " N=" + std::to_string(N) + " off=" + std::to_string(offset) + " k=" + std::to_string(c.k) + " cluster=" + std::to_string(cluster) + " T=" + std::to_string(sizeof(T)) + " P=" + std::to_string(sizeof(P)) + " Y=" + std::to_string(sizeof(Y)) + " w=" + std::to_string(has_w) + " b=" + std::to_string(has_b);
   for (int64_t r = 0; r < M; ++r) {
     double mu = 0, var = 0;
     for (int j = 0; j < N; ++j) mu += to_d(x.p[r * N + j]);
@@ -93,7 +101,7 @@ void test_fwd(int64_t M, int N, int offset, bool has_w, bool has_b, int grid_cap
 }
 
 template <typename T, typename DY, typename P>
-void test_bwd(int64_t M, int N, int offset, bool has_w, bool want_dx, bool want_params, int grid_cap, int force_long_block) {
+void test_bwd(int64_t M, int N, int offset, bool has_w, bool want_dx, bool want_params, int grid_cap, int force_long_block, int cluster = 0) {
   using A = acc_t<T>; constexpr int V = kVecElems<T>;
   Buf<T> x(M * N, offset), dx(M * N, offset); Buf<DY> dy(M * N, offset); Buf<P> w(N, 0);
   std::vector<A> mean(M), rstd(M);
@@ -116,7 +124,17 @@ void test_bwd(int64_t M, int N, int offset, bool has_w, bool want_dx, bool want_
   std::vector<A> partials;
   int partial_blocks = 0;
   bool fuse_long = false;
-  if (c.k && (want_dx || fuse)) {
+  if (cluster) {
+    // cluster kernel: dweight/dbias sums of each block's columns in shared memory (here:
+    // unless (M + N) % 3 == 0, standing in for "too large", which takes param_cols)
+    fuse_long = want_params && (M + N) % 3 != 0;
+    const int slice = cluster_slice_chunks(chunks, cluster);
+    const int clusters = (int)std::max<int64_t>(1, std::min<int64_t>(M, grid_cap));
+    const size_t smem = cluster_header_words<A>() * 16 + (fuse_long ? 2 * (size_t)long_param_cols(slice * V) * sizeof(A) : 0) +
+                        (size_t)(slice + 1) * V * (sizeof(T) + sizeof(DY));
+    if (fuse_long) { partials.assign((size_t)clusters * 2 * N, (A)-777); p.partials = partials.data(); partial_blocks = clusters; }
+    if (want_dx || fuse_long) emu_launch({(unsigned)(clusters * cluster)}, {(unsigned)force_long_block}, smem, [&] { layer_norm_bwd_cluster_kernel<T, DY, P>(p, slice); }, cluster);
+  } else if (c.k && (want_dx || fuse)) {
     int grid = (int)std::max<int64_t>(1, std::min<int64_t>(ceil_div(M, c.rpb()), grid_cap));
     size_t smem = 0;
     if (fuse) { partials.assign((size_t)grid * 2 * N, (A)-777); p.partials = partials.data(); partial_blocks = grid; if (N % V != 0) smem = (size_t)c.rpb() * 2 * chunks * V * sizeof(A); else if (c.rpb() > 1) smem = c.rpb() * N * sizeof(A); }
@@ -152,7 +170,7 @@ void test_bwd(int64_t M, int N, int offset, bool has_w, bool want_dx, bool want_
       layer_norm_bwd_param_reduce_kernel<A, P>(partials.data(), partial_blocks, N, dw.data(), db.data());
     });
   }
-  const std::string tag = "bwd M=" + std::to_string(M) + " N=" + std::to_string(N) + " off=" + std::to_string(offset) + " k=" + std::to_string(c.k) + " fuse=" + std::to_string(fuse) + std::to_string(fuse_long) + " T=" + std::to_string(sizeof(T)) + " DY=" + std::to_string(sizeof(DY)) + " P=" + std::to_string(sizeof(P)) + " w=" + std::to_string(has_w) + " dx=" + std::to_string(want_dx) + " params=" + std::to_string(want_params);
+  const std::string tag = "bwd M=" + std::to_string(M) + " N=" + std::to_string(N) + " off=" + std::to_string(offset) + " k=" + std::to_string(c.k) + " cluster=" + std::to_string(cluster) + " fuse=" + std::to_string(fuse) + std::to_string(fuse_long) + " T=" + std::to_string(sizeof(T)) + " DY=" + std::to_string(sizeof(DY)) + " P=" + std::to_string(sizeof(P)) + " w=" + std::to_string(has_w) + " dx=" + std::to_string(want_dx) + " params=" + std::to_string(want_params);
   std::vector<double> rdw(N, 0), rdb(N, 0);
   for (int64_t r = 0; r < M; ++r) {
     double sg = 0, sgx = 0;
@@ -193,6 +211,12 @@ void suite(const std::vector<int>& ns, const std::vector<int64_t>& ms) {
       test_bwd<T, DY, P>(m, n, off, true, true, true, grid_cap, 32);
       test_bwd<T, DY, P>(m, n, 0, n % 2 == 0, false, true, grid_cap, 64);
     }
+    if (n <= 1100 || mode_big) {  // the cluster kernels: 1..4 blocks a row, small blocks
+      const int cluster = 1 + (n + (int)m) % 4;
+      test_fwd<T, P, Y>(m, n, off, n % 3 != 0, true, grid_cap, 64, cluster);
+      test_bwd<T, DY, P>(m, n, off, true, true, true, grid_cap, 32 * cluster, cluster);
+      test_bwd<T, DY, P>(m, n, 0, n % 2 == 1, n % 2 == 0, true, grid_cap, 64, 5 - cluster);
+    }
     cases++;
   }
   std::printf("suite T=%zu P=%zu Y=%zu DY=%zu V=%d: %d shapes, failures so far %d\n", sizeof(T), sizeof(P), sizeof(Y), sizeof(DY), V, cases, failures);
@@ -207,9 +231,11 @@ int main(int argc, char** argv) {
     ns = {7, 33, 64, 1025};
     ms = {3};
   } else if (mode == "big") {
+    mode_big = true;
     ns = {2047, 2048, 2049, 4096, 4097, 5127, 8192, 8200, 12289, 16385};
     ms = {1, 3};
   } else if (mode == "n") {  // n N1 N2 ...: these N with M = 2, 16-bit x only
+    mode_big = true;
     ns.clear();
     for (int i = 2; i < argc; ++i) ns.push_back(std::atoi(argv[i]));
     ms = {2};
