@@ -1,0 +1,37 @@
+"""The CUDA LayerNorm device code, checked without a GPU (scripts/kernel_check/).
+
+On a machine without a GPU (CI) these are the only tests that run the code in
+csrc/kernels/*.cuh: the index model replays the launchers' kernel choice and the
+kernels' index math in Python; the host emulation compiles the real kernels as C++
+(one std::thread per CUDA thread, barriers, warp shuffles and thread-block clusters
+emulated, AddressSanitizer on) and compares them with a float64 reference.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CHECK = Path(__file__).resolve().parents[1] / "scripts" / "kernel_check"
+CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+
+
+def _run(cmd, timeout):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_index_model():
+    rc, log = _run([sys.executable, str(CHECK / "index_model.py")], timeout=300)
+    assert rc == 0 and "OK" in log, log
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or not (CUDA_HOME / "include" / "cuda_bf16.h").exists(),
+                    reason="the host emulation needs g++ and the CUDA headers (cuda_fp16.h, cuda_bf16.h)")
+def test_host_emulation_quick():
+    """Every kernel family (rows, long, cluster; fused and column dweight/dbias) on four
+    shapes in all six dtype combinations."""
+    rc, log = _run(["bash", str(CHECK / "run_host_emulation.sh"), "q"], timeout=900)
+    assert rc == 0 and "OK: 0 failures" in log, log[-4000:]
