@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(512)
         const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
         load_chunk(x_row + s * V, full, col0, n, A(0), xhat[k]);
         load_chunk(dy_row + s * V, full, col0, n, A(0), g[k]);
-        load_param_chunk(p.weight, full && rc.head == 0 && p.weight_vec_ok, col0, n, A(1), w);
+        load_param_chunk(p.weight, full && p.weight_vec_ok, col0, n, A(1), w);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           xhat[k][i] = in_row(col0 + i, n) ? (xhat[k][i] - mean) * rstd : A(0);
@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(1024)
       A w[V];
       load_chunk(x_at(s * V), full, col0, n, A(0), xhat);
       load_chunk(dy_at(s * V), full, col0, n, A(0), g);
-      load_param_chunk(p.weight, full && rc.head == 0 && p.weight_vec_ok, col0, n, A(1), w);
+      load_param_chunk(p.weight, full && p.weight_vec_ok, col0, n, A(1), w);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         xhat[i] = in_row(col0 + i, n) ? (xhat[i] - mean) * rstd : A(0);
@@ -381,7 +381,7 @@ __global__ void __launch_bounds__(1024)
         A xhat[V], g[V], w[V];
         load_chunk(x_cache + (s - begin) * V, full, col0, n, A(0), xhat);
         load_chunk(dy_cache + (s - begin) * V, full, col0, n, A(0), g);
-        load_param_chunk(p.weight, full && rc.head == 0 && p.weight_vec_ok, col0, n, A(1), w);
+        load_param_chunk(p.weight, full && p.weight_vec_ok, col0, n, A(1), w);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           xhat[i] = in_row(col0 + i, n) ? (xhat[i] - mean) * rstd : A(0);

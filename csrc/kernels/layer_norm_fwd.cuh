@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(512)
       const int col0 = s * V - rc.head;
       if (s < rc.count) {
         const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
-        fwd_write_chunk<V>(p, y_row + s * V, full, full && rc.head == 0 && p.params_vec_ok, col0,
+        fwd_write_chunk<V>(p, y_row + s * V, full, full && p.params_vec_ok, col0,
                            v[k], mean, rstd);
       }
     }
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(1024)
       const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
       A v[V];
       load_chunk(chunk(s), full, col0, n, A(0), v);
-      fwd_write_chunk<V>(p, y_row + s * V, full, full && rc.head == 0 && p.params_vec_ok, col0, v,
+      fwd_write_chunk<V>(p, y_row + s * V, full, full && p.params_vec_ok, col0, v,
                          mean, rstd);
     }
     // The next row's cache copy overwrites only this thread's own chunks: no barrier.
@@ -249,7 +249,7 @@ __global__ void __launch_bounds__(1024)
 
     Y* y_row = p.y + rc.first * V;
     for_my_chunks([&](int s, int col0, bool full, const A(&v)[V]) {
-      fwd_write_chunk<V>(p, y_row + s * V, full, full && rc.head == 0 && p.params_vec_ok, col0, v,
+      fwd_write_chunk<V>(p, y_row + s * V, full, full && p.params_vec_ok, col0, v,
                          mean, rstd);
     });
   }

@@ -17,6 +17,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace ln_ext {
 namespace kernels {
@@ -211,18 +212,60 @@ __device__ __forceinline__ void cache_chunks(const T* src, T* dst, int begin, in
   }
 }
 
-// weight/bias for the columns [col0, col0 + V) of a row: `fill` when the
-// parameter is absent or for columns outside the row. `vec`: the chunk is full
-// AND starts on a column multiple of V (head == 0), so p + col0 is 16-byte aligned.
+// weight/bias for the columns [col0, col0 + V) of a row: `fill` when the parameter
+// is absent or for columns outside the row. `vec`: the chunk is full (so col0 >= 0)
+// and the parameter is 16-byte aligned. Then a chunk starting on a column multiple
+// of V (every row when N % V == 0) is one vector load; a row starting `head`
+// columns into a chunk (N % V != 0) needs columns [col0, col0 + V) = the tail of the
+// aligned chunk at V * (col0 / V) and the head of the next: two vector loads (L1
+// hits: every row reads the same parameters) and a shift by r = col0 % V through
+// log2(V) select stages, in place of V scalar loads, which made odd-N rows
+// load/store-unit bound. The last chunks of a row, whose next aligned chunk would
+// pass the end of the parameter, load per element.
 template <typename A, int V, typename P>
 __device__ __forceinline__ void load_param_chunk(const P* p, bool vec, int col0, int n, A fill,
                                                  A (&out)[V]) {
   if (p == nullptr) {
 #pragma unroll
     for (int v = 0; v < V; ++v) out[v] = fill;
-  } else if (vec) {
+    return;
+  }
+  // Only for parameters as wide as x (one 16-byte word a chunk): float parameters
+  // next to 16-bit x (32 bytes a chunk) took 17 more registers in the one-chunk rows
+  // kernels (40 -> 57, 64 -> 80), a third less occupancy for every N.
+  constexpr bool kShiftParams = sizeof(P) * V == 16;
+  const int aligned_col = vec ? col0 / V * V : 0;
+  const int r = col0 - aligned_col;
+  if (vec && r == 0) {
     alignas(16) P raw[V];
     load_words<V>(p + col0, raw);
+#pragma unroll
+    for (int v = 0; v < V; ++v) out[v] = to_acc(raw[v]);
+  } else if (kShiftParams && vec && aligned_col + 2 * V <= n) {
+    // The two aligned chunks as 8 32-bit words, shifted down by r elements: whole
+    // words through select stages (constant indices keep them in registers; 16-bit
+    // elements as arrays compiled to local memory), then half a word for 16-bit P.
+    uint32_t lo[4], hi[4], w[8];
+    load_words<4>(reinterpret_cast<const uint32_t*>(p + aligned_col), lo);
+    load_words<4>(reinterpret_cast<const uint32_t*>(p + aligned_col + V), hi);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      w[i] = lo[i];
+      w[4 + i] = hi[i];
+    }
+    const int shift_bytes = r * static_cast<int>(sizeof(P));
+#pragma unroll
+    for (int bit = 2; bit > 0; bit /= 2) {
+      const bool shift = ((shift_bytes / 4) & bit) != 0;
+#pragma unroll
+      for (int i = 0; i + bit < 8; ++i) w[i] = shift ? w[i + bit] : w[i];
+    }
+    if (sizeof(P) == 2 && (shift_bytes & 2) != 0) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) w[i] = (w[i] >> 16) | (w[i + 1] << 16);
+    }
+    P raw[V];
+    memcpy(raw, w, sizeof(raw));
 #pragma unroll
     for (int v = 0; v < V; ++v) out[v] = to_acc(raw[v]);
   } else {

@@ -5,7 +5,8 @@ csrc/kernels/*.cuh walk the 16-byte chunk grid, and checks for every shape given
   * every element of every row is loaded exactly once and stored exactly once
     (rows kernels: the row fits in group * K chunks; long kernels: strided walk);
   * no access outside the tensor, no vector access that is not 16-byte aligned
-    or that leaves its row; parameter vector loads only at columns % V == 0;
+    or that leaves its row; parameter vector loads only at columns % V == 0 and
+    inside the parameter (rows starting inside a chunk: two aligned neighbours);
   * the fused dweight/dbias path gives every column exactly one accumulator, and
     rows not starting on a chunk read their staging row only where it was written;
   * the param_cols grid covers every (row, column) once and keeps grid.y <= 65535;
@@ -69,9 +70,14 @@ def walk_row(m, n, v, vec_ok, row, chunk_ids, loads, elem_bytes=16):
             for e in range(base, base + v):
                 assert row * n <= e < row * n + n, "vector access leaves the row"
                 loads[e] = loads.get(e, 0) + 1
-            if head == 0:
-                assert col0 % v == 0
+            # weight/bias: one aligned vector load, or (row starting inside a chunk) two
+            # aligned neighbours shifted, both inside the parameter [0, n)
+            aligned = col0 // v * v
+            if aligned == col0:
                 pvec.append(col0)
+            elif aligned + 2 * v <= n:
+                assert aligned % v == 0 and aligned <= col0 and col0 + v <= aligned + 2 * v
+                pvec.extend((aligned, aligned + v))
         else:
             for i in range(v):
                 c = col0 + i
@@ -79,6 +85,7 @@ def walk_row(m, n, v, vec_ok, row, chunk_ids, loads, elem_bytes=16):
                     e = base + i
                     assert e == row * n + c
                     loads[e] = loads.get(e, 0) + 1
+    assert all(c % v == 0 and 0 <= c and c + v <= n for c in pvec), "parameter vector load"
     return pvec
 
 

@@ -41,7 +41,10 @@ template <typename T> double tol() { if constexpr (std::is_same_v<T, __half>) re
 template <typename T> struct Buf {
   T* base = nullptr; T* p = nullptr; size_t n;
   Buf(size_t n_, int offset) : n(n_) {
-    base = static_cast<T*>(std::aligned_alloc(16, ((n + offset) * sizeof(T) + 15) / 16 * 16 + 16));
+    // 16-byte aligned base, no padding at the end (ASan poisons from the exact size on).
+    void* mem = nullptr;
+    if (posix_memalign(&mem, 16, std::max<size_t>(1, (n + offset) * sizeof(T))) != 0) std::abort();
+    base = static_cast<T*>(mem);
     p = base + offset;
   }
   ~Buf() { std::free(base); }
