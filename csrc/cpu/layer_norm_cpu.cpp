@@ -63,16 +63,18 @@ at::Tensor param_as_acc(const at::Tensor& p, int64_t n, double fill, const at::T
 at::ScalarType acc_type(at::ScalarType x) { return x == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Row blocks of the backward: enough for many threads, few enough that the
-// partial sums (2 * N acc_t per block) stay small next to the rows and that a
-// block is worth a thread (a few rows would otherwise cost more in zeroing and
-// adding partials than in the rows themselves). Depends on M and N only.
-int64_t bwd_blocks(int64_t rows, int64_t cols) {
+// partial sums (2 * N acc_t per block: zeroed, added to row by row, read back) stay
+// small next to the rows — at least 128 bytes of x per column per block, so the
+// partials cost ~6% of the traffic — and that a block is worth a thread (a few
+// rows would otherwise cost more in zeroing and adding partials than in the rows
+// themselves). Depends on M, N and x's dtype only.
+int64_t bwd_blocks(int64_t rows, int64_t cols, int64_t x_elem_size) {
   constexpr int64_t kMaxBlocks = 64;
-  constexpr int64_t kPartialBudget = int64_t{1} << 21;  // acc_t elements over all blocks
+  constexpr int64_t kMinBlockColumnBytes = 128;
   constexpr int64_t kMinBlockElements = int64_t{1} << 16;
-  const int64_t by_memory = std::max<int64_t>(8, kPartialBudget / (2 * cols));
+  const int64_t by_traffic = rows * x_elem_size / kMinBlockColumnBytes;
   const int64_t by_work = rows * cols / kMinBlockElements;
-  return std::max<int64_t>(1, std::min({rows, kMaxBlocks, by_memory, by_work}));
+  return std::max<int64_t>(1, std::min({kMaxBlocks, by_traffic, by_work}));
 }
 
 // At least this many elements of work per thread before a loop is split.
@@ -116,7 +118,7 @@ void layer_norm_bwd_cpu_kernel(const LayerNormBwdArgs& a) {
     });
     return;
   }
-  const int64_t blocks = bwd_blocks(M, N);
+  const int64_t blocks = bwd_blocks(M, N, a.x.element_size());
   if (blocks == 1 && a.dweight.defined() && a.dbias.defined() &&
       a.dweight.scalar_type() == acc && a.dbias.scalar_type() == acc) {
     // One block, parameters in acc_t: its sums are the gradients (few rows: no partials).
