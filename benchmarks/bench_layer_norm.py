@@ -37,10 +37,9 @@ LATENCY_N = 4096
 GPU_DEFAULTS = dict(dtypes=["bf16", "fp16", "fp32", "mixed"], n=sorted(N_POW + N_ODD), elements=2**26,
                     latency_m=[1, 16, 128])
 GPU_QUICK = dict(dtypes=["bf16"], n=[1024, 4096, 5127, 16384, 65536, 262144], elements=2**26, latency_m=[16])
-# CPU: M*N = 7 * 2^20 puts an fp32 tensor (28 MiB) beyond most last-level caches, and keeps it
-# under glibc malloc's 32 MiB ceiling for reusing freed memory: larger outputs come from fresh
-# mmap pages on every call, and page faults (~8 GB/s here, for any provider) hide the kernels.
-CPU_DEFAULTS = dict(dtypes=["fp32", "bf16"], n=[256, 1024, 4096, 5127, 16384], elements=7 * 2**20,
+# CPU: M*N = 2^23 puts an fp32 tensor (32 MiB) beyond most last-level caches (and at glibc's
+# mmap threshold: see common.rerun_with_steady_malloc).
+CPU_DEFAULTS = dict(dtypes=["fp32", "bf16"], n=[256, 1024, 4096, 5127, 16384], elements=2**23,
                     latency_m=[1, 16, 128])
 CPU_QUICK = dict(dtypes=["fp32", "bf16"], n=[1024, 5127], elements=2**21, latency_m=[16])
 MODES = ("fwd", "bwd", "fwd_bwd")
@@ -462,7 +461,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=common.csv_list(int), help="hidden sizes N (default: by device)")
     p.add_argument("--m", type=common.csv_list(int),
                    help="row counts M, each run with each N (default: M = elements / N)")
-    p.add_argument("--elements", type=int, help="M*N target when --m is not given (GPU 2^26, CPU 7*2^20)")
+    p.add_argument("--elements", type=int, help="M*N target when --m is not given (GPU 2^26, CPU 2^23)")
     p.add_argument("--latency-m", type=common.csv_list(int),
                    help=f"M of the few-rows latency set at N={LATENCY_N}; '' for none")
     p.add_argument("--providers", type=common.csv_list(),
@@ -489,6 +488,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = common.pick_device(args.device)
     on_gpu = device.type == "cuda"
+    if not on_gpu and argv is None:  # run as a script (not called from another program)
+        common.rerun_with_steady_malloc()
     defaults = (GPU_QUICK if args.quick else GPU_DEFAULTS) if on_gpu else (CPU_QUICK if args.quick else CPU_DEFAULTS)
     dtypes = args.dtypes or defaults["dtypes"]
     ns = args.n or defaults["n"]
