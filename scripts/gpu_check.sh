@@ -154,7 +154,9 @@ run_step bench_rnn 60 "$BENCH_LOG" "$PY" benchmarks/bench_rnn.py --quick --out "
 
 # ---------------------------------------------------------------- with what time is left
 sanitize initcheck 45
-run_step pytest_rest 200 "$PYTEST_LOG" "$PY" -m pytest -m "not cuda" -v -ra --durations=15 -p no:cacheprovider "${XDIST[@]}" tests
+# The CPU-only checks of the device code (tests/test_kernel_check.py) run in CI, not on GPU time.
+run_step pytest_rest 200 "$PYTEST_LOG" "$PY" -m pytest -m "not cuda" -v -ra --durations=15 -p no:cacheprovider \
+  --ignore=tests/test_kernel_check.py "${XDIST[@]}" tests
 
 # ---------------------------------------------------------------- collect and summarize
 for f in layer_norm.json layer_norm.md layer_norm.png rnn.json; do
