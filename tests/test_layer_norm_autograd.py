@@ -194,7 +194,7 @@ def test_gradients_bitwise_reproducible(device, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(4099, 67), (333, 1025)])
+@pytest.mark.parametrize("shape", [(4099, 67), (333, 1025), (333, 4099)])  # last: rows in pairs
 def test_gradients_independent_of_thread_count(num_threads, dtype, shape):
     """The CPU kernels give the same bits on 1 and 2 threads: rows are cut into a fixed
     number of blocks whatever the thread count."""
