@@ -72,9 +72,15 @@ __device__ __forceinline__ A* cluster_peer(A* local, int rank) {
 // block that has left.
 template <typename A, int K>
 struct ClusterSum {
-  A* scratch;  // >= 32 values for block_sum
+  static_assert(K <= 2, "cluster_header_words() holds slots for two values");
+  A* scratch;  // 32 values for block_sum
   A* slots;    // [2][K]
-  int calls;
+  int calls = 0;
+
+  // Scratch and slots at the start of a cluster kernel's dynamic shared memory
+  // (cluster_header_words<A>() 16-byte words).
+  __device__ explicit ClusterSum(uint4* header)
+      : scratch(reinterpret_cast<A*>(header)), slots(scratch + 32) {}
 
   __device__ A operator()(A v) {
     static_assert(K == 1, "one value: ClusterSum<A, 1>");

@@ -328,8 +328,7 @@ __global__ void __launch_bounds__(1024)
   // [2][long_param_cols(slice_chunks * V)] A; then x and dy of this block's chunks
   // and the one after them, [(slice_chunks + 1) * V] T and DY.
   extern __shared__ uint4 dynamic_smem[];
-  A* const header = reinterpret_cast<A*>(dynamic_smem);
-  ClusterSum<A, 2> cluster_sum{header, header + 32, 0};
+  ClusterSum<A, 2> cluster_sum(dynamic_smem);
   const int n = p.cols;
   const bool fused_params = p.partials != nullptr;
   const int rank = cluster_rank();

@@ -199,8 +199,7 @@ __global__ void __launch_bounds__(1024)
   // own): the header (cluster.cuh), then this block's chunks of the row,
   // [slice_chunks * V] T.
   extern __shared__ uint4 dynamic_smem[];
-  A* const header = reinterpret_cast<A*>(dynamic_smem);
-  ClusterSum<A, 1> cluster_sum{header, header + 32, 0};
+  ClusterSum<A, 1> cluster_sum(dynamic_smem);
   T* const cache = reinterpret_cast<T*>(dynamic_smem + cluster_header_words<A>());
   const int n = p.cols;
   const int rank = cluster_rank();
