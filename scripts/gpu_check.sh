@@ -140,7 +140,8 @@ sanitize() {  # sanitize TOOL: one compute-sanitizer tool over the small cases
     FAILED=1
     return
   fi
-  run_step "$1" "$2" "$SAN_LOG" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  # LN_EXT_LOG_LAUNCHES: which kernel each case took (summary: "kernels launched").
+  run_step "$1" "$2" "$SAN_LOG" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 LN_EXT_LOG_LAUNCHES=1 \
     "$SANITIZER" --tool "$1" --error-exitcode 86 --print-limit 40 "$PY" scripts/sanitizer_cases.py
 }
 sanitize memcheck 60
@@ -176,6 +177,8 @@ TOTAL=$(($(date +%s) - START))
   echo "== sanitizers:"
   grep -E '^=+ (ERROR|RACECHECK|INITCHECK|LEAK) SUMMARY|^sanitizer_cases|^=== \[' "$SAN_LOG" | grep -v ' timeout '
   grep -E '^FAIL ' "$SAN_LOG" | sort -u | head -n 30
+  echo "== kernels launched by the sanitizer cases (LN_EXT_LOG_LAUNCHES):"
+  grep -E '^ln_ext launch:' "$SAN_LOG" | sort -u | head -n 60
   echo "== benchmarks:"
   grep -E '^copy [0-9]|^not measured|^MISMATCH|^outputs that did not match|Traceback|Error' "$BENCH_LOG" | head -n 20
   [[ -f $WORK/bench/rnn.md ]] && cat "$WORK/bench/rnn.md"

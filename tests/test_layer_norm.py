@@ -1,6 +1,9 @@
 """LayerNorm forward and backward against a float64 reference, on every sample input."""
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -218,6 +221,42 @@ def test_cuda_side_stream_and_second_device(device):
     got1 = ln_ext.layer_norm(*s1.with_grad().args())
     assert got1.device == torch.device("cuda:1")
     check_against_reference(s1)
+
+def _launches(shapes):
+    """The kernel launches ln_ext logs (LN_EXT_LOG_LAUNCHES=1) for a fwd+bwd of each
+    ((M, N), dtype name) in a fresh process."""
+    cases = ", ".join(f"(({m}, {n}), torch.{dtype})" for (m, n), dtype in shapes)
+    script = (
+        "import torch, ln_ext\n"
+        f"for shape, dtype in [{cases}]:\n"
+        "    x, w, b = (torch.randn(s, device='cuda', dtype=dtype, requires_grad=True)\n"
+        "               for s in (shape, shape[-1:], shape[-1:]))\n"
+        "    ln_ext.layer_norm(x, shape[-1:], w, b).backward(torch.randn_like(x))\n"
+        "torch.cuda.synchronize()\n"
+    )
+    env = {**os.environ, "LN_EXT_LOG_LAUNCHES": "1"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return "\n".join(line for line in proc.stderr.splitlines() if line.startswith("ln_ext launch:"))
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_cuda_kernel_by_shape(device):
+    """Long rows take the kernels meant for them, so the reference tests above run them: many
+    rows that fit one block's shared memory the long kernels (dweight/dbias fused); rows
+    longer than that, or too few rows for the GPU, a thread-block cluster per row on sm_90
+    (the long kernels elsewhere)."""
+    log = _launches([((300, 12000), "float32"), ((2, 262144), "bfloat16")])
+    assert "fwd long rows=300 N=12000" in log and "bwd long +dweight/dbias rows=300 N=12000" in log, log
+    if torch.cuda.get_device_capability() >= (9, 0):
+        assert "fwd cluster rows=2 N=262144" in log, log
+        # 16-block clusters with dweight/dbias sums, or (not schedulable here) 8 without them.
+        assert "bwd cluster +dweight/dbias rows=2 N=262144" in log or "bwd cluster rows=2 N=262144" in log, log
+    else:
+        assert "fwd long rows=2 N=262144" in log and "bwd long rows=2 N=262144" in log, log
+
 
 def test_generic_cpu_build_matches_reference():
     """The reference comparison again with the generic CPU row kernels forced."""

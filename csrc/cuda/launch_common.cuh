@@ -12,10 +12,14 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdio>
+#include <cstdlib>
 #include <cstdint>
 #include <memory>
 #include <map>
 #include <mutex>
+#include <set>
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -101,6 +105,26 @@ inline const DeviceLimits& device_limits() {
 }
 
 inline int multiprocessor_count() { return device_limits().multiprocessors; }
+
+// LN_EXT_LOG_LAUNCHES=1 in the environment: each distinct LayerNorm kernel launch is
+// printed once to stderr, e.g. "ln_ext launch: fwd cluster rows=2 N=262144 grid=16
+// block=1024 cluster=8 smem=65680", to see which kernel a shape takes (the GPU tests
+// and scripts/gpu_check.sh read them).
+inline void log_launch(const char* kernel, int64_t rows, int64_t cols, int grid, int block,
+                       int cluster, size_t smem) {
+  static const bool enabled = [] {
+    const char* v = std::getenv("LN_EXT_LOG_LAUNCHES");
+    return v != nullptr && *v != '\0' && std::string(v) != "0";
+  }();
+  if (!enabled) return;
+  char line[192];
+  std::snprintf(line, sizeof(line), "ln_ext launch: %s rows=%lld N=%lld grid=%d block=%d cluster=%d smem=%zu",
+                kernel, static_cast<long long>(rows), static_cast<long long>(cols), grid, block, cluster, smem);
+  static std::mutex mutex;
+  static std::set<std::string> seen;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (seen.insert(line).second) std::fprintf(stderr, "%s\n", line);
+}
 
 // A persistent grid: as many blocks as the work needs, at most as many as the
 // multiprocessors hold at once by thread count and, when given, by the blocks'

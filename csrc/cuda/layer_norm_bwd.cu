@@ -104,6 +104,7 @@ Partials launch_param_cols(const LayerNormBwdArgs& a, cudaStream_t stream) {
   const Partials partials = new_partials(a, slices);
   const dim3 block(kernels::kColTile, kernels::kColRowLanes);
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(slices));
+  log_launch("bwd param_cols", a.rows, n, static_cast<int>(col_tiles * slices), block.x * block.y, 1, 0);
   kernels::layer_norm_bwd_param_cols_kernel<T, DY><<<grid, block, 0, stream>>>(
       const_ptr<DY>(a.dy), const_ptr<T>(a.x), const_ptr<A>(a.mean), const_ptr<A>(a.rstd),
       mut_ptr<A>(partials.tensor), a.rows, n, rows_per_slice);
@@ -137,6 +138,7 @@ Partials launch_bwd_rows(kernels::BwdParams<T, DY, P> p, const LayerNormBwdArgs&
   auto kernel = cfg.k == 1 ? kernels::layer_norm_bwd_rows_kernel<T, DY, P, 1>
                            : kernels::layer_norm_bwd_rows_kernel<T, DY, P, kBwdBigK>;
   allow_dynamic_shared_memory(kernel, smem);
+  log_launch(cfg.k == 1 ? "bwd rows K=1" : "bwd rows K=2", a.rows, a.cols, grid, cfg.block, 1, smem);
   kernel<<<grid, cfg.block, smem, stream>>>(p, cfg.group);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return partials;
@@ -174,6 +176,8 @@ Partials launch_bwd_long_rows(kernels::BwdParams<T, DY, P> p, const LayerNormBwd
       partials = new_partials(a, plan.clusters());
       p.partials = mut_ptr<A>(partials.tensor);
     }
+    log_launch(fuse ? "bwd cluster +dweight/dbias" : "bwd cluster", a.rows, a.cols, plan.grid,
+               kLongBlock, plan.blocks, plan.smem);
     launch_cluster(cluster_kernel, plan, stream, p, plan.slice_chunks);
     return partials;
   }
@@ -192,6 +196,7 @@ Partials launch_bwd_long_rows(kernels::BwdParams<T, DY, P> p, const LayerNormBwd
     partials = new_partials(a, grid);
     p.partials = mut_ptr<A>(partials.tensor);
   }
+  log_launch(fuse ? "bwd long +dweight/dbias" : "bwd long", a.rows, a.cols, grid, kLongBlock, 1, smem);
   kernel<<<grid, kLongBlock, smem, stream>>>(p, cached);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return partials;

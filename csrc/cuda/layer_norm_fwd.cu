@@ -57,6 +57,7 @@ void launch_fwd(const LayerNormFwdArgs& a) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (cfg.k != 0) {
     const int grid = persistent_grid(ceil_div(a.rows, cfg.rows_per_block()), cfg.block);
+    log_launch(cfg.k == 1 ? "fwd rows K=1" : "fwd rows K=4", a.rows, a.cols, grid, cfg.block, 1, 0);
     if (cfg.k == 1) {
       kernels::layer_norm_fwd_rows_kernel<T, P, Y, 1><<<grid, cfg.block, 0, stream>>>(p, cfg.group);
     } else {
@@ -74,6 +75,7 @@ void launch_fwd(const LayerNormFwdArgs& a) {
            static_cast<size_t>(slice_chunks) * V * sizeof(T);
   });
   if (plan.blocks != 0) {
+    log_launch("fwd cluster", a.rows, a.cols, plan.grid, kLongBlock, plan.blocks, plan.smem);
     launch_cluster(cluster_kernel, plan, stream, p, plan.slice_chunks);
     return;
   }
@@ -82,6 +84,7 @@ void launch_fwd(const LayerNormFwdArgs& a) {
   auto kernel = kernels::layer_norm_fwd_long_kernel<T, P, Y>;
   allow_dynamic_shared_memory(kernel, smem);
   const int grid = persistent_grid(a.rows, kLongBlock);
+  log_launch("fwd long", a.rows, a.cols, grid, kLongBlock, 1, smem);
   kernel<<<grid, kLongBlock, smem, stream>>>(p, cached);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
