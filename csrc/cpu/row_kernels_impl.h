@@ -181,18 +181,6 @@ inline void row_sums(int64_t n, FV fv, FS fs, acc_t (&out)[K]) {
   for (int k = 0; k < K; ++k) out[k] = hsum(total[k]) + tail[k];
 }
 
-// Two sums: fv(i, s0, s1), fs(i, t0, t1).
-template <typename acc_t, typename FV, typename FS>
-inline void row_sum2(int64_t n, FV fv, FS fs, acc_t& out0, acc_t& out1) {
-  using V = typename Vec<acc_t>::type;
-  acc_t out[2];
-  row_sums<2, acc_t>(
-      n, [&](int64_t i, V (&s)[2]) { fv(i, s[0], s[1]); },
-      [&](int64_t i, acc_t (&t)[2]) { fs(i, t[0], t[1]); }, out);
-  out0 = out[0];
-  out1 = out[1];
-}
-
 // Mean and sum of squared deviations of a row: per chunk of kChunk elements, the
 // mean then the centered squares (a second pass over a chunk that is still in L1),
 // chunks merged with Chan et al.'s pairwise update. As accurate as two passes over
@@ -205,16 +193,17 @@ inline void row_moments(const T* __restrict x, int64_t n, acc_t& mean, acc_t& m2
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t len = std::min(kChunk, n - c);
     const T* xc = x + c;
-    acc_t sum, unused;
-    row_sum2<acc_t>(
-        len, [xc](int64_t i, V& s, V&) { s += vload(xc + i); },
-        [xc](int64_t i, acc_t& s, acc_t&) { s += to_acc(xc[i]); }, sum, unused);
-    const acc_t cm = sum / static_cast<acc_t>(len);
-    acc_t csq;
-    row_sum2<acc_t>(
-        len, [xc, cm](int64_t i, V& s, V&) { const V d = vload(xc + i) - cm; s += d * d; },
-        [xc, cm](int64_t i, acc_t& s, acc_t&) { const acc_t d = to_acc(xc[i]) - cm; s += d * d; },
-        csq, unused);
+    acc_t sum[1];
+    row_sums<1, acc_t>(
+        len, [xc](int64_t i, V (&s)[1]) { s[0] += vload(xc + i); },
+        [xc](int64_t i, acc_t (&t)[1]) { t[0] += to_acc(xc[i]); }, sum);
+    const acc_t cm = sum[0] / static_cast<acc_t>(len);
+    acc_t sq_sum[1];
+    row_sums<1, acc_t>(
+        len, [xc, cm](int64_t i, V (&s)[1]) { const V d = vload(xc + i) - cm; s[0] += d * d; },
+        [xc, cm](int64_t i, acc_t (&t)[1]) { const acc_t d = to_acc(xc[i]) - cm; t[0] += d * d; },
+        sq_sum);
+    const acc_t csq = sq_sum[0];
     if (count == 0) {
       mu = cm;
       sq = csq;
