@@ -10,10 +10,11 @@
 // into running totals every kChunk elements, then tree-summed: the order of additions
 // depends on n alone (never on the thread count), and the rounding error grows with
 // kChunk / 16 + n / kChunk rather than n.
-// Forward: mean and centered sum of squares per kChunk chunk (two passes over a chunk
-// that sits in L1), chunks merged with Chan et al.'s update, then y: two passes over the
-// row in memory. Backward: one pass for sum(g), sum(g * xhat) and the block's partial
-// dweight/dbias, one for dx; rows of 3072 elements or more two at a time.
+// Forward: the corrected two-pass moments (row_moments: the first chunk's mean as a
+// shift, then sum(x - K) and sum((x - K)^2) in one pass over the row), then y: two
+// passes over the row in memory. Backward: one pass for the row sums (with the residual
+// that corrects the stored mean), one for dx and the block's partial dweight/dbias;
+// rows of 3072 elements or more two at a time.
 // Assumes: nothing about alignment (unaligned loads) or n (scalar tail per row).
 // Measured (1 thread of an AMD EPYC, AVX2 build, fwd / bwd vs torch 2.14 nn.LayerNorm):
 // float32 [4096, 1024] 0.83 / 1.41 ms vs 1.28 / 2.07; [64, 65536] 1.62 / 3.52 vs
@@ -181,41 +182,46 @@ inline void row_sums(int64_t n, FV fv, FS fs, acc_t (&out)[K]) {
   for (int k = 0; k < K; ++k) out[k] = hsum(total[k]) + tail[k];
 }
 
-// Mean and sum of squared deviations of a row: per chunk of kChunk elements, the
-// mean then the centered squares (a second pass over a chunk that is still in L1),
-// chunks merged with Chan et al.'s pairwise update. As accurate as two passes over
-// the row, with one pass over memory.
+// The moments of a row, as a shift K (the mean of its first kChunk elements, which
+// for a row of up to kChunk elements is the row's mean up to rounding), the residual
+// mean c of d = x - K and the sum of squared deviations m2 = sum(d^2) - n c^2: the
+// "corrected two-pass" algorithm. x - K is exact for the elements near the mean
+// (Sterbenz), so rows whose mean is large next to their spread lose nothing to the
+// rounding of K, and c repairs it. mean = K + c; every x - mean is computed as
+// (x - K) - c. One pass over a longer row after the first chunk (from L1); for a row
+// longer than kChunk, K is off the mean by at most sqrt(n / kChunk) standard
+// deviations, which costs the m2 subtraction at most that factor in eps.
+template <typename acc_t>
+struct RowMoments {
+  acc_t shift, residual, m2;
+  acc_t mean() const { return shift + residual; }
+};
+
 template <typename T, typename acc_t>
-inline void row_moments(const T* __restrict x, int64_t n, acc_t& mean, acc_t& m2) {
+inline RowMoments<acc_t> row_moments(const T* __restrict x, int64_t n) {
   using V = typename Vec<acc_t>::type;
-  acc_t mu = 0, sq = 0;
-  int64_t count = 0;
-  for (int64_t c = 0; c < n; c += kChunk) {
-    const int64_t len = std::min(kChunk, n - c);
-    const T* xc = x + c;
-    acc_t sum[1];
-    row_sums<1, acc_t>(
-        len, [xc](int64_t i, V (&s)[1]) { s[0] += vload(xc + i); },
-        [xc](int64_t i, acc_t (&t)[1]) { t[0] += to_acc(xc[i]); }, sum);
-    const acc_t cm = sum[0] / static_cast<acc_t>(len);
-    acc_t sq_sum[1];
-    row_sums<1, acc_t>(
-        len, [xc, cm](int64_t i, V (&s)[1]) { const V d = vload(xc + i) - cm; s[0] += d * d; },
-        [xc, cm](int64_t i, acc_t (&t)[1]) { const acc_t d = to_acc(xc[i]) - cm; t[0] += d * d; },
-        sq_sum);
-    const acc_t csq = sq_sum[0];
-    if (count == 0) {
-      mu = cm;
-      sq = csq;
-    } else {
-      const acc_t delta = cm - mu, total = static_cast<acc_t>(count + len);
-      mu += delta * (static_cast<acc_t>(len) / total);
-      sq += csq + delta * delta * (static_cast<acc_t>(count) * static_cast<acc_t>(len) / total);
-    }
-    count += len;
-  }
-  mean = mu;
-  m2 = sq;
+  const int64_t head = std::min(kChunk, n);
+  acc_t sum[1];
+  row_sums<1, acc_t>(
+      head, [x](int64_t i, V (&s)[1]) { s[0] += vload(x + i); },
+      [x](int64_t i, acc_t (&t)[1]) { t[0] += to_acc(x[i]); }, sum);
+  const acc_t shift = sum[0] / static_cast<acc_t>(head);
+  acc_t dev[2];  // sum(d), sum(d^2)
+  row_sums<2, acc_t>(
+      n,
+      [x, shift](int64_t i, V (&s)[2]) {
+        const V d = vload(x + i) - shift;
+        s[0] += d;
+        s[1] += d * d;
+      },
+      [x, shift](int64_t i, acc_t (&t)[2]) {
+        const acc_t d = to_acc(x[i]) - shift;
+        t[0] += d;
+        t[1] += d * d;
+      },
+      dev);
+  const acc_t residual = dev[0] / static_cast<acc_t>(n);
+  return {shift, residual, std::max(dev[1] - dev[0] * residual, acc_t(0))};
 }
 
 template <typename T, typename Y, typename acc_t>
@@ -226,23 +232,40 @@ void fwd_rows(const T* x, const acc_t* __restrict w, const acc_t* __restrict b, 
   for (int64_t r = begin; r < end; ++r) {
     const T* __restrict xr = x + r * n;
     Y* __restrict yr = y + r * n;
-    acc_t mu, m2;
-    row_moments(xr, n, mu, m2);
-    const acc_t rs = acc_t(1) / std::sqrt(m2 / static_cast<acc_t>(n) + eps);
+    const RowMoments<acc_t> m = row_moments<T, acc_t>(xr, n);
+    const acc_t k = m.shift, c = m.residual;
+    const acc_t rs = acc_t(1) / std::sqrt(m.m2 / static_cast<acc_t>(n) + eps);
     for (int64_t i = 0; i < body; i += W) {
-      vstore(yr + i, (vload(xr + i) - mu) * rs * vload(w + i) + vload(b + i));
+      vstore(yr + i, ((vload(xr + i) - k) - c) * rs * vload(w + i) + vload(b + i));
     }
-    for (int64_t i = body; i < n; ++i) store(yr + i, (to_acc(xr[i]) - mu) * rs * w[i] + b[i]);
-    mean[r] = mu;
+    for (int64_t i = body; i < n; ++i) store(yr + i, ((to_acc(xr[i]) - k) - c) * rs * w[i] + b[i]);
+    mean[r] = m.mean();
     rstd[r] = rs;
   }
 }
 
-// Backward of R consecutive rows from `r` (R = 1 or 2): sum(g) and sum(g * xhat) per row,
-// g = dy * w, xhat = (x - mu) * rs, with the block's partial dweight/dbias riding along
-// (rows added in order), then dx. Two rows at once load w and the partials, and store
-// the partials, once per pair: rows of a few thousand floats no longer stay in L1 from
-// one pass to the next, and that saves a quarter of the passes' L2 traffic.
+// dx of one element (or a vector of them) from g = dy * w, xhat, the row's n, sum(g),
+// sum(g * xhat) and rstd / n: rstd / n * (n g - sum(g) - xhat sum(g xhat)), which is
+// rstd * (g - mean(g) - xhat mean(g xhat)) written so that g feeds a multiply. A
+// compiler contracts `dy * w - mean(g)` into a fused multiply-add of the exact product,
+// while sum(g) was added from rounded products: for N = 1 (every xhat = 0, dx = 0
+// exactly) that left the product's rounding error times rstd = 1 / sqrt(eps). A product
+// that is multiplied again is never fused into the subtraction, so n g - sum(g) cancels
+// exactly where the math does.
+template <typename V, typename acc_t>
+inline V dx_of(V g, V xhat, acc_t n, acc_t sum_g, acc_t sum_gx, acc_t rstd_n) {
+  return rstd_n * (g * n - sum_g - xhat * sum_gx);
+}
+
+// Backward of R consecutive rows from `r` (R = 1 or 2), g = dy * w. Pass 1: per row
+// sum(d), sum(g) and sum(g * d), d = x - mean. d carries the rounding error of the
+// stored float mean (up to half an ulp of a mean that may be far larger than the
+// row's spread) as a shift of every element; the row's residual c = sum(d) / n takes
+// it out again: xhat = (d - c) * rstd, sum(g xhat) = rstd (sum(g d) - c sum(g)).
+// Pass 2: dx and the block's partial dweight/dbias (rows added in order) from that
+// xhat. Two rows at once load w and the partials, and store the partials, once per
+// pair: rows of a few thousand floats no longer stay in L1 from one pass to the next,
+// and that saves a quarter of the passes' L2 traffic.
 template <int R, typename T, typename D, typename acc_t, bool kParams>
 inline void bwd_row_group(const T* x, const D* dy, const acc_t* __restrict w, const acc_t* mean,
                           const acc_t* rstd, T* dx, acc_t* __restrict dw, acc_t* __restrict db,
@@ -250,6 +273,7 @@ inline void bwd_row_group(const T* x, const D* dy, const acc_t* __restrict w, co
   using V = typename Vec<acc_t>::type;
   constexpr int W = Vec<acc_t>::width;
   const int64_t body = n - n % W;
+  const acc_t nf = static_cast<acc_t>(n);
   const T* xr[R];
   const D* dyr[R];
   acc_t mu[R], rs[R];
@@ -259,65 +283,69 @@ inline void bwd_row_group(const T* x, const D* dy, const acc_t* __restrict w, co
     mu[k] = mean[r + k];
     rs[k] = rstd[r + k];
   }
-  acc_t sums[2 * R];  // per row: sum(g), sum(g * xhat)
-  row_sums<2 * R, acc_t>(
+  acc_t sums[3 * R];  // per row: sum(d), sum(g), sum(g * d)
+  row_sums<3 * R, acc_t>(
       n,
-      [=](int64_t i, V (&s)[2 * R]) {  // by value: stores through dw must not reload mu, rs...
+      [=](int64_t i, V (&s)[3 * R]) {
         const V wv = vload(w + i);
-        V dw_i, db_i;
-        if constexpr (kParams) {
-          dw_i = vload(dw + i);
-          db_i = vload(db + i);
-        }
         for (int k = 0; k < R; ++k) {
-          const V xh = (vload(xr[k] + i) - mu[k]) * rs[k];
-          const V d = vload(dyr[k] + i);
-          const V g = d * wv;
-          s[2 * k] += g;
-          s[2 * k + 1] += g * xh;
-          if constexpr (kParams) {
-            dw_i += d * xh;
-            db_i += d;
-          }
-        }
-        if constexpr (kParams) {
-          vstore(dw + i, dw_i);
-          vstore(db + i, db_i);
+          const V d = vload(xr[k] + i) - mu[k];
+          const V g = vload(dyr[k] + i) * wv;
+          s[3 * k] += d;
+          s[3 * k + 1] += g;
+          s[3 * k + 2] += g * d;
         }
       },
-      [=](int64_t i, acc_t (&t)[2 * R]) {
+      [=](int64_t i, acc_t (&t)[3 * R]) {
         for (int k = 0; k < R; ++k) {
-          const acc_t xh = (to_acc(xr[k][i]) - mu[k]) * rs[k];
-          const acc_t d = to_acc(dyr[k][i]);
-          const acc_t g = d * w[i];
-          t[2 * k] += g;
-          t[2 * k + 1] += g * xh;
-          if constexpr (kParams) {
-            dw[i] += d * xh;
-            db[i] += d;
-          }
+          const acc_t d = to_acc(xr[k][i]) - mu[k];
+          const acc_t g = to_acc(dyr[k][i]) * w[i];
+          t[3 * k] += d;
+          t[3 * k + 1] += g;
+          t[3 * k + 2] += g * d;
         }
       },
       sums);
-  if (dx == nullptr) return;
   T* dxr[R];
-  acc_t c_g[R], c_gx[R];
+  acc_t c[R], sum_g[R], sum_gx[R], rs_n[R];
   for (int k = 0; k < R; ++k) {
-    dxr[k] = dx + (r + k) * n;
-    c_g[k] = sums[2 * k] / static_cast<acc_t>(n);
-    c_gx[k] = sums[2 * k + 1] / static_cast<acc_t>(n);
+    dxr[k] = dx == nullptr ? nullptr : dx + (r + k) * n;
+    c[k] = sums[3 * k] / nf;
+    sum_g[k] = sums[3 * k + 1];
+    sum_gx[k] = rs[k] * (sums[3 * k + 2] - c[k] * sum_g[k]);
+    rs_n[k] = rs[k] / nf;
   }
+  // dx == nullptr (only the parameter gradients asked for) is loop-invariant: unswitched.
   for (int64_t i = 0; i < body; i += W) {
     const V wv = vload(w + i);
+    V dw_i, db_i;
+    if constexpr (kParams) {
+      dw_i = vload(dw + i);
+      db_i = vload(db + i);
+    }
     for (int k = 0; k < R; ++k) {
-      const V xh = (vload(xr[k] + i) - mu[k]) * rs[k];
-      vstore(dxr[k] + i, rs[k] * (vload(dyr[k] + i) * wv - c_g[k] - xh * c_gx[k]));
+      const V xh = ((vload(xr[k] + i) - mu[k]) - c[k]) * rs[k];
+      const V d = vload(dyr[k] + i);
+      if (dx != nullptr) vstore(dxr[k] + i, dx_of(d * wv, xh, nf, sum_g[k], sum_gx[k], rs_n[k]));
+      if constexpr (kParams) {
+        dw_i += d * xh;
+        db_i += d;
+      }
+    }
+    if constexpr (kParams) {
+      vstore(dw + i, dw_i);
+      vstore(db + i, db_i);
     }
   }
   for (int64_t i = body; i < n; ++i) {
     for (int k = 0; k < R; ++k) {
-      const acc_t xh = (to_acc(xr[k][i]) - mu[k]) * rs[k];
-      store(dxr[k] + i, rs[k] * (to_acc(dyr[k][i]) * w[i] - c_g[k] - xh * c_gx[k]));
+      const acc_t xh = ((to_acc(xr[k][i]) - mu[k]) - c[k]) * rs[k];
+      const acc_t d = to_acc(dyr[k][i]);
+      if (dx != nullptr) store(dxr[k] + i, dx_of(d * w[i], xh, nf, sum_g[k], sum_gx[k], rs_n[k]));
+      if constexpr (kParams) {
+        dw[i] += d * xh;
+        db[i] += d;
+      }
     }
   }
 }
