@@ -23,8 +23,23 @@ def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def check_same_device(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
+    """Every tensor given (None: absent) is on ref's device, or a RuntimeError names it.
+
+    The fake kernels need this as much as the real ones: the dispatcher sends a call
+    whose tensors are on different devices to the kernel of the highest-priority one,
+    so a meta-device weight beside a CPU input lands in the fake kernel, which would
+    otherwise return an uninitialized CPU tensor.
+    """
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == ref.device,
+                         lambda: f"ln_ext.{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
 @torch.library.register_fake("ln_ext::layer_norm_fwd")
 def _layer_norm_fwd_fake(x, normalized_shape, weight, bias, eps, out_dtype=None):
+    check_same_device("layer_norm", "input", x, weight=weight, bias=bias)
     k = len(normalized_shape)
     torch._check(
         k >= 1 and tuple(x.shape[x.dim() - k:]) == tuple(normalized_shape),
@@ -38,6 +53,7 @@ def _layer_norm_fwd_fake(x, normalized_shape, weight, bias, eps, out_dtype=None)
 
 @torch.library.register_fake("ln_ext::layer_norm_bwd")
 def _layer_norm_bwd_fake(dy, x, mean, rstd, weight, bias, output_mask):
+    check_same_device("layer_norm", "input", x, grad_output=dy, mean=mean, rstd=rstd, weight=weight, bias=bias)
     def none():  # a fresh one per output: outputs of an op must not alias
         return x.new_empty((0,))
 

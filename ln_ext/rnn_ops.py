@@ -14,6 +14,7 @@ import torch
 
 from . import _C  # noqa: F401  (loading it registers torch.ops.ln_ext.*)
 from . import reference
+from .ops import check_same_device
 
 _ops = torch.ops.ln_ext
 
@@ -31,50 +32,54 @@ def _acc_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.new_empty((t.shape[0], n), dtype=_acc_dtype(t))
 
 
-def _check_hproj(hproj: torch.Tensor, gates: int, op: str) -> int:
+def _check_hproj(hproj: torch.Tensor, n_gates: int, op: str, **operands) -> int:
+    """H of hproj: [B, n_gates * H]; every other operand on hproj's device (as csrc/rnn.cpp checks)."""
+    check_same_device(op, "hproj", hproj, **operands)
     torch._check(hproj.dim() == 2, lambda: f"ln_ext.{op}: hproj must be 2-D, got {list(hproj.shape)}")
-    torch._check(hproj.shape[1] % gates == 0, lambda: f"ln_ext.{op}: hproj must be [batch, {gates} * hidden]")
-    return hproj.shape[1] // gates
+    torch._check(hproj.shape[1] % n_gates == 0, lambda: f"ln_ext.{op}: hproj must be [batch, {n_gates} * hidden]")
+    return hproj.shape[1] // n_gates
 
 
 # ---------------------------------------------------------------- fake kernels
 
 @torch.library.register_fake("ln_ext::rnn_cell_fwd")
 def _rnn_cell_fwd_fake(xproj, hproj, gamma, beta, eps):
-    H = _check_hproj(hproj, 1, "rnn_cell_fwd")
+    H = _check_hproj(hproj, 1, "rnn_cell_fwd", xproj=xproj, gamma=gamma, beta=beta)
     torch._check(xproj.shape == hproj.shape, lambda: "ln_ext.rnn_cell_fwd: xproj must have hproj's shape")
     return _rows(hproj, H), _acc_rows(hproj, 2)
 
 
 @torch.library.register_fake("ln_ext::rnn_cell_bwd")
 def _rnn_cell_bwd_fake(dh, xproj, hproj, stats, gamma, beta):
-    H = _check_hproj(hproj, 1, "rnn_cell_bwd")
+    H = _check_hproj(hproj, 1, "rnn_cell_bwd", dh=dh, xproj=xproj, stats=stats, gamma=gamma, beta=beta)
     return _rows(hproj, H), _acc_rows(hproj, H), _acc_rows(hproj, H)
 
 
 @torch.library.register_fake("ln_ext::lstm_cell_fwd")
 def _lstm_cell_fwd_fake(xgates, hproj, c_prev, gamma_h, bias, gamma_c, beta_c, eps):
-    H = _check_hproj(hproj, 4, "lstm_cell_fwd")
+    H = _check_hproj(hproj, 4, "lstm_cell_fwd", xgates=xgates, c_prev=c_prev, gamma_h=gamma_h, bias=bias,
+                     gamma_c=gamma_c, beta_c=beta_c)
     torch._check(xgates.shape == hproj.shape, lambda: "ln_ext.lstm_cell_fwd: xgates must have hproj's shape")
     return _rows(hproj, H), _rows(hproj, H), _acc_rows(hproj, 4 * H), _acc_rows(hproj, 4)
 
 
 @torch.library.register_fake("ln_ext::lstm_cell_bwd")
 def _lstm_cell_bwd_fake(dh, dc, hproj, c_prev, c, gates, stats, gamma_h, gamma_c, beta_c):
-    H = _check_hproj(hproj, 4, "lstm_cell_bwd")
+    H = _check_hproj(hproj, 4, "lstm_cell_bwd", dh=dh, dc=dc, c_prev=c_prev, c=c, gates=gates, stats=stats,
+                     gamma_h=gamma_h, gamma_c=gamma_c, beta_c=beta_c)
     return (_rows(hproj, 4 * H), _rows(hproj, 4 * H), _rows(hproj, H),
             _acc_rows(hproj, 4 * H), _acc_rows(hproj, H), _acc_rows(hproj, H))
 
 
 @torch.library.register_fake("ln_ext::gru_cell_fwd")
 def _gru_cell_fwd_fake(xzr, xn, hproj, h_prev, gamma_h, beta_h, eps):
-    H = _check_hproj(hproj, 3, "gru_cell_fwd")
+    H = _check_hproj(hproj, 3, "gru_cell_fwd", xzr=xzr, xn=xn, h_prev=h_prev, gamma_h=gamma_h, beta_h=beta_h)
     return _rows(hproj, H), _acc_rows(hproj, 4 * H), _acc_rows(hproj, 4)
 
 
 @torch.library.register_fake("ln_ext::gru_cell_bwd")
 def _gru_cell_bwd_fake(dh, hproj, h_prev, gates, stats, gamma_h):
-    H = _check_hproj(hproj, 3, "gru_cell_bwd")
+    H = _check_hproj(hproj, 3, "gru_cell_bwd", dh=dh, h_prev=h_prev, gates=gates, stats=stats, gamma_h=gamma_h)
     return (_rows(hproj, 2 * H), _rows(hproj, H), _rows(hproj, 3 * H), _rows(hproj, H),
             _acc_rows(hproj, 3 * H), _acc_rows(hproj, 3 * H))
 
