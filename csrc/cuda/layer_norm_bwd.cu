@@ -87,9 +87,10 @@ void launch_param_reduce(const Partials& partials, const LayerNormBwdArgs& a, cu
   }
 }
 
-// Per-block partials of dweight/dbias by the column kernel (re-reads x and dy).
+// Per-block partials of dweight/dbias by the column kernel (re-reads x and dy);
+// `residual`: [M], each row's residual c from the long or cluster kernel.
 template <typename T, typename DY>
-Partials launch_param_cols(const LayerNormBwdArgs& a, cudaStream_t stream) {
+Partials launch_param_cols(const LayerNormBwdArgs& a, const at::Tensor& residual, cudaStream_t stream) {
   using A = kernels::acc_t<T>;
   const int n = static_cast<int>(a.cols);
   const int64_t col_tiles = ceil_div(n, kernels::kColTile);
@@ -107,7 +108,7 @@ Partials launch_param_cols(const LayerNormBwdArgs& a, cudaStream_t stream) {
   log_launch("bwd param_cols", a.rows, n, static_cast<int>(col_tiles * slices), block.x * block.y, 1, 0);
   kernels::layer_norm_bwd_param_cols_kernel<T, DY><<<grid, block, 0, stream>>>(
       const_ptr<DY>(a.dy), const_ptr<T>(a.x), const_ptr<A>(a.mean), const_ptr<A>(a.rstd),
-      mut_ptr<A>(partials.tensor), a.rows, n, rows_per_slice);
+      const_ptr<A>(residual), mut_ptr<A>(partials.tensor), a.rows, n, rows_per_slice);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return partials;
 }
@@ -147,14 +148,21 @@ Partials launch_bwd_rows(kernels::BwdParams<T, DY, P> p, const LayerNormBwdArgs&
 // Long rows: the cluster kernel when one block cannot hold the row or the rows are
 // too few for the card (sm_90+), else the long kernel. dweight/dbias fused when
 // their sums fit in shared memory (they take precedence over the row cache: they
-// save re-reading x and dy from HBM, the cache only from L2).
+// save re-reading x and dy from HBM, the cache only from L2). Otherwise the kernel
+// writes each row's residual to `residual` for the param_cols kernel (run without dx
+// for that alone when dx is not asked for) and the returned partials are empty.
 template <typename T, typename DY, typename P>
 Partials launch_bwd_long_rows(kernels::BwdParams<T, DY, P> p, const LayerNormBwdArgs& a,
-                              int chunks, bool want_dx, bool want_params, cudaStream_t stream) {
+                              int chunks, bool want_dx, bool want_params, at::Tensor& residual,
+                              cudaStream_t stream) {
   using A = kernels::acc_t<T>;
   constexpr int V = kernels::kVecElems<T>;
   const size_t chunk_bytes = V * (sizeof(T) + sizeof(DY));  // a chunk of x and one of dy
   Partials partials;
+  auto need_residual = [&] {
+    residual = at::empty({a.rows}, a.mean.options());
+    p.residual = mut_ptr<A>(residual);
+  };
 
   auto cluster_kernel = kernels::layer_norm_bwd_cluster_kernel<T, DY, P>;
   auto cluster_smem = [chunk_bytes](bool with_sums) {
@@ -175,6 +183,8 @@ Partials launch_bwd_long_rows(kernels::BwdParams<T, DY, P> p, const LayerNormBwd
     if (fuse) {
       partials = new_partials(a, plan.clusters());
       p.partials = mut_ptr<A>(partials.tensor);
+    } else if (want_params) {
+      need_residual();
     }
     log_launch(fuse ? "bwd cluster +dweight/dbias" : "bwd cluster", a.rows, a.cols, plan.grid,
                kLongBlock, plan.blocks, plan.smem);
@@ -184,7 +194,7 @@ Partials launch_bwd_long_rows(kernels::BwdParams<T, DY, P> p, const LayerNormBwd
 
   const size_t sums_bytes = 2 * static_cast<size_t>(kernels::long_param_cols(p.cols)) * sizeof(A);
   fuse = want_params && fits_in_shared_memory(sums_bytes);
-  if (!want_dx && !fuse) return partials;
+  if (want_params && !fuse) need_residual();
   const size_t sums_used = fuse ? sums_bytes : 0;
   const int cached = want_dx ? cached_chunks(chunks, chunk_bytes, sums_used) : 0;
   const size_t smem = sums_used + static_cast<size_t>(cached) * chunk_bytes;
@@ -196,7 +206,8 @@ Partials launch_bwd_long_rows(kernels::BwdParams<T, DY, P> p, const LayerNormBwd
     partials = new_partials(a, grid);
     p.partials = mut_ptr<A>(partials.tensor);
   }
-  log_launch(fuse ? "bwd long +dweight/dbias" : "bwd long", a.rows, a.cols, grid, kLongBlock, 1, smem);
+  log_launch(fuse ? "bwd long +dweight/dbias" : want_dx ? "bwd long" : "bwd long residual only", a.rows,
+             a.cols, grid, kLongBlock, 1, smem);
   kernel<<<grid, kLongBlock, smem, stream>>>(p, cached);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return partials;
@@ -216,6 +227,7 @@ void launch_bwd(const LayerNormBwdArgs& a) {
   p.weight = const_ptr<P>(a.weight);
   p.dx = mut_ptr<T>(a.dx);
   p.partials = nullptr;
+  p.residual = nullptr;
   p.rows = a.rows;
   p.cols = static_cast<int>(a.cols);
   p.vec_ok = aligned16(p.x) && aligned16(p.dy) && aligned16(p.dx);
@@ -228,13 +240,14 @@ void launch_bwd(const LayerNormBwdArgs& a) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   Partials partials;  // dweight/dbias fused into the dx kernel when set
+  at::Tensor residual;  // else each row's residual, for the column kernel
   if (cfg.k != 0) {
     partials = launch_bwd_rows(p, a, cfg, chunks, want_dx, want_params, stream);
   } else {
-    partials = launch_bwd_long_rows(p, a, chunks, want_dx, want_params, stream);
+    partials = launch_bwd_long_rows(p, a, chunks, want_dx, want_params, residual, stream);
   }
   if (!want_params) return;
-  if (!partials.tensor.defined()) partials = launch_param_cols<T, DY>(a, stream);
+  if (!partials.tensor.defined()) partials = launch_param_cols<T, DY>(a, residual, stream);
   launch_param_reduce<A>(partials, a, stream);
 }
 

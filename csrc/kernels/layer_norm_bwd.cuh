@@ -1,16 +1,21 @@
 // LayerNorm backward kernels. Device code only; knows nothing of torch.
 //
-// With xhat = (x - mean) * rstd and g = dy * weight (weight absent: g = dy):
-//   dx      = rstd * (g - mean(g) - xhat * mean(g * xhat))       per row
+// With g = dy * weight (weight absent: g = dy) and xhat from the stored mean and rstd:
+//   dx      = rstd * (g - mean(g) - xhat * mean(g * xhat))       per row (layer_norm_dx)
 //   dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy
-// accumulating in acc_t<T>. No floating-point atomics: dweight/dbias are summed
+// accumulating in acc_t<T>. xhat is not (x - mean) * rstd: the stored float mean
+// carries a rounding error of up to half an ulp of a mean that may be far larger than
+// the row's spread, which x - mean turns into a shift of every xhat. Each kernel sums
+// d = x - mean over the row, and xhat = (d - c) * rstd with the residual c = sum(d) / N
+// (norm_math.cuh: RowStats), so the gradients do not depend on how well the mean was
+// rounded. No floating-point atomics: dweight/dbias are summed
 // as per-block partials [blocks, 2, N] (dweight sums, then dbias sums), which a
 // second kernel adds in block order, so every bit is reproducible run to run.
 //
 // Families (x and dy always through the chunk grid of vec.cuh):
 //  * rows kernel: x and dy of a row live in registers (K chunks per thread,
 //    `group` threads per row as in the forward rows kernel); one read of x and
-//    dy, writes dx. When `partials` is set each thread also sums dy*xhat and dy
+//    dy, writes dx. Two reductions per row: sum(d), then sum(g) and sum(g xhat). When `partials` is set each thread also sums dy*xhat and dy
 //    over all its rows in registers, for columns that stay the same from row to
 //    row: when every row starts on a chunk (N % V == 0) those of its own chunks;
 //    otherwise (the row's chunks start `head` columns early, head varying by
@@ -20,9 +25,11 @@
 //    in group order and writes one partial row. Everything is read exactly once.
 //  * long kernel: any N, one row per block. x and dy are cached raw in shared
 //    memory, as much of the row as fits (read once), the rest re-read (L2).
+//    One reduction per row: sum(d), sum(g), sum(g d), from which sum(g xhat) follows.
 //    When `partials` is set, the block's dweight/dbias sums [2, N] live in
 //    shared memory ahead of the cache, column j owned by thread j % blockDim.x
-//    (x and dy read from the cache or L2 once more).
+//    (x and dy read from the cache or L2 once more). When `residual` is set, the
+//    row's c is written for the param_cols kernel (dx and partials may be absent).
 //  * cluster kernel (sm_90): one row per thread-block cluster (cluster.cuh).
 //    Block `rank` caches x and dy of its slice of the row's chunks (and the chunk
 //    after it) in shared memory, adds the slice's share of the row's two sums
@@ -32,7 +39,7 @@
 //    rows too long for one block's sums (bf16 N >= 32768) keep the 3·M·N traffic.
 //  * param_cols kernel: dweight/dbias of rows too long for those sums to fit in
 //    shared memory: column-parallel sums over a slice of rows per block;
-//    re-reads x and dy (coalesced scalar loads).
+//    re-reads x and dy (coalesced scalar loads) and the rows' residuals c.
 //  * param_reduce kernel: adds the [blocks, 2, N] partials in block order and
 //    converts to the parameter dtype.
 // Assumes: N >= 1, N + 2*V fits in int, same launch shape rules as the forward.
@@ -40,6 +47,7 @@
 #pragma once
 
 #include "cluster.cuh"
+#include "norm_math.cuh"
 #include "reduce.cuh"
 #include "vec.cuh"
 
@@ -58,6 +66,7 @@ struct BwdParams {
   const P* weight;        // [N] or nullptr (acts as 1)
   T* dx;                  // [M, N] or nullptr (not requested)
   acc_t<T>* partials;     // [gridDim.x, 2, N] or nullptr (dweight/dbias not fused)
+  acc_t<T>* residual;     // [M] or nullptr: each row's c, for the param_cols kernel
   int64_t rows;
   int cols;
   bool vec_ok;         // x, dy and dx 16-byte aligned
@@ -69,7 +78,7 @@ __global__ void __launch_bounds__(512)
     layer_norm_bwd_rows_kernel(const BwdParams<T, DY, P> p, const int group) {
   using A = acc_t<T>;
   constexpr int V = kVecElems<T>;
-  __shared__ A scratch[32];
+  LN_EXT_SHARED(A, scratch, [kSumScratch]);
   const int n = p.cols;
   const int lane = threadIdx.x & (group - 1);
   const int rows_per_block = blockDim.x / group;
@@ -78,7 +87,7 @@ __global__ void __launch_bounds__(512)
   const bool staged = fused_params && n % V != 0;
   // Dynamic shared memory: staged, per row group [2][stage_len] (dy*xhat, dy in
   // chunk order); after the row loop, [rows_per_block, N] to add the groups.
-  extern __shared__ uint4 dynamic_smem[];
+  LN_EXT_DYNAMIC_SHARED(dynamic_smem);
   const int stage_len = max_chunks_per_row(n, V) * V;
   A* const stage_dw = reinterpret_cast<A*>(dynamic_smem) + (threadIdx.x / group) * 2 * stage_len;
   A* const stage_db = stage_dw + stage_len;
@@ -117,25 +126,45 @@ __global__ void __launch_bounds__(512)
     const T* x_row = p.x + rc.first * V;
     const DY* dy_row = p.dy + rc.first * V;
 
-    A xhat[K][V], g[K][V];  // zero outside the row
-    A sum_g = 0, sum_gx = 0;
+    // This thread's chunks s = k * group + lane: d = x - mean then xhat, dy then g;
+    // zero outside the row.
+    A xhat[K][V], g[K][V];
+    A sum_d = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int s = k * group + lane;
+      const int col0 = s * V - rc.head;
+      if (s < rc.count) {
+        const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
+        load_chunk(x_row + s * V, full, col0, n, A(0), xhat[k]);
+        load_chunk(dy_row + s * V, full, col0, n, A(0), g[k]);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          xhat[k][i] = in_row(col0 + i, n) ? xhat[k][i] - mean : A(0);
+          sum_d += xhat[k][i];
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) xhat[k][i] = g[k][i] = 0;
+      }
+    }
+    const RowStats<A> st{mean, row_group_sum(sum_d, group, scratch) / A(n), rstd};
+
+    A sums[2] = {0, 0};  // sum(g), sum(g * xhat)
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int s = k * group + lane;
       const int col0 = s * V - rc.head;
       A w[V];
       if (s < rc.count) {
-        const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
-        load_chunk(x_row + s * V, full, col0, n, A(0), xhat[k]);
-        load_chunk(dy_row + s * V, full, col0, n, A(0), g[k]);
-        load_param_chunk(p.weight, full && p.weight_vec_ok, col0, n, A(1), w);
+        load_param_chunk(p.weight, chunk_is_full<V>(p.vec_ok, col0, n) && p.weight_vec_ok, col0, n, A(1), w);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          xhat[k][i] = in_row(col0 + i, n) ? (xhat[k][i] - mean) * rstd : A(0);
+          xhat[k][i] = in_row(col0 + i, n) ? (xhat[k][i] - st.residual) * rstd : A(0);
         }
       } else {
 #pragma unroll
-        for (int i = 0; i < V; ++i) xhat[k][i] = g[k][i] = w[i] = 0;
+        for (int i = 0; i < V; ++i) w[i] = 0;
       }
       if (staged && s < rc.count) {  // zeros outside the row are never read back
         alignas(16) A dw[V], db[V];
@@ -155,8 +184,8 @@ __global__ void __launch_bounds__(512)
           acc_db[k][i] += dy;
         }
         g[k][i] = dy * w[i];
-        sum_g += g[k][i];
-        sum_gx += g[k][i] * xhat[k][i];
+        sums[0] += g[k][i];
+        sums[1] += g[k][i] * xhat[k][i];
       }
     }
     if (staged) {
@@ -169,11 +198,11 @@ __global__ void __launch_bounds__(512)
       }
       row_group_sync(group);  // read before the next row overwrites it
     }
-    const A mean_g = row_group_sum(sum_g, group, scratch) / A(n);
-    const A mean_gx = row_group_sum(sum_gx, group, scratch) / A(n);
+    row_group_sums(sums, group, scratch);
 
     if (p.dx != nullptr) {
       T* dx_row = p.dx + rc.first * V;
+      const A rstd_n = rstd / A(n);
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         const int s = k * group + lane;
@@ -181,7 +210,7 @@ __global__ void __launch_bounds__(512)
         if (s < rc.count) {
           A out[V];
 #pragma unroll
-          for (int i = 0; i < V; ++i) out[i] = rstd * (g[k][i] - mean_g - xhat[k][i] * mean_gx);
+          for (int i = 0; i < V; ++i) out[i] = layer_norm_dx(g[k][i], xhat[k][i], A(n), sums[0], sums[1], rstd_n);
           store_chunk(dx_row + s * V, chunk_is_full<V>(p.vec_ok, col0, n), col0, n, out);
         }
       }
@@ -227,11 +256,11 @@ __global__ void __launch_bounds__(1024)
     layer_norm_bwd_long_kernel(const BwdParams<T, DY, P> p, const int cached_chunks) {
   using A = acc_t<T>;
   constexpr int V = kVecElems<T>;
-  __shared__ A scratch[32];
+  LN_EXT_SHARED(A, scratch, [kSumScratch]);
   // Dynamic shared memory: partials set: [2, long_param_cols(n)] A (dweight, dbias
   // sums of this block's rows); then the row's first cached_chunks chunks of x and
   // of dy: [cached_chunks * V] T, [cached_chunks * V] DY.
-  extern __shared__ uint4 dynamic_smem[];
+  LN_EXT_DYNAMIC_SHARED(dynamic_smem);
   const int n = p.cols;
   const bool fused_params = p.partials != nullptr;
   A* const sum_dw = reinterpret_cast<A*>(dynamic_smem);
@@ -249,64 +278,71 @@ __global__ void __launch_bounds__(1024)
     const A rstd = p.rstd[row];
     const T* x_row = p.x + rc.first * V;
     const DY* dy_row = p.dy + rc.first * V;
-    // As in the forward long kernel, a thread only touches its own chunks.
+    // The previous row's column pass read chunks that other threads cache.
+    if (fused_params && cached_chunks > 0) __syncthreads();
+    // As in the forward long kernel, the chunk passes touch a thread's own chunks only.
     const int cache_end = imin(rc.count, cached_chunks);
     cache_chunks<V, kBwdCacheBatchBytes>(x_row, x_cache, 0, cache_end, rc.head, n, p.vec_ok);
     cache_chunks<V, kBwdCacheBatchBytes>(dy_row, dy_cache, 0, cache_end, rc.head, n, p.vec_ok);
-    // Element e of the row's chunks (chunk e / V): in the cache when it holds it,
-    // else in memory (read again).
-    auto x_at = [&](int e) { return (e < cached_chunks * V ? x_cache : x_row) + e; };
-    auto dy_at = [&](int e) { return (e < cached_chunks * V ? dy_cache : dy_row) + e; };
+
+    // f(col0, full, d, dy, w) for this thread's chunks: d = x - mean and dy, zero
+    // outside the row, and the weight. From the cache below cache_end, from memory
+    // beyond (two loops, so that each load is a plain shared or global one).
+    auto for_my_chunks = [&](auto&& f) {
+      for_chunks_split(cache_end, rc.count, [&](int s, auto cached) {
+        const T* xs = (cached.value ? x_cache : x_row) + s * V;
+        const DY* dys = (cached.value ? dy_cache : dy_row) + s * V;
+        const int col0 = s * V - rc.head;
+        const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
+        A d[V], dy[V], w[V];
+        load_chunk(xs, full, col0, n, A(0), d);
+        load_chunk(dys, full, col0, n, A(0), dy);
+        load_param_chunk(p.weight, full && p.weight_vec_ok, col0, n, A(1), w);
+#pragma unroll
+        for (int i = 0; i < V; ++i) d[i] = in_row(col0 + i, n) ? d[i] - mean : A(0);
+        f(s, col0, full, d, dy, w);
+      });
+    };
+
+    A sums[3] = {0, 0, 0};  // sum(d), sum(g), sum(g * d)
+    for_my_chunks([&](int, int, bool, const A(&d)[V], const A(&dy)[V], const A(&w)[V]) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const A g = dy[i] * w[i];
+        sums[0] += d[i];
+        sums[1] += g;
+        sums[2] += g * d[i];
+      }
+    });
+    block_sums(sums, scratch);  // its barrier also completes the cache for the column pass
+    const RowStats<A> st{mean, sums[0] / A(n), rstd};
+    if (p.residual != nullptr && threadIdx.x == 0) p.residual[row] = st.residual;
 
     if (fused_params) {  // column j of the row is element head + j of its chunks
-      // Columns cut across the chunks that other threads cached. (The cache is
-      // refilled only after the dx pass's block sums: every thread is past this.)
-      if (cached_chunks > 0) __syncthreads();
-      for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        const A dy = to_acc(*dy_at(rc.head + j));
-        sum_dw[j] += dy * ((to_acc(*x_at(rc.head + j)) - mean) * rstd);
+      const int cached_cols = imin(imax(cache_end * V - rc.head, 0), n);
+      auto add_column = [&](int j, const T* xs, const DY* dys) {
+        const A dy = to_acc(dys[rc.head + j]);
+        sum_dw[j] += dy * st.xhat(to_acc(xs[rc.head + j]));
         sum_db[j] += dy;
-      }
+      };
+      int j = threadIdx.x;
+      for (; j < cached_cols; j += blockDim.x) add_column(j, x_cache, dy_cache);
+      for (; j < n; j += blockDim.x) add_column(j, x_row, dy_row);
     }
     if (p.dx == nullptr) continue;
 
-    // One chunk's xhat and g, zero outside the row.
-    auto load_xhat_g = [&](int s, int col0, bool full, A (&xhat)[V], A (&g)[V]) {
-      A w[V];
-      load_chunk(x_at(s * V), full, col0, n, A(0), xhat);
-      load_chunk(dy_at(s * V), full, col0, n, A(0), g);
-      load_param_chunk(p.weight, full && p.weight_vec_ok, col0, n, A(1), w);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        xhat[i] = in_row(col0 + i, n) ? (xhat[i] - mean) * rstd : A(0);
-        g[i] *= w[i];
-      }
-    };
-
-    A sum_g = 0, sum_gx = 0;
-    for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
-      const int col0 = s * V - rc.head;
-      A xhat[V], g[V];
-      load_xhat_g(s, col0, chunk_is_full<V>(p.vec_ok, col0, n), xhat, g);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        sum_g += g[i];
-        sum_gx += g[i] * xhat[i];
-      }
-    }
-    const A mean_g = block_sum(sum_g, scratch) / A(n);
-    const A mean_gx = block_sum(sum_gx, scratch) / A(n);
-
+    const A sum_g = sums[1], sum_gx = rstd * (sums[2] - st.residual * sums[1]);
+    const A rstd_n = rstd / A(n);
     T* dx_row = p.dx + rc.first * V;
-    for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
-      const int col0 = s * V - rc.head;
-      const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
-      A xhat[V], g[V], out[V];
-      load_xhat_g(s, col0, full, xhat, g);
+    for_my_chunks([&](int s, int col0, bool full, const A(&d)[V], const A(&dy)[V], const A(&w)[V]) {
+      A out[V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) out[i] = rstd * (g[i] - mean_g - xhat[i] * mean_gx);
+      for (int i = 0; i < V; ++i) {
+        const A xhat = in_row(col0 + i, n) ? (d[i] - st.residual) * rstd : A(0);
+        out[i] = layer_norm_dx(dy[i] * w[i], xhat, A(n), sum_g, sum_gx, rstd_n);
+      }
       store_chunk(dx_row + s * V, full, col0, n, out);
-    }
+    });
   }
 
   if (fused_params) {
@@ -327,8 +363,8 @@ __global__ void __launch_bounds__(1024)
   // (cluster.cuh); partials set: dweight/dbias sums of this block's columns
   // [2][long_param_cols(slice_chunks * V)] A; then x and dy of this block's chunks
   // and the one after them, [(slice_chunks + 1) * V] T and DY.
-  extern __shared__ uint4 dynamic_smem[];
-  ClusterSum<A, 2> cluster_sum(dynamic_smem);
+  LN_EXT_DYNAMIC_SHARED(dynamic_smem);
+  ClusterSum<A> cluster_sum(dynamic_smem);
   const int n = p.cols;
   const bool fused_params = p.partials != nullptr;
   const int rank = cluster_rank();
@@ -354,59 +390,62 @@ __global__ void __launch_bounds__(1024)
     const T* x_row = p.x + rc.first * V;
     const DY* dy_row = p.dy + rc.first * V;
     // The previous row's column pass read chunks that other threads cache.
-    __syncthreads();
+    if (fused_params) __syncthreads();
     // This block's columns end up to `head` elements into chunk `end`: cache it too.
     const int cache_end = imin(end + 1, rc.count);
     cache_chunks<V, kBwdCacheBatchBytes>(x_row, x_cache, begin, cache_end, rc.head, n, p.vec_ok);
     cache_chunks<V, kBwdCacheBatchBytes>(dy_row, dy_cache, begin, cache_end, rc.head, n, p.vec_ok);
 
+    // f(s, col0, full, d, dy, w) for this thread's chunks s (the ones it cached): d = x -
+    // mean and dy, zero outside the row, and the weight.
+    auto for_my_chunks = [&](auto&& f) {
+      for (int s = begin + threadIdx.x; s < end; s += blockDim.x) {
+        const int col0 = s * V - rc.head;
+        const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
+        A d[V], dy[V], w[V];
+        load_chunk(x_cache + (s - begin) * V, full, col0, n, A(0), d);
+        load_chunk(dy_cache + (s - begin) * V, full, col0, n, A(0), dy);
+        load_param_chunk(p.weight, full && p.weight_vec_ok, col0, n, A(1), w);
+#pragma unroll
+        for (int i = 0; i < V; ++i) d[i] = in_row(col0 + i, n) ? d[i] - mean : A(0);
+        f(s, col0, full, d, dy, w);
+      }
+    };
+
+    A sums[3] = {0, 0, 0};  // sum(d), sum(g), sum(g * d)
+    for_my_chunks([&](int, int, bool, const A(&d)[V], const A(&dy)[V], const A(&w)[V]) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const A g = dy[i] * w[i];
+        sums[0] += d[i];
+        sums[1] += g;
+        sums[2] += g * d[i];
+      }
+    });
+    cluster_sum(sums);  // its block barrier also completes the cache for the column pass
+    const RowStats<A> st{mean, sums[0] / A(n), rstd};
+    if (p.residual != nullptr && rank == 0 && threadIdx.x == 0) p.residual[row] = st.residual;
+
     if (fused_params) {  // column j is element head + j of the row's chunks
-      __syncthreads();   // columns cut across the chunks that other threads cached
       for (int j = col_begin + threadIdx.x; j < col_end; j += blockDim.x) {
         const int e = rc.head + j - begin * V;
         const A dy = to_acc(dy_cache[e]);
-        sum_dw[j - col_begin] += dy * ((to_acc(x_cache[e]) - mean) * rstd);
+        sum_dw[j - col_begin] += dy * st.xhat(to_acc(x_cache[e]));
         sum_db[j - col_begin] += dy;
       }
     }
     if (p.dx == nullptr) continue;
 
-    // This thread's chunks s (the ones it cached), as xhat and g = dy * weight, zero
-    // outside the row.
-    auto for_my_chunks = [&](auto&& f) {
-      for (int s = begin + threadIdx.x; s < end; s += blockDim.x) {
-        const int col0 = s * V - rc.head;
-        const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
-        A xhat[V], g[V], w[V];
-        load_chunk(x_cache + (s - begin) * V, full, col0, n, A(0), xhat);
-        load_chunk(dy_cache + (s - begin) * V, full, col0, n, A(0), g);
-        load_param_chunk(p.weight, full && p.weight_vec_ok, col0, n, A(1), w);
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          xhat[i] = in_row(col0 + i, n) ? (xhat[i] - mean) * rstd : A(0);
-          g[i] *= w[i];
-        }
-        f(s, col0, full, xhat, g);
-      }
-    };
-
-    A sums[2] = {0, 0};  // sum of g, sum of g * xhat
-    for_my_chunks([&](int, int, bool, const A(&xhat)[V], const A(&g)[V]) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        sums[0] += g[i];
-        sums[1] += g[i] * xhat[i];
-      }
-    });
-    cluster_sum(sums);
-    const A mean_g = sums[0] / A(n);
-    const A mean_gx = sums[1] / A(n);
-
+    const A sum_g = sums[1], sum_gx = rstd * (sums[2] - st.residual * sums[1]);
+    const A rstd_n = rstd / A(n);
     T* dx_row = p.dx + rc.first * V;
-    for_my_chunks([&](int s, int col0, bool full, const A(&xhat)[V], const A(&g)[V]) {
+    for_my_chunks([&](int s, int col0, bool full, const A(&d)[V], const A(&dy)[V], const A(&w)[V]) {
       A out[V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) out[i] = rstd * (g[i] - mean_g - xhat[i] * mean_gx);
+      for (int i = 0; i < V; ++i) {
+        const A xhat = in_row(col0 + i, n) ? (d[i] - st.residual) * rstd : A(0);
+        out[i] = layer_norm_dx(dy[i] * w[i], xhat, A(n), sum_g, sum_gx, rstd_n);
+      }
       store_chunk(dx_row + s * V, full, col0, n, out);
     });
   }
@@ -432,11 +471,12 @@ __global__ void __launch_bounds__(kColTile* kColRowLanes)
     layer_norm_bwd_param_cols_kernel(const DY* __restrict__ dy, const T* __restrict__ x,
                                      const acc_t<T>* __restrict__ mean,
                                      const acc_t<T>* __restrict__ rstd,
+                                     const acc_t<T>* __restrict__ residual,  // [M]: each row's c
                                      acc_t<T>* __restrict__ partials,  // [gridDim.y, 2, n]
                                      int64_t rows, int n, int64_t rows_per_slice) {
   using A = acc_t<T>;
-  __shared__ A part_dw[kColRowLanes][kColTile];
-  __shared__ A part_db[kColRowLanes][kColTile];
+  LN_EXT_SHARED(A, part_dw, [kColRowLanes][kColTile]);
+  LN_EXT_SHARED(A, part_db, [kColRowLanes][kColTile]);
   const int col = blockIdx.x * kColTile + threadIdx.x;
   const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_slice;
   const int64_t row_end = row_begin + rows_per_slice < rows ? row_begin + rows_per_slice : rows;
@@ -445,7 +485,7 @@ __global__ void __launch_bounds__(kColTile* kColRowLanes)
     for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kColRowLanes) {
       const int64_t off = r * n + col;
       const A d = to_acc(dy[off]);
-      dw += d * ((to_acc(x[off]) - mean[r]) * rstd[r]);
+      dw += d * (((to_acc(x[off]) - mean[r]) - residual[r]) * rstd[r]);
       db += d;
     }
   }
@@ -472,7 +512,7 @@ __global__ void __launch_bounds__(kColTile* kColRowLanes)
                                        int blocks, int n,
                                        O* __restrict__ dweight,  // [n] or nullptr
                                        O* __restrict__ dbias) {  // [n] or nullptr
-  __shared__ A part[2][kColRowLanes][kColTile];
+  LN_EXT_SHARED(A, part, [2][kColRowLanes][kColTile]);
   const int col = blockIdx.x * kColTile + threadIdx.x;
   A dw = 0, db = 0;
   if (col < n) {

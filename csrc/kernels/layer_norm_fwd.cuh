@@ -1,10 +1,12 @@
 // LayerNorm forward kernels. Device code only; knows nothing of torch.
 //
-// Computes, for each row of x: [M, N],
-//   mean = sum(x) / N,  var = sum((x - mean)^2) / N   (two passes over the on-chip row)
-//   rstd = 1 / sqrt(var + eps)                           (correctly rounded)
-//   y    = (x - mean) * rstd * weight + bias             (weight/bias optional)
-// accumulating in acc_t<T> (float, or double for double x). mean/rstd: [M].
+// Computes, for each row of x: [M, N], by the corrected two-pass algorithm
+// (norm_math.cuh: RowStats) over the on-chip row:
+//   m0 = sum(x) / N;  c = sum(x - m0) / N,  var = (sum((x - m0)^2) - N c^2) / N
+//   mean = m0 + c,  rstd = 1 / sqrt(var + eps)            (correctly rounded)
+//   y    = ((x - m0) - c) * rstd * weight + bias           (weight/bias optional)
+// accumulating in acc_t<T> (float, or double for double x). mean/rstd: [M]. Two
+// reductions per row, as a plain two-pass: the second adds two values at once.
 //
 // Two families, both reading x from device memory with the chunk grid of vec.cuh
 // (16-byte loads/stores, per-row peeled head/tail when N % V != 0):
@@ -28,6 +30,7 @@
 #pragma once
 
 #include "cluster.cuh"
+#include "norm_math.cuh"
 #include "reduce.cuh"
 #include "vec.cuh"
 
@@ -56,13 +59,32 @@ struct FwdParams {
 template <int V, typename T, typename P, typename Y, typename A>
 __device__ __forceinline__ void fwd_write_chunk(const FwdParams<T, P, Y>& p, Y* y_chunk,
                                                 bool full, bool params_vec, int col0,
-                                                const A (&v)[V], A mean, A rstd) {
+                                                const A (&v)[V], const RowStats<A>& st) {
   A w[V], b[V], out[V];
   load_param_chunk(p.weight, params_vec, col0, p.cols, A(1), w);
   load_param_chunk(p.bias, params_vec, col0, p.cols, A(0), b);
 #pragma unroll
-  for (int i = 0; i < V; ++i) out[i] = (v[i] - mean) * rstd * w[i] + b[i];
+  for (int i = 0; i < V; ++i) out[i] = st.xhat(v[i]) * w[i] + b[i];
   store_chunk(y_chunk, full, col0, p.cols, out);
+}
+
+// Adds this thread's share of sum(x - shift) and sum((x - shift)^2) over the chunk's
+// columns in the row.
+template <int V, typename A>
+__device__ __forceinline__ void add_deviations(const A (&v)[V], int col0, int n, A shift,
+                                               A (&dev)[2]) {
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const A d = in_row(col0 + i, n) ? v[i] - shift : A(0);
+    dev[0] += d;
+    dev[1] += d * d;
+  }
+}
+
+// The row's statistics, once the first and second pass sums are added over the row.
+template <typename A>
+__device__ __forceinline__ RowStats<A> fwd_stats(A shift, const A (&dev)[2], int n, A eps) {
+  return corrected_stats(shift, dev[0], dev[1], A(n), eps);
 }
 
 template <typename T, typename P, typename Y, int K>
@@ -70,7 +92,7 @@ __global__ void __launch_bounds__(512)
     layer_norm_fwd_rows_kernel(const FwdParams<T, P, Y> p, const int group) {
   using A = acc_t<T>;
   constexpr int V = kVecElems<T>;
-  __shared__ A scratch[32];
+  LN_EXT_SHARED(A, scratch, [kSumScratch]);
   const int n = p.cols;
   const int lane = threadIdx.x & (group - 1);
   const int rows_per_block = blockDim.x / group;
@@ -98,23 +120,20 @@ __global__ void __launch_bounds__(512)
 #pragma unroll
       for (int i = 0; i < V; ++i) sum += v[k][i];
     }
-    const A mean = row_group_sum(sum, group, scratch) / A(n);
+    const A shift = row_group_sum(sum, group, scratch) / A(n);
 
-    A sq = 0;
+    A dev[2] = {0, 0};
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int s = k * group + lane;
-      const int col0 = s * V - rc.head;
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const A d = (s < rc.count && in_row(col0 + i, n)) ? v[k][i] - mean : A(0);
-        sq += d * d;
-      }
+      // Chunks past the row's end hold zeros: mark them outside the row.
+      add_deviations(v[k], s < rc.count ? s * V - rc.head : n, n, shift, dev);
     }
-    const A rstd = inv_sqrt(row_group_sum(sq, group, scratch) / A(n) + p.eps);
+    row_group_sums(dev, group, scratch);
+    const RowStats<A> st = fwd_stats(shift, dev, n, p.eps);
     if (valid && lane == 0) {
-      p.mean[row] = mean;
-      p.rstd[row] = rstd;
+      p.mean[row] = st.mean();
+      p.rstd[row] = st.rstd;
     }
 
     Y* y_row = p.y + rc.first * V;
@@ -124,8 +143,7 @@ __global__ void __launch_bounds__(512)
       const int col0 = s * V - rc.head;
       if (s < rc.count) {
         const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
-        fwd_write_chunk<V>(p, y_row + s * V, full, full && p.params_vec_ok, col0,
-                           v[k], mean, rstd);
+        fwd_write_chunk<V>(p, y_row + s * V, full, full && p.params_vec_ok, col0, v[k], st);
       }
     }
   }
@@ -136,8 +154,8 @@ __global__ void __launch_bounds__(1024)
     layer_norm_fwd_long_kernel(const FwdParams<T, P, Y> p, const int cached_chunks) {
   using A = acc_t<T>;
   constexpr int V = kVecElems<T>;
-  __shared__ A scratch[32];
-  extern __shared__ uint4 dynamic_smem[];  // the row's first cached_chunks chunks, [cached_chunks * V] T
+  LN_EXT_SHARED(A, scratch, [kSumScratch]);
+  LN_EXT_DYNAMIC_SHARED(dynamic_smem);  // the row's first cached_chunks chunks, [cached_chunks * V] T
   T* cache = reinterpret_cast<T*>(dynamic_smem);
   const int n = p.cols;
 
@@ -147,45 +165,39 @@ __global__ void __launch_bounds__(1024)
     // Each thread only ever touches its own chunks s = threadIdx.x + j * blockDim.x,
     // in the cache as in x, so the cache needs no barrier of its own.
     cache_chunks<V, kFwdCacheBatchBytes>(x_row, cache, 0, imin(rc.count, cached_chunks), rc.head, n, p.vec_ok);
-    // Chunk s of the row: from the cache when it holds it, else (again) from x.
-    auto chunk = [&](int s) { return (s < cached_chunks ? cache : x_row) + s * V; };
+    // f(s, col0, full, v) for this thread's chunks s, v = x as acc: from the cache for
+    // the chunks it holds, else (again) from x.
+    auto for_my_chunks = [&](auto&& f) {
+      for_chunks_split(cached_chunks, rc.count, [&](int s, auto cached) {
+        const T* src = (cached.value ? cache : x_row) + s * V;
+        const int col0 = s * V - rc.head;
+        const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
+        A v[V];
+        load_chunk(src, full, col0, n, A(0), v);
+        f(s, col0, full, v);
+      });
+    };
 
     A sum = 0;
-    for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
-      const int col0 = s * V - rc.head;
-      A v[V];
-      load_chunk(chunk(s), chunk_is_full<V>(p.vec_ok, col0, n), col0, n, A(0), v);
+    for_my_chunks([&](int, int, bool, const A(&v)[V]) {
 #pragma unroll
       for (int i = 0; i < V; ++i) sum += v[i];
-    }
-    const A mean = block_sum(sum, scratch) / A(n);
+    });
+    const A shift = block_sum(sum, scratch) / A(n);
 
-    A sq = 0;
-    for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
-      const int col0 = s * V - rc.head;
-      A v[V];
-      load_chunk(chunk(s), chunk_is_full<V>(p.vec_ok, col0, n), col0, n, A(0), v);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const A d = in_row(col0 + i, n) ? v[i] - mean : A(0);
-        sq += d * d;
-      }
-    }
-    const A rstd = inv_sqrt(block_sum(sq, scratch) / A(n) + p.eps);
+    A dev[2] = {0, 0};
+    for_my_chunks([&](int, int col0, bool, const A(&v)[V]) { add_deviations(v, col0, n, shift, dev); });
+    block_sums(dev, scratch);
+    const RowStats<A> st = fwd_stats(shift, dev, n, p.eps);
     if (threadIdx.x == 0) {
-      p.mean[row] = mean;
-      p.rstd[row] = rstd;
+      p.mean[row] = st.mean();
+      p.rstd[row] = st.rstd;
     }
 
     Y* y_row = p.y + rc.first * V;
-    for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
-      const int col0 = s * V - rc.head;
-      const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
-      A v[V];
-      load_chunk(chunk(s), full, col0, n, A(0), v);
-      fwd_write_chunk<V>(p, y_row + s * V, full, full && p.params_vec_ok, col0, v,
-                         mean, rstd);
-    }
+    for_my_chunks([&](int s, int col0, bool full, const A(&v)[V]) {
+      fwd_write_chunk<V>(p, y_row + s * V, full, full && p.params_vec_ok, col0, v, st);
+    });
     // The next row's cache copy overwrites only this thread's own chunks: no barrier.
   }
 }
@@ -198,8 +210,8 @@ __global__ void __launch_bounds__(1024)
   // Dynamic shared memory only (the host emulation gives each block of a cluster its
   // own): the header (cluster.cuh), then this block's chunks of the row,
   // [slice_chunks * V] T.
-  extern __shared__ uint4 dynamic_smem[];
-  ClusterSum<A, 1> cluster_sum(dynamic_smem);
+  LN_EXT_DYNAMIC_SHARED(dynamic_smem);
+  ClusterSum<A> cluster_sum(dynamic_smem);
   T* const cache = reinterpret_cast<T*>(dynamic_smem + cluster_header_words<A>());
   const int n = p.cols;
   const int rank = cluster_rank();
@@ -230,26 +242,20 @@ __global__ void __launch_bounds__(1024)
 #pragma unroll
       for (int i = 0; i < V; ++i) sum += v[i];
     });
-    const A mean = cluster_sum(sum) / A(n);
+    const A shift = cluster_sum(sum) / A(n);
 
-    A sq = 0;
-    for_my_chunks([&](int, int col0, bool, const A(&v)[V]) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const A d = in_row(col0 + i, n) ? v[i] - mean : A(0);
-        sq += d * d;
-      }
-    });
-    const A rstd = inv_sqrt(cluster_sum(sq) / A(n) + p.eps);
+    A dev[2] = {0, 0};
+    for_my_chunks([&](int, int col0, bool, const A(&v)[V]) { add_deviations(v, col0, n, shift, dev); });
+    cluster_sum(dev);
+    const RowStats<A> st = fwd_stats(shift, dev, n, p.eps);
     if (rank == 0 && threadIdx.x == 0) {
-      p.mean[row] = mean;
-      p.rstd[row] = rstd;
+      p.mean[row] = st.mean();
+      p.rstd[row] = st.rstd;
     }
 
     Y* y_row = p.y + rc.first * V;
     for_my_chunks([&](int s, int col0, bool full, const A(&v)[V]) {
-      fwd_write_chunk<V>(p, y_row + s * V, full, full && p.params_vec_ok, col0, v,
-                         mean, rstd);
+      fwd_write_chunk<V>(p, y_row + s * V, full, full && p.params_vec_ok, col0, v, st);
     });
   }
   cluster_sync();  // no block leaves while another may still read its sums

@@ -3,42 +3,75 @@
 // Deterministic: the xor butterfly adds the same pair of values in every lane
 // (a + b == b + a bitwise), so all lanes of a group end with identical bits,
 // and the cross-warp step adds the warp sums in warp order.
+// K values are summed at once (one butterfly, one pair of barriers for all of them).
 #pragma once
+
+#include "platform.cuh"
 
 namespace ln_ext {
 namespace kernels {
 
-// Sum over aligned groups of `width` lanes (a power of two <= 32). Every lane of
-// the warp must call it (full-warp shuffles); each lane gets its group's sum.
-template <typename A>
-__device__ __forceinline__ A warp_group_sum(A v, int width) {
+// Shared scratch a block sum of up to kMaxSums values needs: 32 (one per warp) each.
+constexpr int kMaxSums = 3;
+constexpr int kSumScratch = 32 * kMaxSums;
+
+// Sums over aligned groups of `width` lanes (a power of two <= 32). Every lane of
+// the warp must call it (full-warp shuffles); each lane gets its group's sums.
+template <int K, typename A>
+__device__ __forceinline__ void warp_group_sums(A (&v)[K], int width) {
   for (int offset = width / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] += __shfl_xor_sync(0xffffffffu, v[k], offset);
   }
-  return v;
 }
 
-// Sum over the whole block (blockDim.x a multiple of 32, at most 1024). Every
-// thread must call it; `scratch` holds at least 32 values. Returns the sum to
+// Sums over the whole block (blockDim.x a multiple of 32, at most 1024). Every
+// thread must call it; `scratch` holds at least 32 * K values. Returns the sums to
 // every thread and leaves `scratch` free for the next call.
-template <typename A>
-__device__ __forceinline__ A block_sum(A v, A* scratch) {
-  v = warp_group_sum(v, 32);
+template <int K, typename A>
+__device__ __forceinline__ void block_sums(A (&v)[K], A* scratch) {
+  static_assert(K <= kMaxSums, "scratch is sized for kMaxSums values");
+  warp_group_sums(v, 32);
   const int warp = threadIdx.x / 32;
-  if (threadIdx.x % 32 == 0) scratch[warp] = v;
+  if (threadIdx.x % 32 == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) scratch[k * 32 + warp] = v[k];
+  }
   __syncthreads();
-  A total = 0;
   const int warps = blockDim.x / 32;
-  for (int w = 0; w < warps; ++w) total += scratch[w];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    A total = 0;
+    for (int w = 0; w < warps; ++w) total += scratch[k * 32 + w];
+    v[k] = total;
+  }
   __syncthreads();
-  return total;
 }
 
-// Sum over the `group` threads of a row: a warp slice (group <= 32) or the
+// Sums over the `group` threads of a row: a warp slice (group <= 32) or the
 // whole block (group == blockDim.x > 32). Every thread of the block must call it.
+template <int K, typename A>
+__device__ __forceinline__ void row_group_sums(A (&v)[K], int group, A* scratch) {
+  if (group <= 32) {
+    warp_group_sums(v, group);
+  } else {
+    block_sums(v, scratch);
+  }
+}
+
+// One value: the sum itself.
 template <typename A>
 __device__ __forceinline__ A row_group_sum(A v, int group, A* scratch) {
-  return group <= 32 ? warp_group_sum(v, group) : block_sum(v, scratch);
+  A one[1] = {v};
+  row_group_sums(one, group, scratch);
+  return one[0];
+}
+
+template <typename A>
+__device__ __forceinline__ A block_sum(A v, A* scratch) {
+  A one[1] = {v};
+  block_sums(one, scratch);
+  return one[0];
 }
 
 // Orders the shared-memory accesses of the `group` threads of a row: the warp

@@ -37,20 +37,20 @@
 #include <math.h>
 #include <stdint.h>
 
-#ifndef __CUDACC__
-#include "cpu/cell_math.h"
-#endif
+#include "norm_math.cuh"
 
-#ifdef __CUDACC__
-#define LN_EXT_FN __device__ __forceinline__
+#ifdef LN_EXT_DEVICE_CODE
+#include "platform.cuh"
 #else
-#define LN_EXT_FN inline
+#include "cpu/cell_math.h"
 #endif
 
 namespace ln_ext {
 namespace cell {
 
-#ifdef __CUDACC__
+using kernels::layer_norm_dx;
+
+#ifdef LN_EXT_DEVICE_CODE
 LN_EXT_FN float ftanh(float x) { return tanhf(x); }
 LN_EXT_FN float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 #else
@@ -60,8 +60,6 @@ inline float sigmoid(float x) { return cpu_math::sigmoid(x); }
 #endif
 LN_EXT_FN double ftanh(double x) { return tanh(x); }
 LN_EXT_FN double sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
-LN_EXT_FN float frsqrt(float x) { return 1.0f / sqrtf(x); }
-LN_EXT_FN double frsqrt(double x) { return 1.0 / sqrt(x); }
 
 // p + n, leaving an absent (null) operand absent.
 template <class P>
@@ -79,7 +77,7 @@ LN_EXT_FN void row_mean_rstd(const Exec& ex, int64_t n, A eps, Get get, A& mean,
     const A d = get(j) - mean;
     v[0] = d * d;
   }, q);
-  rstd = frsqrt(q[0] / A(n) + eps);
+  rstd = kernels::inv_sqrt(q[0] / A(n) + eps);
 }
 
 // Pointers to one row of every operand of a cell op (unused ones stay null).
@@ -131,10 +129,9 @@ LN_EXT_FN void rnn_bwd_row(const Exec& ex, const RnnRow<T, A>& r, int64_t H) {
     r.dgamma_rows[j] = dy * xh;
     r.dbeta_rows[j] = dy;
   }, s);
-  const A m_g = s[0] / A(H), m_gx = s[1] / A(H);
+  const A rstd_n = rstd / A(H);
   ex.for_cols(H, [&](int64_t j) {  // reads back this thread's own dbeta_rows[j]
-    const A xh = ahat(j);
-    r.da[j] = T(rstd * (r.dbeta_rows[j] * A(r.gamma[j]) - m_g - xh * m_gx));
+    r.da[j] = T(layer_norm_dx(r.dbeta_rows[j] * A(r.gamma[j]), ahat(j), A(H), s[0], s[1], rstd_n));
   });
 }
 
@@ -196,16 +193,19 @@ LN_EXT_FN void lstm_fwd_row(const Exec& ex, const LstmRow<T, A>& r, int64_t H, A
 }
 
 // Gradients at column j of the pre-activations (i, f, g, o) and of c_prev,
-// given the sums of the c-LN backward (m_g, m_gx: means over H).
+// given the statistics of c (mc, rc; rc_n = rc / H) and the sums of the c-LN
+// backward (sum_g, sum_gx: over H).
 template <class T, class A>
-LN_EXT_FN void lstm_column_grads(const LstmRow<T, A>& r, int64_t H, int64_t j, A mc, A rc,
-                                 A m_g, A m_gx, A dpre[4], A& dc_prev) {
+LN_EXT_FN void lstm_column_grads(const LstmRow<T, A>& r, int64_t H, int64_t j, A mc, A rc, A rc_n,
+                                 A sum_g, A sum_gx, A dpre[4], A& dc_prev) {
   const A i = r.gates[j], f = r.gates[H + j], g = r.gates[2 * H + j], o = r.gates[3 * H + j];
   const A chat = (A(r.c[j]) - mc) * rc;
   const A tc = ftanh(A(r.gamma_c[j]) * chat + A(r.beta_c[j]));
   const A dh = A(r.dh[j]);
-  const A dchat = dh * o * (A(1) - tc * tc) * A(r.gamma_c[j]);
-  const A dc = A(r.dc[j]) + rc * (dchat - m_g - chat * m_gx);
+  // The c-LN's g from pass 1's dbeta_c_rows (this column's own): the same rounded
+  // product that sum_g added, so that layer_norm_dx cancels exactly at H = 1.
+  const A dchat = r.dbeta_c_rows[j] * A(r.gamma_c[j]);
+  const A dc = A(r.dc[j]) + layer_norm_dx(dchat, chat, A(H), sum_g, sum_gx, rc_n);
   dpre[0] = dc * g * i * (A(1) - i);
   dpre[1] = dc * A(r.c_prev[j]) * f * (A(1) - f);
   dpre[2] = dc * i * (A(1) - g * g);
@@ -228,13 +228,13 @@ LN_EXT_FN void lstm_bwd_row(const Exec& ex, const LstmRow<T, A>& r, int64_t H) {
     r.dgamma_c_rows[j] = dlnc * chat;
     r.dbeta_c_rows[j] = dlnc;
   }, s);
-  const A m_g = s[0] / A(H), m_gx = s[1] / A(H);
+  const A rc_n = rc / A(H);
   // Pass 2: gate gradients, dc_prev, sums for the hproj-LN over 4H (a column's
   // four gates summed first).
   A sh[2];
   ex.sum_cols(H, [&](int64_t j, A* v) {
     A dpre[4], dcp;
-    lstm_column_grads(r, H, j, mc, rc, m_g, m_gx, dpre, dcp);
+    lstm_column_grads(r, H, j, mc, rc, rc_n, s[0], s[1], dpre, dcp);
     r.dc_prev[j] = T(dcp);
     A s_g = 0, s_gx = 0;
 #pragma unroll
@@ -250,17 +250,17 @@ LN_EXT_FN void lstm_bwd_row(const Exec& ex, const LstmRow<T, A>& r, int64_t H) {
     v[0] = s_g;
     v[1] = s_gx;
   }, sh);
-  const A m_h = sh[0] / A(4 * H), m_hx = sh[1] / A(4 * H);
+  const A rh_n = rh / A(4 * H);
   // Pass 3: d(hproj) through its LN; the gate gradients are recomputed in A
   // rather than read back rounded to T.
   ex.for_cols(H, [&](int64_t j) {
     A dpre[4], dcp;
-    lstm_column_grads(r, H, j, mc, rc, m_g, m_gx, dpre, dcp);
+    lstm_column_grads(r, H, j, mc, rc, rc_n, s[0], s[1], dpre, dcp);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t q = k * H + j;
       const A hhat = (A(r.hproj[q]) - mh) * rh;
-      r.dhproj[q] = T(rh * (dpre[k] * A(r.gamma_h[q]) - m_h - hhat * m_hx));
+      r.dhproj[q] = T(layer_norm_dx(dpre[k] * A(r.gamma_h[q]), hhat, A(4 * H), sh[0], sh[1], rh_n));
     }
   });
 }
@@ -302,7 +302,7 @@ LN_EXT_FN void gru_fwd_row(const Exec& ex, const GruRow<T, A>& r, int64_t H, A e
     v[0] = dz * dz + dr * dr;
     v[1] = dn * dn;
   }, q);
-  const A rs_zr = frsqrt(q[0] / A(2 * H) + eps), rs_n = frsqrt(q[1] / A(H) + eps);
+  const A rs_zr = kernels::inv_sqrt(q[0] / A(2 * H) + eps), rs_n = kernels::inv_sqrt(q[1] / A(H) + eps);
   ex.for_cols(H, [&](int64_t j) {
     auto ln = [&](int64_t q, A m, A rs) {
       return A(r.gamma_h[q]) * (A(r.hproj[q]) - m) * rs + A(r.beta_h[q]);
@@ -362,22 +362,22 @@ LN_EXT_FN void gru_bwd_row(const Exec& ex, const GruRow<T, A>& r, int64_t H) {
     v[2] = g[2];
     v[3] = gx[2];
   }, s);
-  const A mg_zr = s[0] / A(2 * H), mgx_zr = s[1] / A(2 * H);
-  const A mg_n = s[2] / A(H), mgx_n = s[3] / A(H);
+  const A rs_zr_n = rs_zr / A(2 * H), rs_n_n = rs_n / A(H);
   // Pass 2: d(hproj) through each group's LN (reads back own dbeta_h_rows).
   ex.for_cols(H, [&](int64_t j) {
 #pragma unroll
     for (int k = 0; k < 3; ++k) {
       const int64_t q = k * H + j;
-      const A rs = k < 2 ? rs_zr : rs_n, mg = k < 2 ? mg_zr : mg_n, mgx = k < 2 ? mgx_zr : mgx_n;
-      r.dhproj[q] = T(rs * (r.dbeta_h_rows[q] * A(r.gamma_h[q]) - mg - hhat(k, j) * mgx));
+      const bool zr = k < 2;
+      r.dhproj[q] = T(layer_norm_dx(r.dbeta_h_rows[q] * A(r.gamma_h[q]), hhat(k, j), A(zr ? 2 * H : H),
+                                    zr ? s[0] : s[2], zr ? s[1] : s[3], zr ? rs_zr_n : rs_n_n));
     }
   });
 }
 
 // ---------------------------------------------------------------- executors
 
-#ifndef __CUDACC__
+#ifndef LN_EXT_DEVICE_CODE
 // The loop's iterations are independent (not `omp simd`: gcc 12 then fails to
 // vectorize the sum passes, whose per-column v[N] it turns into lane arrays).
 #if defined(__clang__)
@@ -432,18 +432,23 @@ struct SerialRow {
 
   inline bool leader() const { return true; }
 };
-#endif  // !__CUDACC__
+#endif  // !LN_EXT_DEVICE_CODE
 
-#ifdef __CUDACC__
+#ifdef LN_EXT_DEVICE_CODE
 // CUDA: the thread block owns the row; blockDim.x is a multiple of 32, <= 1024.
+// `scratch`: kScratch values of shared memory, declared by the kernel.
+template <class A>
 struct BlockRow {
+  static constexpr int kScratch = 64;
+  A* scratch;
+
   template <class F>
   __device__ __forceinline__ void for_cols(int64_t n, F f) const {
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) f(j);
   }
   // s[k] = the sum over j < n of the v[k] that f(j, v) writes: per thread in
   // column order, then over the block.
-  template <int N, class A, class F>
+  template <int N, class F>
   __device__ __forceinline__ void sum_cols(int64_t n, F f, A (&s)[N]) const {
 #pragma unroll
     for (int k = 0; k < N; ++k) s[k] = A(0);
@@ -458,9 +463,8 @@ struct BlockRow {
     for (int k = 0; k < N; k += 2) sum2(p[k], k + 1 < N ? p[k + 1] : unused);
   }
   // Replaces a and b by their sums over the block (a fixed-order tree).
-  template <class A>
   __device__ __forceinline__ void sum2(A& a, A& b) const {
-    __shared__ A partial[2][32];
+    A* const partial[2] = {scratch, scratch + 32};
     for (int off = 16; off > 0; off >>= 1) {
       a += __shfl_xor_sync(0xffffffffu, a, off);
       b += __shfl_xor_sync(0xffffffffu, b, off);
@@ -485,29 +489,35 @@ struct BlockRow {
 // One block per row: blockIdx.x is the row.
 template <class T, class A>
 __global__ void rnn_fwd_kernel(RnnRow<T, A> r, int64_t H, A eps) {
-  rnn_fwd_row(BlockRow{}, r.at(blockIdx.x, H), H, eps);
+  LN_EXT_SHARED(A, scratch, [BlockRow<A>::kScratch]);
+  rnn_fwd_row(BlockRow<A>{scratch}, r.at(blockIdx.x, H), H, eps);
 }
 template <class T, class A>
 __global__ void rnn_bwd_kernel(RnnRow<T, A> r, int64_t H) {
-  rnn_bwd_row(BlockRow{}, r.at(blockIdx.x, H), H);
+  LN_EXT_SHARED(A, scratch, [BlockRow<A>::kScratch]);
+  rnn_bwd_row(BlockRow<A>{scratch}, r.at(blockIdx.x, H), H);
 }
 template <class T, class A>
 __global__ void lstm_fwd_kernel(LstmRow<T, A> r, int64_t H, A eps) {
-  lstm_fwd_row(BlockRow{}, r.at(blockIdx.x, H), H, eps);
+  LN_EXT_SHARED(A, scratch, [BlockRow<A>::kScratch]);
+  lstm_fwd_row(BlockRow<A>{scratch}, r.at(blockIdx.x, H), H, eps);
 }
 template <class T, class A>
 __global__ void lstm_bwd_kernel(LstmRow<T, A> r, int64_t H) {
-  lstm_bwd_row(BlockRow{}, r.at(blockIdx.x, H), H);
+  LN_EXT_SHARED(A, scratch, [BlockRow<A>::kScratch]);
+  lstm_bwd_row(BlockRow<A>{scratch}, r.at(blockIdx.x, H), H);
 }
 template <class T, class A>
 __global__ void gru_fwd_kernel(GruRow<T, A> r, int64_t H, A eps) {
-  gru_fwd_row(BlockRow{}, r.at(blockIdx.x, H), H, eps);
+  LN_EXT_SHARED(A, scratch, [BlockRow<A>::kScratch]);
+  gru_fwd_row(BlockRow<A>{scratch}, r.at(blockIdx.x, H), H, eps);
 }
 template <class T, class A>
 __global__ void gru_bwd_kernel(GruRow<T, A> r, int64_t H) {
-  gru_bwd_row(BlockRow{}, r.at(blockIdx.x, H), H);
+  LN_EXT_SHARED(A, scratch, [BlockRow<A>::kScratch]);
+  gru_bwd_row(BlockRow<A>{scratch}, r.at(blockIdx.x, H), H);
 }
-#endif  // __CUDACC__
+#endif  // LN_EXT_DEVICE_CODE
 
 }  // namespace cell
 }  // namespace ln_ext

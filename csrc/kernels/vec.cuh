@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "platform.cuh"
+
 namespace ln_ext {
 namespace kernels {
 
@@ -67,13 +69,28 @@ __device__ __forceinline__ T from_acc(A v) {
   return FromAcc<T>::cast(v);
 }
 
-// Correctly rounded (IEEE) 1 / sqrt(v): nvcc's default -prec-div/-prec-sqrt,
-// the same expression as the CPU kernel, never the rsqrt approximation.
-__device__ __forceinline__ float inv_sqrt(float v) { return 1.0f / sqrtf(v); }
-__device__ __forceinline__ double inv_sqrt(double v) { return 1.0 / sqrt(v); }
-
-// min of two ints, the same in device code and in the host emulation.
+// min and max of two ints, the same in device code and in the host emulation.
 __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
+__host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
+
+// Whether a chunk is in a row cache in shared memory (value true) or read from the
+// tensor (false), as a type: code that picks its source pointer by it compiles to
+// plain shared-memory or global loads, where a pointer chosen at run time would be a
+// generic one (LD, which must test the address space on every access).
+template <bool kCached>
+struct InCache {
+  static constexpr bool value = kCached;
+};
+
+// f(s, InCache<...>{}) for this thread's chunks s = threadIdx.x + m * blockDim.x of a
+// row of `count` chunks whose first `cached` chunks are in a row cache.
+template <typename F>
+__device__ __forceinline__ void for_chunks_split(int cached, int count, F&& f) {
+  const int split = imin(cached, count);
+  int s = threadIdx.x;
+  for (; s < split; s += blockDim.x) f(s, InCache<true>{});
+  for (; s < count; s += blockDim.x) f(s, InCache<false>{});
+}
 
 // The chunks of one row; see the file comment.
 struct RowChunks {
@@ -113,6 +130,8 @@ template <int V, typename T>
 __device__ __forceinline__ void load_words(const T* src, T (&dst)[V]) {
   static_assert((sizeof(T) * V) % 16 == 0, "a chunk must be whole 16-byte words");
   constexpr int kWords = sizeof(T) * V / 16;
+  LN_EXT_ASSERT_ALIGNED16(src);
+  LN_EXT_ASSERT_ALIGNED16(dst);
   const uint4* s = reinterpret_cast<const uint4*>(src);
   uint4* d = reinterpret_cast<uint4*>(dst);
 #pragma unroll
@@ -123,6 +142,8 @@ template <int V, typename T>
 __device__ __forceinline__ void store_words(T* dst, const T (&src)[V]) {
   static_assert((sizeof(T) * V) % 16 == 0, "a chunk must be whole 16-byte words");
   constexpr int kWords = sizeof(T) * V / 16;
+  LN_EXT_ASSERT_ALIGNED16(src);
+  LN_EXT_ASSERT_ALIGNED16(dst);
   const uint4* s = reinterpret_cast<const uint4*>(src);
   uint4* d = reinterpret_cast<uint4*>(dst);
 #pragma unroll
