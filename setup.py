@@ -4,7 +4,10 @@ Environment:
   LN_EXT_CUDA=0|1        0: CPU-only build; 1: fail unless the CUDA kernels can be built.
                          Unset: build them when possible and say loudly when not.
   CUDA_HOME              the CUDA toolkit (else /usr/local/cuda, else nvcc on PATH).
-  TORCH_CUDA_ARCH_LIST   target archs; unset and no GPU visible: 8.0;8.6;8.9;9.0+PTX.
+  TORCH_CUDA_ARCH_LIST   target archs; unset: the visible GPUs', else
+                         LN_EXT_ARCHS_WITHOUT_GPU (default 8.0;8.6;8.9;9.0+PTX, for a
+                         wheel that runs anywhere; `make test` sets 9.0, one arch, so that a
+                         development build without a GPU takes minutes, not half an hour).
   MAX_JOBS               parallel compile jobs (ninja).
 """
 import glob
@@ -64,8 +67,9 @@ def cuda_arch_list():
         return os.environ["TORCH_CUDA_ARCH_LIST"]
     if torch.cuda.is_available():
         return None  # torch builds for the visible GPUs
-    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
-    return DEFAULT_ARCHS
+    archs = os.environ.get("LN_EXT_ARCHS_WITHOUT_GPU") or DEFAULT_ARCHS
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    return archs
 
 
 def openmp_flags():

@@ -4,6 +4,9 @@
 #include <torch/library.h>
 
 #include "layer_norm.h"
+#ifdef LN_EXT_WITH_CUDA
+#include "cuda/cluster_support.h"
+#endif
 
 TORCH_LIBRARY(ln_ext, m) {
   // LayerNorm over the trailing dims named by normalized_shape (DESIGN §2).
@@ -72,4 +75,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
             ln_ext::call_layer_norm_fwd(x, normalized_shape, weight, bias, eps, out_dtype));
       },
       "y of torch.ops.ln_ext.layer_norm_fwd (eager fast path of ln_ext.layer_norm)");
+#ifdef LN_EXT_WITH_CUDA
+  // For tests/test_cuda_launch_host.py: the launchers' decision, testable without a GPU.
+  module.def("_kernel_has_cluster_code", &ln_ext::cuda_launch::kernel_has_cluster_code,
+             "Whether a kernel with these cudaFuncAttributes ptxVersion and binaryVersion may "
+             "run the thread-block cluster kernels.");
+#endif
 }

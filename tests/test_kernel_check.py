@@ -1,10 +1,12 @@
-"""The CUDA LayerNorm device code, checked without a GPU (scripts/kernel_check/).
+"""The CUDA device code, checked without a GPU (scripts/kernel_check/).
 
 On a machine without a GPU (CI) these are the only tests that run the code in
 csrc/kernels/*.cuh: the index model replays the launchers' kernel choice and the
 kernels' index math in Python; the host emulation compiles the real kernels as C++
 (one std::thread per CUDA thread, barriers, warp shuffles and thread-block clusters
-emulated, AddressSanitizer on) and compares them with a float64 reference.
+emulated) and compares the LayerNorm kernels with a long double reference (ill-
+conditioned rows included) and the LN-RNN cell kernels with their row functions in
+double, under AddressSanitizer, and again under ThreadSanitizer for shared-memory races.
 """
 import os
 import shutil
@@ -28,10 +30,23 @@ def test_index_model():
     assert rc == 0 and "OK" in log, log
 
 
-@pytest.mark.skipif(shutil.which("g++") is None or not (CUDA_HOME / "include" / "cuda_bf16.h").exists(),
-                    reason="the host emulation needs g++ and the CUDA headers (cuda_fp16.h, cuda_bf16.h)")
+needs_emulation = pytest.mark.skipif(
+    shutil.which("g++") is None or not (CUDA_HOME / "include" / "cuda_bf16.h").exists(),
+    reason="the host emulation needs g++ and the CUDA headers (cuda_fp16.h, cuda_bf16.h)")
+
+
+@needs_emulation
 def test_host_emulation_quick():
-    """Every kernel family (rows, long, cluster; fused and column dweight/dbias) on four
-    shapes in all six dtype combinations."""
-    rc, log = _run(["bash", str(CHECK / "run_host_emulation.sh"), "q"], timeout=900)
+    """Every LayerNorm kernel family (rows, long, cluster with both ways its blocks meet;
+    fused and column dweight/dbias) on a few shapes in all six dtype combinations and on
+    ill-conditioned rows, and every LN-RNN cell kernel, under AddressSanitizer."""
+    rc, log = _run(["bash", str(CHECK / "run_host_emulation.sh"), "q"], timeout=1500)
     assert rc == 0 and "OK: 0 failures" in log, log[-4000:]
+
+
+@needs_emulation
+def test_host_emulation_finds_no_races():
+    """Every kernel family once under ThreadSanitizer: a shared-memory access by one
+    emulated thread that races with another's (no barrier between) fails the run."""
+    rc, log = _run(["bash", str(CHECK / "run_host_emulation.sh"), "--tsan", "t"], timeout=1500)
+    assert rc == 0 and "OK: 0 failures" in log and "ThreadSanitizer" not in log, log[-4000:]

@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <map>
 #include <mutex>
@@ -24,6 +25,7 @@
 #include <utility>
 
 #include "../kernels/cluster.cuh"
+#include "cluster_support.h"
 
 namespace ln_ext {
 namespace cuda_launch {
@@ -126,19 +128,24 @@ inline void log_launch(const char* kernel, int64_t rows, int64_t cols, int grid,
   if (seen.insert(line).second) std::fprintf(stderr, "%s\n", line);
 }
 
-// A persistent grid: as many blocks as the work needs, at most as many as the
-// multiprocessors hold at once by thread count and, when given, by the blocks'
-// dynamic shared memory (a kernel held back by registers just runs the extra
-// blocks in a second wave).
-inline int persistent_grid(int64_t blocks_needed, int block_threads, size_t smem_bytes = 0) {
-  const DeviceLimits& dev = device_limits();
-  int64_t per_sm = std::max(1, dev.threads_per_sm / block_threads);
-  if (smem_bytes > 0) {
-    // + 1 KiB: what the runtime reserves per block besides its dynamic shared memory.
-    per_sm = std::min<int64_t>(per_sm, std::max<size_t>(1, dev.smem_per_sm / (smem_bytes + 1024)));
-  }
-  const int64_t resident = static_cast<int64_t>(dev.multiprocessors) * per_sm;
-  return static_cast<int>(std::max<int64_t>(1, std::min(blocks_needed, resident)));
+// Facts about a kernel that the driver gives once and that never change, asked once per
+// (device, kernel, fact, a, b) and kept: small LayerNorms are host-bound, and a launch
+// should not pay for a driver query. `compute` runs at most once per key, under a
+// recursive lock (a fact may need another: the resident clusters need the raised
+// shared-memory limit).
+enum class KernelFact { kSharedMemoryLimitRaised, kResidentBlocksPerSm, kResidentClusters };
+
+inline int kernel_fact(KernelFact fact, const void* kernel, int64_t a, int64_t b,
+                       const std::function<int()>& compute) {
+  using Key = std::tuple<int, KernelFact, const void*, int64_t, int64_t>;
+  static std::recursive_mutex mutex;
+  static std::map<Key, int> known;
+  const Key key{c10::cuda::current_device(), fact, kernel, a, b};
+  const std::lock_guard<std::recursive_mutex> lock(mutex);
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  const int value = compute();
+  known.emplace(key, value);
+  return value;
 }
 
 // Dynamic shared memory one block may use: the opt-in limit less the kernels'
@@ -146,6 +153,38 @@ inline int persistent_grid(int64_t blocks_needed, int block_threads, size_t smem
 inline size_t dynamic_shared_memory_limit() {
   constexpr size_t kStaticReserve = 1024;
   return device_limits().smem_per_block_optin - kStaticReserve;
+}
+
+// Above 48 KiB a kernel must opt in to its dynamic shared memory. The limit is raised
+// once per (device, kernel), to the most any launch of it may use: setting it to each
+// launch's own size let two host threads launching one kernel with different sizes
+// interleave set(200 KB), set(100 KB), launch(200 KB) -> cudaErrorInvalidValue.
+template <typename Kernel>
+void allow_dynamic_shared_memory(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  kernel_fact(KernelFact::kSharedMemoryLimitRaised, reinterpret_cast<const void*>(kernel), 0, 0, [kernel] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(dynamic_shared_memory_limit())));
+    return 1;
+  });
+}
+
+// A persistent grid: as many blocks as the work needs, at most as many as the
+// multiprocessors hold at once, as the occupancy calculator counts them for this
+// kernel, block size and dynamic shared memory (registers included: the fused
+// backward's grid is also its number of partial rows, and a kernel held back by
+// registers would otherwise write several times the partials it needs).
+template <typename Kernel>
+int persistent_grid(Kernel kernel, int64_t blocks_needed, int block_threads, size_t smem_bytes = 0) {
+  allow_dynamic_shared_memory(kernel, smem_bytes);
+  const int per_sm = kernel_fact(KernelFact::kResidentBlocksPerSm, reinterpret_cast<const void*>(kernel),
+                                 block_threads, static_cast<int64_t>(smem_bytes), [&] {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, block_threads, smem_bytes));
+    return std::max(blocks, 1);
+  });
+  const int64_t resident = static_cast<int64_t>(multiprocessor_count()) * per_sm;
+  return static_cast<int>(std::max<int64_t>(1, std::min(blocks_needed, resident)));
 }
 
 // Whether `bytes` of dynamic shared memory fit in one block.
@@ -158,15 +197,6 @@ inline int cached_chunks(int chunks, size_t chunk_bytes, size_t used) {
   const size_t limit = dynamic_shared_memory_limit();
   const size_t room = used < limit ? (limit - used) / chunk_bytes : 0;
   return static_cast<int>(std::min<size_t>(chunks, room));
-}
-
-// Above 48 KiB a kernel must opt in to its dynamic shared memory.
-template <typename Kernel>
-void allow_dynamic_shared_memory(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  }
 }
 
 // A launch of a cluster kernel (kernels/cluster.cuh): `blocks` blocks of kLongBlock
@@ -204,36 +234,44 @@ inline cudaLaunchConfig_t cluster_config(int blocks, int grid, size_t smem, cuda
 }
 
 // How many clusters of `blocks` blocks (kLongBlock threads, `smem` bytes of dynamic
-// shared memory each) of `kernel` the current device runs at once; 0 when none
-// (no sm_90 code in the kernel's binary, or no processing cluster with room for
-// `blocks` blocks). Asks the driver once per (device, kernel, blocks, smem) and sets
-// the kernel's attributes on the way: few-row launches are host-bound.
+// shared memory each) of `kernel` the current device runs at once; 0 when none (the
+// kernel's code was not compiled for sm_90+: kernel_has_cluster_code, or no processing
+// cluster has room for `blocks` blocks). Asked once per (device, kernel, blocks, smem).
 template <typename Kernel>
 int resident_cluster_count(Kernel kernel, int blocks, size_t smem) {
-  using Key = std::tuple<int, const void*, int, size_t>;
-  static std::mutex mutex;
-  static std::map<Key, int> known;
-  const Key key{c10::cuda::current_device(), reinterpret_cast<const void*>(kernel), blocks, smem};
-  const std::lock_guard<std::mutex> lock(mutex);
-  if (auto it = known.find(key); it != known.end()) return it->second;
-
-  int resident = 0;
-  cudaFuncAttributes attributes;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  if (attributes.binaryVersion >= 90) {  // else built without sm_90 code: the kernel traps
+  return kernel_fact(KernelFact::kResidentClusters, reinterpret_cast<const void*>(kernel), blocks,
+                     static_cast<int64_t>(smem), [&] {
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    if (!kernel_has_cluster_code(attributes.ptxVersion, attributes.binaryVersion)) return 0;
     allow_dynamic_shared_memory(kernel, smem);
     if (blocks > kMaxPortableClusterBlocks) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     }
     cudaLaunchAttribute cluster_shape;
     const cudaLaunchConfig_t config = cluster_config(blocks, blocks, smem, nullptr, &cluster_shape);
+    int resident = 0;
     if (cudaOccupancyMaxActiveClusters(&resident, kernel, &config) != cudaSuccess) {
       (void)cudaGetLastError();  // not schedulable here: clear the error; the caller falls back
       resident = 0;
     }
-  }
-  known.emplace(key, resident);
-  return resident;
+    return resident;
+  });
+}
+
+// How the cluster kernels' blocks meet to add their sums (kernels/cluster.cuh:
+// ClusterSum): LN_EXT_CLUSTER_SUM=lean for one warp's fence, a relaxed barrier and a
+// warp-0 gather; unset or "barrier" for the release/acquire cluster barrier and every
+// thread reading every block's sums. Read once per process; `make gpu-check` times both.
+inline bool lean_cluster_sum() {
+  static const bool lean = [] {
+    const char* v = std::getenv("LN_EXT_CLUSTER_SUM");
+    const std::string mode = v == nullptr ? "barrier" : v;
+    TORCH_CHECK(mode == "barrier" || mode == "lean" || mode.empty(),
+                "ln_ext: LN_EXT_CLUSTER_SUM must be 'barrier' or 'lean', got '", mode, "'");
+    return mode == "lean";
+  }();
+  return lean;
 }
 
 // The cluster for rows of `chunks` chunks: the fewest blocks (1, 2, 4, 8, 16) whose
@@ -266,12 +304,11 @@ ClusterPlan plan_cluster(Kernel kernel, int chunks, int64_t rows, SmemFor smem_f
   return plan;
 }
 
-// Launches a cluster kernel by its plan on `stream`.
+// Launches a cluster kernel by its plan on `stream` (its shared-memory limit was
+// raised when the plan asked for its resident clusters).
 template <typename... Params, typename... Args>
 void launch_cluster(void (*kernel)(Params...), const ClusterPlan& plan, cudaStream_t stream,
                     Args&&... args) {
-  // Again: a launch with another N may have set a smaller limit since the plan.
-  allow_dynamic_shared_memory(kernel, plan.smem);
   cudaLaunchAttribute cluster_shape;
   const cudaLaunchConfig_t config =
       cluster_config(plan.blocks, plan.grid, plan.smem, stream, &cluster_shape);

@@ -121,12 +121,11 @@ Partials launch_bwd_rows(kernels::BwdParams<T, DY, P> p, const LayerNormBwdArgs&
   using A = kernels::acc_t<T>;
   constexpr int V = kernels::kVecElems<T>;
   if (!want_dx && !want_params) return {};
-  const int grid = persistent_grid(ceil_div(a.rows, cfg.rows_per_block()), cfg.block);
+  auto kernel = cfg.k == 1 ? kernels::layer_norm_bwd_rows_kernel<T, DY, P, 1>
+                           : kernels::layer_norm_bwd_rows_kernel<T, DY, P, kBwdBigK>;
   Partials partials;
   size_t smem = 0;
   if (want_params) {
-    partials = new_partials(a, grid);
-    p.partials = mut_ptr<A>(partials.tensor);
     if (p.cols % V != 0) {
       // A staging row [2, chunks * V] acc per row group (<= 64 KiB per block), also
       // large enough for adding the groups.
@@ -136,9 +135,12 @@ Partials launch_bwd_rows(kernels::BwdParams<T, DY, P> p, const LayerNormBwdArgs&
       smem = static_cast<size_t>(cfg.rows_per_block()) * a.cols * sizeof(A);
     }
   }
-  auto kernel = cfg.k == 1 ? kernels::layer_norm_bwd_rows_kernel<T, DY, P, 1>
-                           : kernels::layer_norm_bwd_rows_kernel<T, DY, P, kBwdBigK>;
-  allow_dynamic_shared_memory(kernel, smem);
+  // The grid is also the number of partial rows: as many blocks as are resident at once.
+  const int grid = persistent_grid(kernel, ceil_div(a.rows, cfg.rows_per_block()), cfg.block, smem);
+  if (want_params) {
+    partials = new_partials(a, grid);
+    p.partials = mut_ptr<A>(partials.tensor);
+  }
   log_launch(cfg.k == 1 ? "bwd rows K=1" : "bwd rows K=2", a.rows, a.cols, grid, cfg.block, 1, smem);
   kernel<<<grid, cfg.block, smem, stream>>>(p, cfg.group);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -199,9 +201,8 @@ Partials launch_bwd_long_rows(kernels::BwdParams<T, DY, P> p, const LayerNormBwd
   const int cached = want_dx ? cached_chunks(chunks, chunk_bytes, sums_used) : 0;
   const size_t smem = sums_used + static_cast<size_t>(cached) * chunk_bytes;
   auto kernel = kernels::layer_norm_bwd_long_kernel<T, DY, P>;
-  allow_dynamic_shared_memory(kernel, smem);
   // Blocks beyond those resident at once would only add partial rows.
-  const int grid = persistent_grid(a.rows, kLongBlock, smem);
+  const int grid = persistent_grid(kernel, a.rows, kLongBlock, smem);
   if (fuse) {
     partials = new_partials(a, grid);
     p.partials = mut_ptr<A>(partials.tensor);
@@ -232,6 +233,7 @@ void launch_bwd(const LayerNormBwdArgs& a) {
   p.cols = static_cast<int>(a.cols);
   p.vec_ok = aligned16(p.x) && aligned16(p.dy) && aligned16(p.dx);
   p.weight_vec_ok = aligned16(p.weight);
+  p.lean_cluster_sum = lean_cluster_sum();
 
   const bool want_dx = a.dx.defined();
   const bool want_params = a.dweight.defined() || a.dbias.defined();

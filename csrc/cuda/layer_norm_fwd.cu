@@ -51,19 +51,17 @@ void launch_fwd(const LayerNormFwdArgs& a) {
   p.eps = static_cast<A>(a.eps);
   p.vec_ok = aligned16(p.x) && aligned16(p.y);
   p.params_vec_ok = aligned16(p.weight) && aligned16(p.bias);
+  p.lean_cluster_sum = lean_cluster_sum();
 
   const int chunks = kernels::max_chunks_per_row(p.cols, V);
   const RowsConfig cfg = choose_rows_config(chunks, kFwdBigK, kFwdMaxGroup);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (cfg.k != 0) {
-    const int grid = persistent_grid(ceil_div(a.rows, cfg.rows_per_block()), cfg.block);
+    auto kernel = cfg.k == 1 ? kernels::layer_norm_fwd_rows_kernel<T, P, Y, 1>
+                             : kernels::layer_norm_fwd_rows_kernel<T, P, Y, kFwdBigK>;
+    const int grid = persistent_grid(kernel, ceil_div(a.rows, cfg.rows_per_block()), cfg.block);
     log_launch(cfg.k == 1 ? "fwd rows K=1" : "fwd rows K=4", a.rows, a.cols, grid, cfg.block, 1, 0);
-    if (cfg.k == 1) {
-      kernels::layer_norm_fwd_rows_kernel<T, P, Y, 1><<<grid, cfg.block, 0, stream>>>(p, cfg.group);
-    } else {
-      kernels::layer_norm_fwd_rows_kernel<T, P, Y, kFwdBigK>
-          <<<grid, cfg.block, 0, stream>>>(p, cfg.group);
-    }
+    kernel<<<grid, cfg.block, 0, stream>>>(p, cfg.group);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -82,8 +80,7 @@ void launch_fwd(const LayerNormFwdArgs& a) {
   const int cached = cached_chunks(chunks, V * sizeof(T), 0);
   const size_t smem = static_cast<size_t>(cached) * V * sizeof(T);
   auto kernel = kernels::layer_norm_fwd_long_kernel<T, P, Y>;
-  allow_dynamic_shared_memory(kernel, smem);
-  const int grid = persistent_grid(a.rows, kLongBlock);
+  const int grid = persistent_grid(kernel, a.rows, kLongBlock, smem);
   log_launch("fwd long", a.rows, a.cols, grid, kLongBlock, 1, smem);
   kernel<<<grid, kLongBlock, smem, stream>>>(p, cached);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -71,6 +71,7 @@ struct BwdParams {
   int cols;
   bool vec_ok;         // x, dy and dx 16-byte aligned
   bool weight_vec_ok;  // weight (if present) 16-byte aligned
+  bool lean_cluster_sum = false;  // cluster kernel: how ClusterSum meets (cluster.cuh)
 };
 
 template <typename T, typename DY, typename P, int K>
@@ -364,7 +365,7 @@ __global__ void __launch_bounds__(1024)
   // [2][long_param_cols(slice_chunks * V)] A; then x and dy of this block's chunks
   // and the one after them, [(slice_chunks + 1) * V] T and DY.
   LN_EXT_DYNAMIC_SHARED(dynamic_smem);
-  ClusterSum<A> cluster_sum(dynamic_smem);
+  ClusterSum<A> cluster_sum(dynamic_smem, p.lean_cluster_sum);
   const int n = p.cols;
   const bool fused_params = p.partials != nullptr;
   const int rank = cluster_rank();

@@ -53,6 +53,7 @@ struct FwdParams {
   acc_t<T> eps;
   bool vec_ok;         // x and y 16-byte aligned: full chunks may use vector access
   bool params_vec_ok;  // weight and bias (those present) 16-byte aligned
+  bool lean_cluster_sum = false;  // cluster kernel: how ClusterSum meets (cluster.cuh)
 };
 
 // y for the chunk's columns from the row's x values v (acc), then store.
@@ -211,7 +212,7 @@ __global__ void __launch_bounds__(1024)
   // own): the header (cluster.cuh), then this block's chunks of the row,
   // [slice_chunks * V] T.
   LN_EXT_DYNAMIC_SHARED(dynamic_smem);
-  ClusterSum<A> cluster_sum(dynamic_smem);
+  ClusterSum<A> cluster_sum(dynamic_smem, p.lean_cluster_sum);
   T* const cache = reinterpret_cast<T*>(dynamic_smem + cluster_header_words<A>());
   const int n = p.cols;
   const int rank = cluster_rank();

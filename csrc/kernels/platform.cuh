@@ -6,11 +6,12 @@
 //   LN_EXT_SHARED(type, name, [dims]);  a block's static shared array, at kernel scope
 //   LN_EXT_DYNAMIC_SHARED(name);        the block's dynamic shared memory, uint4 name[]
 //   LN_EXT_ASSERT_ALIGNED16(p);         nothing on the GPU; checked by the emulation
-//   cluster_rank(), cluster_blocks(), cluster_sync(), cluster_peer(p, rank)
+//   cluster_rank(), cluster_blocks(), cluster_sync(), cluster_peer(p, rank),
+//   cluster_fence(), cluster_sync_relaxed()
 //                                       thread-block clusters (sm_90+; they trap when
 //                                       compiled for an older architecture)
-// threadIdx, blockDim, __syncthreads(), __syncwarp() and __shfl_xor_sync() are used by
-// their CUDA names; the emulation defines those too.
+// threadIdx, blockDim, __syncthreads(), __syncwarp(), __shfl_sync() and __shfl_xor_sync()
+// are used by their CUDA names; the emulation defines those too.
 #pragma once
 
 #if defined(LN_EXT_HOST_EMULATION)
@@ -53,6 +54,29 @@ __device__ __forceinline__ int cluster_blocks() {
 __device__ __forceinline__ void cluster_sync() {
 #ifdef LN_EXT_CLUSTERS
   cooperative_groups::this_cluster().sync();
+#else
+  __trap();
+#endif
+}
+
+// Makes this thread's earlier writes (shared memory included) visible to the cluster
+// before its next cluster_sync_relaxed(): with it, that barrier releases what the thread
+// wrote, without every thread of every block paying for a release (a cluster-scope
+// release barrier compiles to MEMBAR.ALL.GPU in every thread, which waits for all its
+// outstanding stores).
+__device__ __forceinline__ void cluster_fence() {
+#ifdef LN_EXT_CLUSTERS
+  asm volatile("fence.acq_rel.cluster;" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+// A cluster barrier that releases nothing by itself (relaxed arrive) and acquires
+// (wait): writes published by cluster_fence() before it are visible after it.
+__device__ __forceinline__ void cluster_sync_relaxed() {
+#ifdef LN_EXT_CLUSTERS
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
 #else
   __trap();
 #endif

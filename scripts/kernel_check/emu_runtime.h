@@ -87,15 +87,25 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
   emu_block->warp_barriers[threadIdx.x / 32]->arrive_and_wait();
 }
 
-template <typename A>
-A __shfl_xor_sync(unsigned mask, A v, int offset) {
-  assert(mask == 0xffffffffu);
+// Every lane of the warp publishes v, then reads lane `src_of(lane)`'s.
+template <typename A, typename Src>
+A emu_shuffle(A v, Src src_of) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   emu_block->warp_slots[warp * 32 + lane] = static_cast<double>(v);
   emu_block->warp_barriers[warp]->arrive_and_wait();
-  const A r = static_cast<A>(emu_block->warp_slots[warp * 32 + (lane ^ offset)]);
+  const A r = static_cast<A>(emu_block->warp_slots[warp * 32 + src_of(lane)]);
   emu_block->warp_barriers[warp]->arrive_and_wait();
   return r;
+}
+template <typename A>
+A __shfl_xor_sync(unsigned mask, A v, int offset) {
+  assert(mask == 0xffffffffu);
+  return emu_shuffle(v, [offset](int lane) { return lane ^ offset; });
+}
+template <typename A>
+A __shfl_sync(unsigned mask, A v, int src_lane) {
+  assert(mask == 0xffffffffu && src_lane >= 0 && src_lane < 32);
+  return emu_shuffle(v, [src_lane](int) { return src_lane; });
 }
 
 namespace ln_ext {
@@ -103,6 +113,8 @@ namespace kernels {
 inline int cluster_rank() { return static_cast<int>(emu_cluster_rank); }
 inline int cluster_blocks() { return static_cast<int>(emu_cluster_blocks); }
 inline void cluster_sync() { emu_cluster_barrier->arrive_and_wait(); }
+inline void cluster_fence() {}  // the emulated barrier orders memory by itself
+inline void cluster_sync_relaxed() { emu_cluster_barrier->arrive_and_wait(); }
 template <typename A>
 A* cluster_peer(A* local, int rank) {
   const char* mine = reinterpret_cast<const char*>(emu_block->smem->data());

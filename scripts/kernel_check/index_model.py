@@ -186,7 +186,7 @@ def plan_cluster_blocks(chunks, rows, smem_for, sms=132):
 
 
 def check_cluster_plans():
-    header = 16 * ceil_div((96 + 2 * 3) * 4, 16)  # cluster_header_words: block_sums scratch, ClusterSum slots
+    header = 16 * ceil_div((96 + 3 * 3) * 4, 16)  # cluster_header_words: block_sums scratch, ClusterSum slots and totals
     fwd = lambda t: (lambda s: header + s * 16)  # x chunks of 16 bytes
     def bwd(t_bytes, dy_bytes, sums):
         v = 16 // t_bytes

@@ -9,7 +9,8 @@
 #   run_host_emulation.sh [--tsan] [MODE]
 #     MODE: (none)  N in 1..1025, M in {1, 3, 37}, every kernel   (~20 min on 2 cores)
 #           big     N in 2047..16385, M in {1, 3}
-#           q       a few shapes of every kernel, about two minutes
+#           q       a few shapes of every kernel, a few minutes
+#           t       every kernel family once (float, bf16): for --tsan
 #           n N...  the given N, M = 2, bf16 and f16/f32 mixed LayerNorm only
 #     --tsan: ThreadSanitizer instead of AddressSanitizer: a shared-memory access that
 #             races with another thread's (no barrier between) is reported and fails the run.
