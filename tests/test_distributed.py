@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import traceback
 
 import pytest
@@ -423,16 +424,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _spawn(scenarios, world, tmp):
+def _spawn(scenarios, world, tmp, limit_s=1200):
     ctx = mp.start_processes(_worker, args=(world, _free_port(), list(scenarios), str(tmp)), nprocs=world,
                              join=False, start_method="spawn")
+    deadline, spawn_error = time.monotonic() + limit_s, None
     try:
-        while not ctx.join(timeout=900):
-            pass
-    except Exception as e:  # a worker failed: its error file says why
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                spawn_error = f"the workers ran past {limit_s} s and were killed"
+                break
+    except Exception as e:  # a worker failed (the others are terminated): its error file says why
         spawn_error = e
-    else:
-        spawn_error = None
     results = {}
     for name in scenarios:
         for rank in range(world):

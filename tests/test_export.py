@@ -124,7 +124,7 @@ def test_loading_without_ln_ext_fails_clearly(aoti_package, exported, model, tmp
         """)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout.splitlines()
-    assert out[0] == "aoti failed: RuntimeError Could not find schema for ln_ext::layer_norm_fwd.", out
+    assert out[0].startswith("aoti failed:") and "ln_ext::layer_norm_fwd" in out[0], out  # "Could not find schema for"
     assert out[1].startswith("export failed: RuntimeError"), out
     # torch.export.load logs the cause before raising: it names the op and says to import it.
     assert "failed to resolve torch.ops.ln_ext.layer_norm_fwd.default" in done.stderr
@@ -186,7 +186,7 @@ def test_cpp_deployment(aoti_package, model, tmp_path):
     torch.save(x, tmp_path / "x.pt")  # torch::pickle_load reads torch.save's format
     run = subprocess.run(["./main", aoti_package, "x.pt", "-"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
-    assert run.returncode == 1 and "Could not find schema for ln_ext::layer_norm_fwd" in run.stderr, run.stderr
+    assert run.returncode == 1 and "ln_ext::layer_norm_fwd" in run.stderr, run.stderr
     run = subprocess.run(["./main", aoti_package, "x.pt", LIB], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
