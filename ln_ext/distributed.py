@@ -19,9 +19,10 @@ result in schema order (non-tensor arguments are skipped):
   ROW_SUM  a parameter gradient summed over the rows: Partial when rows are sharded
 row_dims(a) says how many leading dims are rows, from the call's arguments by schema
 name; empty(a), when given, says which results the call leaves as empty placeholders
-(replicated). Every rule is registered when ln_ext is imported; with a torch built
-without torch.distributed, or too old for DTensor's register_sharding, there is
-nothing to register and ln_ext works as before.
+(replicated). The rules are registered once both ln_ext and torch.distributed.tensor
+are imported, whichever comes first; with a torch built without torch.distributed, or
+too old for DTensor's register_sharding, there is nothing to register and ln_ext works
+as before.
 """
 from __future__ import annotations
 
@@ -146,19 +147,28 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
     it takes ~1 s, which `import ln_ext` should not cost programs that never use DTensor;
     programs that do import it before making a DTensor."""
 
+    def __init__(self):
+        self._finding = False
+
     def find_spec(self, name, path, target=None):
-        if name != _DTENSOR:
+        if name != _DTENSOR or self._finding:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)  # from the finders after this one
-        if spec is not None and spec.loader is not None:
-            exec_module = spec.loader.exec_module
+        self._finding = True
+        try:
+            spec = importlib.util.find_spec(name)  # what the other finders make of it
+        finally:
+            self._finding = False
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
 
-            def exec_then_register(module):
-                exec_module(module)
-                register()
+        def exec_then_register(module):
+            exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            register()
 
-            spec.loader.exec_module = exec_then_register
+        spec.loader.exec_module = exec_then_register
         return spec
 
 

@@ -627,9 +627,10 @@ def test_rules_registered_whenever_dtensor_is_imported(order):
     rules are registered whichever of the two a program imports first."""
     first, second = ("import ln_ext", "import torch.distributed.tensor")[:: 1 if order == "ln_ext first" else -1]
     code = f"""
-import sys
+import importlib.util, sys
 {first}
 print("dtensor imported:", "torch.distributed.tensor" in sys.modules)
+importlib.util.find_spec("torch.distributed.tensor")  # a probe that imports nothing changes nothing
 {second}
 import torch
 from torch.distributed.tensor import DTensor
