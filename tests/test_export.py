@@ -130,8 +130,9 @@ def test_loading_without_ln_ext_fails_clearly(aoti_package, exported, model, tmp
     assert "failed to resolve torch.ops.ln_ext.layer_norm_fwd.default" in done.stderr
     assert "Please import the custom op" in done.stderr
     aoti_y, export_y = torch.load(tmp_path / "y.pt")
+    # Another process: its GEMMs may split the work over other threads, so not bitwise.
     torch.testing.assert_close(aoti_y, model(x), **TOL)
-    assert torch.equal(export_y, model(x))
+    torch.testing.assert_close(export_y, model(x), **TOL)
 
 
 CPP_MAIN = r"""
