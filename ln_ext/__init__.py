@@ -1,4 +1,5 @@
 """ln_ext: Layer Normalization (Ba, Kiros & Hinton, 2016) as fused C++/CUDA PyTorch ops."""
+from . import distributed as _distributed  # noqa: F401  (registers the DTensor sharding rules)
 from .modules import LayerNorm, convert_layer_norm
 from .ops import has_cuda_kernels, layer_norm
 from .rnn import (
