@@ -1,65 +1,142 @@
-// Shared by the CPU and CUDA launchers of the LayerNorm ops: argument checks,
-// output allocation and the kernel entry points each device provides.
+// Shared by the CPU and CUDA launchers of the norm family (LayerNorm, RMSNorm, and each
+// fused with a residual add): argument checks, output allocation, the op functions a
+// device registers, and the kernel entry points each device provides.
 //
-// Shapes: x is viewed as [M, N] with N = prod(normalized_shape) and M the
-// product of the leading dims; mean/rstd: [M] (stored with x.shape[:-k]).
+// Shapes: x is viewed as [M, N] with N = prod(normalized_shape) and M the product of
+// the leading dims; mean/rstd: [M] (stored with x.shape[:-k]). An add + norm normalizes
+// h = x + residual: [M, N] in the residual stream's dtype (x's, or float32 beside a
+// 16-bit x), which it also returns.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
 namespace ln_ext {
 
-// Contiguous operands of one forward call; weight/bias may be undefined.
-struct LayerNormFwdArgs {
-  at::Tensor x, weight, bias;  // x: [M, N], weight/bias: [N]
-  at::Tensor y, mean, rstd;    // y: [M, N] (out dtype), mean/rstd: [M]
-  int64_t rows, cols;
-  double eps;
+// Contiguous operands of one forward call; undefined: absent.
+struct NormFwdArgs {
+  at::Tensor x, residual, weight, bias;  // x, residual: [M, N], weight/bias: [N]
+  at::Tensor y, h, mean, rstd;           // y, h: [M, N], mean/rstd: [M]; h only with a residual
+  int64_t rows = 0, cols = 0;
+  double eps = 0;
+  bool centered = true;  // LayerNorm; false: RMSNorm (no mean, no bias)
 };
 
 // Contiguous operands of one backward call; an output not asked for is undefined.
-struct LayerNormBwdArgs {
-  at::Tensor dy, x, mean, rstd, weight;  // dy, x: [M, N]
-  at::Tensor dx, dweight, dbias;         // dx: [M, N], dweight/dbias: [N]
-  int64_t rows, cols;
+struct NormBwdArgs {
+  at::Tensor dy, x, mean, rstd, weight, dh;  // dy, x, dh: [M, N]; x is the norm's input
+  at::Tensor dx, dweight, dbias;              // dx: [M, N] (+ dh), dweight/dbias: [N]
+  int64_t rows = 0, cols = 0;
+  bool centered = true;
 };
 
-using LayerNormFwdKernel = void (*)(const LayerNormFwdArgs&);
-using LayerNormBwdKernel = void (*)(const LayerNormBwdArgs&);
+using NormFwdKernel = void (*)(const NormFwdArgs&);
+using NormBwdKernel = void (*)(const NormBwdArgs&);
 
-// Device-independent op bodies: check the arguments, make them contiguous,
-// allocate the outputs and hand the rows to `kernel` (skipped when empty).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_impl(
-    const at::Tensor& x, at::IntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    double eps, std::optional<at::ScalarType> out_dtype, LayerNormFwdKernel kernel);
+// Device-independent op bodies: check the arguments (errors name `op`, e.g.
+// "ln_ext.rms_norm"), make them contiguous, allocate the outputs and hand the rows to
+// `kernel` (skipped when empty).
+NormFwdArgs norm_fwd_impl(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                          at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, double eps,
+                          std::optional<at::ScalarType> out_dtype, std::optional<at::ScalarType> residual_dtype,
+                          bool centered, NormFwdKernel kernel);
+std::array<at::Tensor, 3> norm_bwd_impl(const char* op, const at::Tensor& dy, const at::Tensor& x,
+                                        const std::optional<at::Tensor>& mean, const at::Tensor& rstd,
+                                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                        std::array<bool, 3> output_mask, const std::optional<at::Tensor>& grad_h,
+                                        bool centered, NormBwdKernel kernel);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_impl(
-    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
-    const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, std::array<bool, 3> output_mask,
-    LayerNormBwdKernel kernel);
+using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using OptTensor = std::optional<at::Tensor>;
+using OptDtype = std::optional<at::ScalarType>;
+
+// The op functions a device registers (register_norm_ops): the bodies above bound to
+// that device's kernels. Schemas in csrc/registration.cpp.
+template <NormFwdKernel K>
+Tensor3 layer_norm_fwd_op(const at::Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                          const OptTensor& bias, double eps, OptDtype out_dtype) {
+  auto a = norm_fwd_impl("ln_ext.layer_norm", x, std::nullopt, normalized_shape, weight, bias, eps, out_dtype,
+                         std::nullopt, true, K);
+  return {a.y, a.mean, a.rstd};
+}
+template <NormFwdKernel K>
+Tensor2 rms_norm_fwd_op(const at::Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, double eps,
+                        OptDtype out_dtype) {
+  auto a = norm_fwd_impl("ln_ext.rms_norm", x, std::nullopt, normalized_shape, weight, std::nullopt, eps, out_dtype,
+                         std::nullopt, false, K);
+  return {a.y, a.rstd};
+}
+template <NormFwdKernel K>
+Tensor4 add_layer_norm_fwd_op(const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
+                              const OptTensor& weight, const OptTensor& bias, double eps, OptDtype residual_dtype,
+                              OptDtype out_dtype) {
+  auto a = norm_fwd_impl("ln_ext.add_layer_norm", x, residual, normalized_shape, weight, bias, eps, out_dtype,
+                         residual_dtype, true, K);
+  return {a.y, a.h, a.mean, a.rstd};
+}
+template <NormFwdKernel K>
+Tensor3 add_rms_norm_fwd_op(const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
+                            const OptTensor& weight, double eps, OptDtype residual_dtype, OptDtype out_dtype) {
+  auto a = norm_fwd_impl("ln_ext.add_rms_norm", x, residual, normalized_shape, weight, std::nullopt, eps, out_dtype,
+                         residual_dtype, false, K);
+  return {a.y, a.h, a.rstd};
+}
+template <NormBwdKernel K>
+Tensor3 layer_norm_bwd_op(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                          const OptTensor& weight, const OptTensor& bias, std::array<bool, 3> output_mask,
+                          const OptTensor& grad_h) {
+  auto g = norm_bwd_impl("ln_ext.layer_norm", dy, x, mean, rstd, weight, bias, output_mask, grad_h, true, K);
+  return {g[0], g[1], g[2]};
+}
+template <NormBwdKernel K>
+Tensor2 rms_norm_bwd_op(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd, const OptTensor& weight,
+                        std::array<bool, 2> output_mask, const OptTensor& grad_h) {
+  auto g = norm_bwd_impl("ln_ext.rms_norm", dy, x, std::nullopt, rstd, weight, std::nullopt,
+                         {output_mask[0], output_mask[1], false}, grad_h, false, K);
+  return {g[0], g[1]};
+}
+
+// Registers every op of the norm family for one device key.
+template <NormFwdKernel Fwd, NormBwdKernel Bwd>
+void register_norm_ops(torch::Library& m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd_op<Fwd>);
+  m.impl("layer_norm_bwd", &layer_norm_bwd_op<Bwd>);
+  m.impl("rms_norm_fwd", &rms_norm_fwd_op<Fwd>);
+  m.impl("rms_norm_bwd", &rms_norm_bwd_op<Bwd>);
+  m.impl("add_layer_norm_fwd", &add_layer_norm_fwd_op<Fwd>);
+  m.impl("add_rms_norm_fwd", &add_rms_norm_fwd_op<Fwd>);
+}
 
 // The ops through the dispatcher (autograd, autocast, device and fake kernels
-// included), for C++ callers: the autograd backward and the Python fast path.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_layer_norm_fwd(
-    const at::Tensor& x, at::IntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    double eps, std::optional<at::ScalarType> out_dtype);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_layer_norm_bwd(
-    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
-    const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, std::array<bool, 3> output_mask);
+// included), for C++ callers: the autograd backward and the Python fast paths.
+Tensor3 call_layer_norm_fwd(const at::Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                            const OptTensor& bias, double eps, OptDtype out_dtype);
+Tensor3 call_layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                            const OptTensor& weight, const OptTensor& bias, std::array<bool, 3> output_mask,
+                            const OptTensor& grad_h);
+Tensor2 call_rms_norm_fwd(const at::Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, double eps,
+                          OptDtype out_dtype);
+Tensor2 call_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd, const OptTensor& weight,
+                          std::array<bool, 2> output_mask, const OptTensor& grad_h);
+Tensor4 call_add_layer_norm_fwd(const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
+                                const OptTensor& weight, const OptTensor& bias, double eps, OptDtype residual_dtype,
+                                OptDtype out_dtype);
+Tensor3 call_add_rms_norm_fwd(const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
+                              const OptTensor& weight, double eps, OptDtype residual_dtype, OptDtype out_dtype);
 
 // Kernel entry points.
-void layer_norm_fwd_cpu_kernel(const LayerNormFwdArgs& args);
-void layer_norm_bwd_cpu_kernel(const LayerNormBwdArgs& args);
+void norm_fwd_cpu_kernel(const NormFwdArgs& args);
+void norm_bwd_cpu_kernel(const NormBwdArgs& args);
 #ifdef LN_EXT_WITH_CUDA
-void layer_norm_fwd_cuda_kernel(const LayerNormFwdArgs& args);
-void layer_norm_bwd_cuda_kernel(const LayerNormBwdArgs& args);
+void norm_fwd_cuda_kernel(const NormFwdArgs& args);
+void norm_bwd_cuda_kernel(const NormBwdArgs& args);
 #endif
 
 }  // namespace ln_ext

@@ -1,9 +1,5 @@
-// Autograd of layer_norm_fwd, registered in C++ at the Autograd key: a Python
-// autograd wrapper costs more per call than a small LayerNorm itself takes.
-//
-// First derivatives call the layer_norm_bwd op (the fused kernels). With
-// create_graph=True the backward is written with differentiable ATen ops instead,
-// so second derivatives (as nn.LayerNorm supports) come from autograd.
+// Autograd of the norm family's forward ops, registered in C++ at the Autograd key: a
+// Python autograd wrapper costs more per call than a small LayerNorm itself takes.
 #include "layer_norm.h"
 
 #include <ATen/ATen.h>
@@ -21,81 +17,160 @@ std::optional<Tensor> defined_or_none(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
 }
 
-// (dx, dweight, dbias) in differentiable ATen ops, computed in float32 or better.
-// x: [..., normalized dims]; the last `k` dims are normalized.
-std::array<Tensor, 3> composite_grads(const Tensor& dy, const Tensor& x, const Tensor& weight,
-                                      int64_t k, double eps) {
+// (dx, dweight, dbias) of the norm of x in differentiable ATen ops, computed in float32
+// or better. x: [..., normalized dims]; the last `k` dims are normalized. centered:
+// LayerNorm; else RMSNorm (no mean; dbias is not used).
+std::array<Tensor, 3> composite_grads(const Tensor& dy, const Tensor& x, const Tensor& weight, int64_t k,
+                                      double eps, bool centered) {
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Tensor xa = x.to(acc), dya = dy.to(acc);
   std::vector<int64_t> dims, row_dims;
   for (int64_t d = 0; d < x.dim(); ++d) (d < x.dim() - k ? row_dims : dims).push_back(d);
-  const Tensor centered = xa - xa.mean(dims, /*keepdim=*/true);
-  const Tensor rstd = (centered.square().mean(dims, true) + eps).rsqrt();
-  const Tensor xhat = centered * rstd;
+  const Tensor centered_x = centered ? xa - xa.mean(dims, /*keepdim=*/true) : xa;
+  const Tensor rstd = (centered_x.square().mean(dims, true) + eps).rsqrt();
+  const Tensor xhat = centered_x * rstd;
   const Tensor g = weight.defined() ? dya * weight.to(acc) : dya;
-  const Tensor dx = rstd * (g - g.mean(dims, true) - xhat * (g * xhat).mean(dims, true));
+  const Tensor g_c = centered ? g - g.mean(dims, true) : g;
+  const Tensor dx = rstd * (g_c - xhat * (g * xhat).mean(dims, true));
   // sum over no dims must stay a no-op (at::sum with an empty list sums everything).
   const auto row_sum = [&](const Tensor& t) { return row_dims.empty() ? t : t.sum(row_dims); };
   return {dx, row_sum(dya * xhat), row_sum(dya)};
 }
 
-class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
+// A tensor in a dtype the backward kernels take beside their input `x`: as it is, or
+// float32 (a 16-bit dy or parameter beside the float32 h of an add + norm whose x was
+// 16-bit: the kernels' chunk grid has no narrower element than its input's).
+Tensor for_kernel(const Tensor& t, const Tensor& x) {
+  if (!t.defined() || t.scalar_type() == x.scalar_type()) return t;
+  const bool t_reduced = t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+  return (t_reduced && x.scalar_type() == at::kFloat) ? t.to(at::kFloat) : t;
+}
+
+// Autograd of every forward op of the norm family: LayerNorm or RMSNorm (centered) of x,
+// or of h = x + residual (residual given), returning y, h (add + norm), mean (LayerNorm)
+// and rstd, in that order: only the outputs the op has (autograd takes no undefined ones). First derivatives call the backward ops (the fused
+// kernels); with create_graph=True the backward is written with differentiable ATen ops,
+// so second derivatives (as nn.LayerNorm supports) come from autograd.
+class NormFunction : public torch::autograd::Function<NormFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& x,
-                               at::IntArrayRef normalized_shape,
-                               const std::optional<Tensor>& weight,
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& residual_opt,
+                               at::IntArrayRef normalized_shape, const std::optional<Tensor>& weight,
                                const std::optional<Tensor>& bias, double eps,
-                               std::optional<at::ScalarType> out_dtype) {
+                               std::optional<at::ScalarType> residual_dtype,
+                               std::optional<at::ScalarType> out_dtype, bool centered) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     // mean/rstd never get gradients: don't have autograd build zero tensors for them.
     ctx->set_materialize_grads(false);
-    auto [y, mean, rstd] = call_layer_norm_fwd(x, normalized_shape, weight, bias, eps, out_dtype);
+    Tensor y, h, mean, rstd;
+    const Tensor residual = residual_opt.value_or(Tensor());
+    const bool add = residual.defined();
+    if (add && centered) {
+      std::tie(y, h, mean, rstd) = call_add_layer_norm_fwd(x, residual, normalized_shape, weight, bias, eps,
+                                                           residual_dtype, out_dtype);
+    } else if (add) {
+      std::tie(y, h, rstd) = call_add_rms_norm_fwd(x, residual, normalized_shape, weight, eps, residual_dtype,
+                                                   out_dtype);
+    } else if (centered) {
+      std::tie(y, mean, rstd) = call_layer_norm_fwd(x, normalized_shape, weight, bias, eps, out_dtype);
+    } else {
+      std::tie(y, rstd) = call_rms_norm_fwd(x, normalized_shape, weight, eps, out_dtype);
+    }
     const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
-    ctx->save_for_backward({x, mean, rstd, w, b});
+    ctx->save_for_backward({add ? h : x, mean, rstd, w, b});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["k"] = static_cast<int64_t>(normalized_shape.size());
+    ctx->saved_data["centered"] = centered;
+    ctx->saved_data["add"] = add;
+    ctx->saved_data["x_dtype"] = x.scalar_type();
+    ctx->saved_data["residual_dtype"] = add ? residual.scalar_type() : x.scalar_type();
     ctx->saved_data["need_x"] = x.requires_grad();
+    ctx->saved_data["need_residual"] = add && residual.requires_grad();
     ctx->saved_data["need_w"] = w.defined() && w.requires_grad();
     ctx->saved_data["need_b"] = b.defined() && b.requires_grad();
-    ctx->mark_non_differentiable({mean, rstd});
-    return {y, mean, rstd};
+    variable_list outputs{y};
+    if (add) outputs.push_back(h);
+    if (centered) outputs.push_back(mean);
+    outputs.push_back(rstd);
+    ctx->mark_non_differentiable(centered ? variable_list{mean, rstd} : variable_list{rstd});
+    return outputs;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &mean = saved[1], &rstd = saved[2], &w = saved[3], &b = saved[4];
+    const Tensor &in = saved[0], &mean = saved[1], &rstd = saved[2], &w = saved[3], &b = saved[4];
     const Tensor& dy = grads[0];
+    const Tensor dh = ctx->saved_data["add"].toBool() ? grads[1] : Tensor();  // the gradient of h
+    const bool centered = ctx->saved_data["centered"].toBool();
     const bool need_x = ctx->saved_data["need_x"].toBool();
+    const bool need_residual = ctx->saved_data["need_residual"].toBool();
     const bool need_w = ctx->saved_data["need_w"].toBool();
     const bool need_b = ctx->saved_data["need_b"].toBool();
-    Tensor dx, dw, db;
+    Tensor d_in, dw, db;  // d_in: the gradient of the norm's input, x or h
     if (dy.defined() && torch::autograd::GradMode::is_enabled()) {  // create_graph=True
-      auto grads3 = composite_grads(dy, x, w, ctx->saved_data["k"].toInt(),
-                                    ctx->saved_data["eps"].toDouble());
-      dx = grads3[0].to(x.scalar_type());
-      if (need_w) dw = grads3[1].to(w.scalar_type());
-      if (need_b) db = grads3[2].to(b.scalar_type());
+      auto g = composite_grads(dy, in, w, ctx->saved_data["k"].toInt(), ctx->saved_data["eps"].toDouble(), centered);
+      d_in = g[0].to(in.scalar_type());
+      if (dh.defined()) d_in = d_in + dh;
+      if (need_w) dw = g[1].to(w.scalar_type());
+      if (need_b) db = g[2].to(b.scalar_type());
     } else if (dy.defined()) {
-      std::tie(dx, dw, db) = call_layer_norm_bwd(dy, x, mean, rstd, defined_or_none(w),
-                                                 defined_or_none(b), {need_x, need_w, need_b});
+      const Tensor dy_k = for_kernel(dy, in), w_k = for_kernel(w, in), b_k = for_kernel(b, in);
+      const bool want_in = need_x || need_residual;
+      if (centered) {
+        std::tie(d_in, dw, db) = call_layer_norm_bwd(dy_k, in, mean, rstd, defined_or_none(w_k), defined_or_none(b_k),
+                                                     {want_in, need_w, need_b}, defined_or_none(dh));
+      } else {
+        std::tie(d_in, dw) = call_rms_norm_bwd(dy_k, in, rstd, defined_or_none(w_k), {want_in, need_w},
+                                               defined_or_none(dh));
+      }
+      if (need_w) dw = dw.to(w.scalar_type());
+      if (need_b) db = db.to(b.scalar_type());
+    } else if (dh.defined()) {  // only h is used downstream: the norm passes nothing back
+      d_in = dh;
     }
-    // One gradient per forward argument: x, normalized_shape, weight, bias, eps, out_dtype.
-    return {need_x ? dx : Tensor(), Tensor(), need_w ? dw : Tensor(),
-            need_b ? db : Tensor(), Tensor(), Tensor()};
+    const auto as = [&](const char* key) {
+      return d_in.defined() ? d_in.to(ctx->saved_data[key].toScalarType()) : Tensor();
+    };
+    // One gradient per forward argument: x, residual, normalized_shape, weight, bias, eps,
+    // residual_dtype, out_dtype, centered.
+    return {need_x ? as("x_dtype") : Tensor(), need_residual ? as("residual_dtype") : Tensor(), Tensor(),
+            need_w ? dw : Tensor(), need_b ? db : Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd_autograd(
-    const Tensor& x, at::IntArrayRef normalized_shape, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias, double eps, std::optional<at::ScalarType> out_dtype) {
-  auto out = LayerNormFunction::apply(x, normalized_shape, weight, bias, eps, out_dtype);
-  return {out[0], out[1], out[2]};
+Tensor3 layer_norm_fwd_autograd(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
+                                const OptTensor& bias, double eps, OptDtype out_dtype) {
+  auto o = NormFunction::apply(x, std::nullopt, normalized_shape, weight, bias, eps, std::nullopt, out_dtype, true);
+  return {o[0], o[1], o[2]};
+}
+
+Tensor2 rms_norm_fwd_autograd(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, double eps,
+                              OptDtype out_dtype) {
+  auto o = NormFunction::apply(x, std::nullopt, normalized_shape, weight, std::nullopt, eps, std::nullopt,
+                               out_dtype, false);
+  return {o[0], o[1]};
+}
+
+Tensor4 add_layer_norm_fwd_autograd(const Tensor& x, const Tensor& residual, at::IntArrayRef normalized_shape,
+                                    const OptTensor& weight, const OptTensor& bias, double eps, OptDtype residual_dtype,
+                                    OptDtype out_dtype) {
+  auto o = NormFunction::apply(x, residual, normalized_shape, weight, bias, eps, residual_dtype, out_dtype, true);
+  return {o[0], o[1], o[2], o[3]};
+}
+
+Tensor3 add_rms_norm_fwd_autograd(const Tensor& x, const Tensor& residual, at::IntArrayRef normalized_shape,
+                                  const OptTensor& weight, double eps, OptDtype residual_dtype, OptDtype out_dtype) {
+  auto o = NormFunction::apply(x, residual, normalized_shape, weight, std::nullopt, eps, residual_dtype, out_dtype,
+                               false);
+  return {o[0], o[1], o[2]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ln_ext, Autograd, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_autograd);
+  m.impl("rms_norm_fwd", &rms_norm_fwd_autograd);
+  m.impl("add_layer_norm_fwd", &add_layer_norm_fwd_autograd);
+  m.impl("add_rms_norm_fwd", &add_rms_norm_fwd_autograd);
 }
 
 }  // namespace ln_ext

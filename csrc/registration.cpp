@@ -9,6 +9,7 @@
 #endif
 
 TORCH_LIBRARY(ln_ext, m) {
+  // ---- the norm family (csrc/layer_norm.h) ----
   // LayerNorm over the trailing dims named by normalized_shape (DESIGN §2).
   // mean/rstd: x.shape[:-len(normalized_shape)], float32 (float64 for double x).
   // out_dtype: y's dtype; float32 is accepted for float16/bfloat16 x (autocast).
@@ -16,10 +17,35 @@ TORCH_LIBRARY(ln_ext, m) {
       "layer_norm_fwd(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, "
       "float eps, ScalarType? out_dtype=None) -> (Tensor y, Tensor mean, Tensor rstd)");
   // Gradients of layer_norm_fwd. Outputs not asked for in output_mask, or whose
-  // parameter is None, come back as empty [0] tensors.
+  // parameter is None, come back as empty [0] tensors. grad_h (x's shape and dtype):
+  // a gradient of the norm's input from elsewhere, added to dx (add + norm, where x is
+  // h = x + residual, which the forward also returned).
   m.def(
       "layer_norm_bwd(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
-      "Tensor? bias, bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+      "Tensor? bias, bool[3] output_mask, Tensor? grad_h=None) -> (Tensor dx, Tensor dweight, "
+      "Tensor dbias)");
+
+  // RMSNorm over the trailing dims: y = x * rstd * weight, rstd = 1 / sqrt(mean(x^2) + eps)
+  // (no mean, no bias); rstd as layer_norm_fwd's. Same kernels, not centered.
+  m.def(
+      "rms_norm_fwd(Tensor x, int[] normalized_shape, Tensor? weight, float eps, "
+      "ScalarType? out_dtype=None) -> (Tensor y, Tensor rstd)");
+  m.def(
+      "rms_norm_bwd(Tensor dy, Tensor x, Tensor rstd, Tensor? weight, bool[2] output_mask, "
+      "Tensor? grad_h=None) -> (Tensor dx, Tensor dweight)");
+
+  // Add + norm in one pass: h = x + residual in the residual stream's dtype (residual_dtype,
+  // default the residual's: x's or, beside a 16-bit x, float32), y = norm(h) in x's dtype
+  // (or out_dtype, as above). The backward is the norm's, on h, with the gradient of h
+  // from outside as grad_h.
+  m.def(
+      "add_layer_norm_fwd(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight, "
+      "Tensor? bias, float eps, ScalarType? residual_dtype=None, ScalarType? out_dtype=None) "
+      "-> (Tensor y, Tensor h, Tensor mean, Tensor rstd)");
+  m.def(
+      "add_rms_norm_fwd(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight, "
+      "float eps, ScalarType? residual_dtype=None, ScalarType? out_dtype=None) "
+      "-> (Tensor y, Tensor h, Tensor rstd)");
 
   // ---- LN-RNN cells (issue 4; csrc/rnn.h has the equations and shapes) ----
   // One fused element-wise step each: everything but the W_h h GEMM. B = batch,
@@ -66,15 +92,40 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Whether this build of ln_ext holds the CUDA kernels.");
   // torch.ops.ln_ext.layer_norm_fwd, minus the Python op-call overhead (~3 us a call,
   // as much as a small LayerNorm's kernel): the same dispatcher call, made from C++.
+  using ln_ext::OptDtype;
+  using ln_ext::OptTensor;
   module.def(
       "layer_norm",
-      [](const at::Tensor& x, std::vector<int64_t> normalized_shape,
-         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-         double eps, std::optional<at::ScalarType> out_dtype) {
-        return std::get<0>(
-            ln_ext::call_layer_norm_fwd(x, normalized_shape, weight, bias, eps, out_dtype));
+      [](const at::Tensor& x, std::vector<int64_t> normalized_shape, const OptTensor& weight,
+         const OptTensor& bias, double eps, OptDtype out_dtype) {
+        return std::get<0>(ln_ext::call_layer_norm_fwd(x, normalized_shape, weight, bias, eps, out_dtype));
       },
       "y of torch.ops.ln_ext.layer_norm_fwd (eager fast path of ln_ext.layer_norm)");
+  module.def(
+      "rms_norm",
+      [](const at::Tensor& x, std::vector<int64_t> normalized_shape, const OptTensor& weight, double eps,
+         OptDtype out_dtype) {
+        return std::get<0>(ln_ext::call_rms_norm_fwd(x, normalized_shape, weight, eps, out_dtype));
+      },
+      "y of torch.ops.ln_ext.rms_norm_fwd (eager fast path of ln_ext.rms_norm)");
+  module.def(
+      "add_layer_norm",
+      [](const at::Tensor& x, const at::Tensor& residual, std::vector<int64_t> normalized_shape,
+         const OptTensor& weight, const OptTensor& bias, double eps, OptDtype residual_dtype, OptDtype out_dtype) {
+        auto [y, h, mean, rstd] = ln_ext::call_add_layer_norm_fwd(x, residual, normalized_shape, weight, bias, eps,
+                                                                  residual_dtype, out_dtype);
+        return std::make_tuple(y, h);
+      },
+      "(y, h) of torch.ops.ln_ext.add_layer_norm_fwd (eager fast path of ln_ext.add_layer_norm)");
+  module.def(
+      "add_rms_norm",
+      [](const at::Tensor& x, const at::Tensor& residual, std::vector<int64_t> normalized_shape,
+         const OptTensor& weight, double eps, OptDtype residual_dtype, OptDtype out_dtype) {
+        auto [y, h, rstd] =
+            ln_ext::call_add_rms_norm_fwd(x, residual, normalized_shape, weight, eps, residual_dtype, out_dtype);
+        return std::make_tuple(y, h);
+      },
+      "(y, h) of torch.ops.ln_ext.add_rms_norm_fwd (eager fast path of ln_ext.add_rms_norm)");
 #ifdef LN_EXT_WITH_CUDA
   // For tests/test_cuda_launch_host.py: the launchers' decision, testable without a GPU.
   module.def("_kernel_has_cluster_code", &ln_ext::cuda_launch::kernel_has_cluster_code,

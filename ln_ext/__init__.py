@@ -1,7 +1,7 @@
 """ln_ext: Layer Normalization (Ba, Kiros & Hinton, 2016) as fused C++/CUDA PyTorch ops."""
 from . import distributed as _distributed  # noqa: F401  (registers the DTensor sharding rules)
-from .modules import LayerNorm, convert_layer_norm
-from .ops import has_cuda_kernels, layer_norm
+from .modules import LayerNorm, RMSNorm, convert_layer_norm
+from .ops import add_layer_norm, add_rms_norm, has_cuda_kernels, layer_norm, rms_norm
 from .rnn import (
     LayerNormGRU,
     LayerNormGRUCell,
@@ -13,9 +13,13 @@ from .rnn import (
 
 __all__ = [
     "LayerNorm",
+    "RMSNorm",
     "convert_layer_norm",
     "has_cuda_kernels",
     "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
     "LayerNormRNN",
     "LayerNormLSTM",
     "LayerNormGRU",

@@ -57,12 +57,25 @@ RULES = {
         row_dims=lambda a: a.x.ndim - len(a.normalized_shape),
     ),
     "layer_norm_bwd": Rule(
-        args=(ROW, ROW, ROW, ROW, PARAM, PARAM),  # dy, x, mean, rstd, weight?, bias?
+        args=(ROW, ROW, ROW, ROW, PARAM, PARAM, ROW),  # dy, x, mean, rstd, weight?, bias?, grad_h?
         outs=(ROW, ROW_SUM, ROW_SUM),  # dx, dweight, dbias
         row_dims=lambda a: a.mean.ndim,
         empty=lambda a: (not a.output_mask[0], not a.output_mask[1] or a.weight is None,
                          not a.output_mask[2] or a.bias is None),
     ),
+    # RMSNorm and add + norm: the same kernels (h and residual are row-shaped like x).
+    "rms_norm_fwd": Rule(args=(ROW, PARAM), outs=(ROW, ROW),  # x, weight? -> y, rstd
+                         row_dims=lambda a: a.x.ndim - len(a.normalized_shape)),
+    "rms_norm_bwd": Rule(
+        args=(ROW, ROW, ROW, PARAM, ROW),  # dy, x, rstd, weight?, grad_h?
+        outs=(ROW, ROW_SUM),  # dx, dweight
+        row_dims=lambda a: a.rstd.ndim,
+        empty=lambda a: (not a.output_mask[0], not a.output_mask[1] or a.weight is None),
+    ),
+    "add_layer_norm_fwd": Rule(args=(ROW, ROW, PARAM, PARAM), outs=(ROW,) * 4,  # -> y, h, mean, rstd
+                               row_dims=lambda a: a.x.ndim - len(a.normalized_shape)),
+    "add_rms_norm_fwd": Rule(args=(ROW, ROW, PARAM), outs=(ROW,) * 3,  # -> y, h, rstd
+                             row_dims=lambda a: a.x.ndim - len(a.normalized_shape)),
     # LN-RNN cells: per-row parameter contributions (*_rows) are ROW results; the
     # modules sum them over the batch with torch ops, which DTensor handles.
     "rnn_cell_fwd": Rule((ROW, ROW, PARAM, PARAM), (ROW, ROW), _BATCH),

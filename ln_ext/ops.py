@@ -1,4 +1,5 @@
-"""Thin Python layer over torch.ops.ln_ext.*: fake kernels and autocast.
+"""Thin Python layer over torch.ops.ln_ext.*: the public functions of the norm family
+(layer_norm, rms_norm, add_layer_norm, add_rms_norm), fake kernels and autocast.
 
 The ops themselves (schemas, CPU and CUDA kernels) are defined in C++ (csrc/).
 """
@@ -37,48 +38,120 @@ def check_same_device(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> N
                          lambda: f"ln_ext.{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
-@torch.library.register_fake("ln_ext::layer_norm_fwd")
-def _layer_norm_fwd_fake(x, normalized_shape, weight, bias, eps, out_dtype=None):
-    check_same_device("layer_norm", "input", x, weight=weight, bias=bias)
+def _stats_shape(op: str, x, normalized_shape):
     k = len(normalized_shape)
     torch._check(
         k >= 1 and tuple(x.shape[x.dim() - k:]) == tuple(normalized_shape),
-        lambda: f"ln_ext.layer_norm: normalized_shape={list(normalized_shape)} must equal "
+        lambda: f"ln_ext.{op}: normalized_shape={list(normalized_shape)} must equal "
         f"the trailing dims of input of shape {list(x.shape)}",
     )
-    y = x.new_empty(x.shape, dtype=out_dtype or x.dtype)
-    mean = x.new_empty(x.shape[: x.dim() - k], dtype=_stats_dtype(x))
-    return y, mean, torch.empty_like(mean)
+    return x.shape[: x.dim() - k]
 
 
-@torch.library.register_fake("ln_ext::layer_norm_bwd")
-def _layer_norm_bwd_fake(dy, x, mean, rstd, weight, bias, output_mask):
-    check_same_device("layer_norm", "input", x, grad_output=dy, mean=mean, rstd=rstd, weight=weight, bias=bias)
-    def none():  # a fresh one per output: outputs of an op must not alias
+def _residual_dtype(x, residual, residual_dtype):
+    """The dtype of h = x + residual (the fake kernels' view of csrc/layer_norm.cpp)."""
+    h_dtype = residual_dtype or residual.dtype
+    torch._check(residual.shape == x.shape,
+                 lambda: f"ln_ext: residual must have the input's shape {list(x.shape)}, got {list(residual.shape)}")
+    return h_dtype
+
+
+@torch.library.register_fake("ln_ext::layer_norm_fwd")
+def _layer_norm_fwd_fake(x, normalized_shape, weight, bias, eps, out_dtype=None):
+    check_same_device("layer_norm", "input", x, weight=weight, bias=bias)
+    mean = x.new_empty(_stats_shape("layer_norm", x, normalized_shape), dtype=_stats_dtype(x))
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), mean, torch.empty_like(mean)
+
+
+@torch.library.register_fake("ln_ext::rms_norm_fwd")
+def _rms_norm_fwd_fake(x, normalized_shape, weight, eps, out_dtype=None):
+    check_same_device("rms_norm", "input", x, weight=weight)
+    rstd = x.new_empty(_stats_shape("rms_norm", x, normalized_shape), dtype=_stats_dtype(x))
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), rstd
+
+
+@torch.library.register_fake("ln_ext::add_layer_norm_fwd")
+def _add_layer_norm_fwd_fake(x, residual, normalized_shape, weight, bias, eps, residual_dtype=None, out_dtype=None):
+    check_same_device("add_layer_norm", "input", x, residual=residual, weight=weight, bias=bias)
+    h = x.new_empty(x.shape, dtype=_residual_dtype(x, residual, residual_dtype))
+    mean = x.new_empty(_stats_shape("add_layer_norm", x, normalized_shape), dtype=_stats_dtype(x))
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), h, mean, torch.empty_like(mean)
+
+
+@torch.library.register_fake("ln_ext::add_rms_norm_fwd")
+def _add_rms_norm_fwd_fake(x, residual, normalized_shape, weight, eps, residual_dtype=None, out_dtype=None):
+    check_same_device("add_rms_norm", "input", x, residual=residual, weight=weight)
+    h = x.new_empty(x.shape, dtype=_residual_dtype(x, residual, residual_dtype))
+    rstd = x.new_empty(_stats_shape("add_rms_norm", x, normalized_shape), dtype=_stats_dtype(x))
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), h, rstd
+
+
+def _bwd_outputs(x, params, output_mask):
+    """dx and one gradient per parameter; outputs not asked for, or without their parameter,
+    are fresh empty [0] tensors (outputs of an op must not alias one another)."""
+    def none():
         return x.new_empty((0,))
 
     dx = x.new_empty(x.shape) if output_mask[0] else none()
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] and weight is not None else none()
-    db = torch.empty_like(bias, memory_format=torch.contiguous_format) if output_mask[2] and bias is not None else none()
-    return dx, dw, db
+    return (dx,) + tuple(torch.empty_like(p, memory_format=torch.contiguous_format) if asked and p is not None
+                         else none() for p, asked in zip(params, output_mask[1:]))
 
 
-# Autograd of layer_norm_fwd is registered in C++ (csrc/layer_norm_autograd.cpp).
+@torch.library.register_fake("ln_ext::layer_norm_bwd")
+def _layer_norm_bwd_fake(dy, x, mean, rstd, weight, bias, output_mask, grad_h=None):
+    check_same_device("layer_norm", "input", x, grad_output=dy, mean=mean, rstd=rstd, weight=weight, bias=bias,
+                      grad_h=grad_h)
+    return _bwd_outputs(x, (weight, bias), output_mask)
 
 
-def _autocast_args(input, weight, bias):
-    """Mirror autocast's float32 policy for layer_norm on CUDA: the result is float32,
-    and reduced-precision parameters are used as float32. The input is read as it is
-    (the kernels upcast on chip), so no float32 copy of it is made. CPU autocast
-    leaves layer_norm alone, and so do we."""
+@torch.library.register_fake("ln_ext::rms_norm_bwd")
+def _rms_norm_bwd_fake(dy, x, rstd, weight, output_mask, grad_h=None):
+    check_same_device("rms_norm", "input", x, grad_output=dy, rstd=rstd, weight=weight, grad_h=grad_h)
+    return _bwd_outputs(x, (weight,), output_mask)
+
+
+# Autograd of the forward ops is registered in C++ (csrc/layer_norm_autograd.cpp).
+
+
+def _autocast_args(input, *params):
+    """Mirror autocast's float32 policy for layer_norm and rms_norm on CUDA: the result is
+    float32, and reduced-precision parameters are used as float32. The input is read as it
+    is (the kernels upcast on chip), so no float32 copy of it is made. CPU autocast leaves
+    both alone, and so do we. Returns (out_dtype, *params)."""
     if not input.is_cuda or not torch.is_autocast_enabled("cuda"):
-        return None, weight, bias
+        return (None, *params)
 
     def up(t):
         return t.float() if t is not None and t.dtype in _REDUCED else t
 
     out_dtype = torch.float32 if input.dtype in _REDUCED else None
-    return out_dtype, up(weight), up(bias)
+    return (out_dtype, *(up(p) for p in params))
+
+
+def _shape(normalized_shape) -> list:
+    return [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+
+
+def _check_cuda_build(input: torch.Tensor, name: str) -> None:
+    if input.is_cuda and not _HAS_CUDA_KERNELS:
+        raise RuntimeError(
+            f"ln_ext.{name}: input is a CUDA tensor but this ln_ext build has no CUDA "
+            "kernels (it was built without nvcc or with a CPU-only torch); reinstall ln_ext "
+            "with CUDA_HOME set"
+        )
+
+
+def _eager(*tensors) -> bool:
+    """Plain tensors outside torch.compile: the same op, called from C++ (saves ~3 us a call)."""
+    return not torch.compiler.is_compiling() and all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+def _rms_eps(eps, input):
+    """eps=None: torch.finfo(input.dtype).eps, as torch's rms_norm (a non-float input is
+    refused by the op itself, naming it)."""
+    if eps is not None:
+        return eps
+    return torch.finfo(input.dtype).eps if input.is_floating_point() else 0.0
 
 
 def layer_norm(
@@ -89,17 +162,69 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """Same signature and results as `torch.nn.functional.layer_norm`."""
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
-    if input.is_cuda and not _HAS_CUDA_KERNELS:
-        raise RuntimeError(
-            "ln_ext.layer_norm: input is a CUDA tensor but this ln_ext build has no CUDA "
-            "kernels (it was built without nvcc or with a CPU-only torch); reinstall ln_ext "
-            "with CUDA_HOME set"
-        )
+    shape = _shape(normalized_shape)
+    _check_cuda_build(input, "layer_norm")
     out_dtype, weight, bias = _autocast_args(input, weight, bias)
-    if type(input) is torch.Tensor and not torch.compiler.is_compiling():
-        # Eager plain tensors: the same op, called from C++ (saves ~3 us a call).
-        return _C.layer_norm(input, normalized_shape, weight, bias, eps, out_dtype)
-    y, _, _ = torch.ops.ln_ext.layer_norm_fwd(input, list(normalized_shape), weight, bias, eps, out_dtype)
-    return y
+    if _eager(input):
+        return _C.layer_norm(input, shape, weight, bias, eps, out_dtype)
+    return torch.ops.ln_ext.layer_norm_fwd(input, shape, weight, bias, eps, out_dtype)[0]
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: Union[int, Sequence[int]],
+    weight: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
+) -> torch.Tensor:
+    """Same signature and results as `torch.nn.functional.rms_norm`: y = x / sqrt(mean(x^2)
+    + eps) * weight over the trailing dims; eps=None is torch.finfo(input.dtype).eps."""
+    shape = _shape(normalized_shape)
+    _check_cuda_build(input, "rms_norm")
+    out_dtype, weight = _autocast_args(input, weight)
+    eps = _rms_eps(eps, input)
+    if _eager(input):
+        return _C.rms_norm(input, shape, weight, eps, out_dtype)
+    return torch.ops.ln_ext.rms_norm_fwd(input, shape, weight, eps, out_dtype)[0]
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: Union[int, Sequence[int]],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    residual_dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x + residual and y = layer_norm(h) in one pass; returns (y, h).
+
+    h is computed and returned in `residual_dtype` (default: the residual's dtype; x's, or
+    float32 beside a 16-bit x: a float32 residual stream); y has x's dtype (float32 under
+    CUDA autocast, as layer_norm). Gradients reach x and residual."""
+    shape = _shape(normalized_shape)
+    _check_cuda_build(x, "add_layer_norm")
+    out_dtype, weight, bias = _autocast_args(x, weight, bias)
+    if _eager(x, residual):
+        return _C.add_layer_norm(x, residual, shape, weight, bias, eps, residual_dtype, out_dtype)
+    y, h, _, _ = torch.ops.ln_ext.add_layer_norm_fwd(x, residual, shape, weight, bias, eps, residual_dtype, out_dtype)
+    return y, h
+
+
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: Union[int, Sequence[int]],
+    weight: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
+    residual_dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x + residual and y = rms_norm(h) in one pass; returns (y, h), dtypes as
+    add_layer_norm (eps=None: torch.finfo(x.dtype).eps, as rms_norm)."""
+    shape = _shape(normalized_shape)
+    _check_cuda_build(x, "add_rms_norm")
+    out_dtype, weight = _autocast_args(x, weight)
+    eps = _rms_eps(eps, x)
+    if _eager(x, residual):
+        return _C.add_rms_norm(x, residual, shape, weight, eps, residual_dtype, out_dtype)
+    y, h, _ = torch.ops.ln_ext.add_rms_norm_fwd(x, residual, shape, weight, eps, residual_dtype, out_dtype)
+    return y, h

@@ -19,11 +19,18 @@ from test_rnn import FWD_OP, MODES, bwd_op_sample, cell_op_inputs
 MESSAGE_NAME = {"x": "input", "dy": "grad_output"}
 
 
-def _layer_norm_calls(device):
+def _norm_calls(device):
+    ops = torch.ops.ln_ext
     s = make_sample("devices", (5, 12), device=device)
-    _, mean, rstd = torch.ops.ln_ext.layer_norm_fwd(*s.op_args())
-    yield torch.ops.ln_ext.layer_norm_fwd.default, list(s.op_args()), "input"
-    yield torch.ops.ln_ext.layer_norm_bwd.default, [s.dy, s.x, mean, rstd, s.weight, s.bias, [True, True, True]], "input"
+    residual = torch.randn_like(s.x)
+    _, mean, rstd = ops.layer_norm_fwd(*s.op_args())
+    yield ops.layer_norm_fwd.default, list(s.op_args()), "input"
+    yield ops.layer_norm_bwd.default, [s.dy, s.x, mean, rstd, s.weight, s.bias, [True, True, True], residual], "input"
+    _, rms_rstd = ops.rms_norm_fwd(s.x, [12], s.weight, 1e-5)
+    yield ops.rms_norm_fwd.default, [s.x, [12], s.weight, 1e-5], "input"
+    yield ops.rms_norm_bwd.default, [s.dy, s.x, rms_rstd, s.weight, [True, True], residual], "input"
+    yield ops.add_layer_norm_fwd.default, [s.x, residual, [12], s.weight, s.bias, 1e-5], "input"
+    yield ops.add_rms_norm_fwd.default, [s.x, residual, [12], s.weight, 1e-5], "input"
 
 
 def _cell_calls(device):
@@ -35,7 +42,7 @@ def _cell_calls(device):
 
 def every_call(device="cpu"):
     """(op, arguments, name of the argument the others must match) for every ln_ext op."""
-    yield from _layer_norm_calls(device)
+    yield from _norm_calls(device)
     yield from _cell_calls(device)
 
 

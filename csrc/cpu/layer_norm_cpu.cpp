@@ -1,5 +1,5 @@
-// LayerNorm on the CPU: the torch side (threads, dtypes, parameters) of the row
-// kernels in row_kernels_impl.h.
+// The norm family on the CPU (LayerNorm, RMSNorm, add + norm): the torch side
+// (threads, dtypes, parameters) of the row kernels in row_kernels_impl.h.
 //
 // Forward: rows split across threads (at::parallel_for); each row's mean and
 // centered sum of squares, then y, all accumulated in acc_t (float32, float64 for
@@ -82,52 +82,65 @@ constexpr int64_t kGrainElements = 32768;
 
 }  // namespace
 
-void layer_norm_fwd_cpu_kernel(const LayerNormFwdArgs& a) {
+void norm_fwd_cpu_kernel(const NormFwdArgs& a) {
   const int64_t N = a.cols;
   const auto acc = acc_type(a.x.scalar_type());
   const at::Tensor w = param_as_acc(a.weight, N, 1.0, a.x, acc);
-  const at::Tensor b = param_as_acc(a.bias, N, 0.0, a.x, acc);
+  const at::Tensor b = a.centered ? param_as_acc(a.bias, N, 0.0, a.x, acc) : at::Tensor();
+  cpu::FwdCall call;
+  call.x_t = elem_of(a.x.scalar_type());
+  call.y_t = elem_of(a.y.scalar_type());
+  call.h_t = a.h.defined() ? elem_of(a.h.scalar_type()) : call.x_t;
+  call.centered = a.centered;
+  call.x = a.x.const_data_ptr();
+  call.residual = a.residual.defined() ? a.residual.const_data_ptr() : nullptr;
+  call.h = a.h.defined() ? a.h.mutable_data_ptr() : nullptr;
+  call.w = w.const_data_ptr();
+  call.b = b.defined() ? b.const_data_ptr() : nullptr;
+  call.y = a.y.mutable_data_ptr();
+  call.mean = a.mean.defined() ? a.mean.mutable_data_ptr() : nullptr;
+  call.rstd = a.rstd.mutable_data_ptr();
+  call.n = N;
+  call.eps = a.eps;
   const auto& k = cpu::row_kernels();
-  const auto x_t = elem_of(a.x.scalar_type()), y_t = elem_of(a.y.scalar_type());
-  const void* x = a.x.const_data_ptr();
-  void* y = a.y.mutable_data_ptr();
-  void* mean = a.mean.mutable_data_ptr();
-  void* rstd = a.rstd.mutable_data_ptr();
   const int64_t grain = std::max<int64_t>(1, kGrainElements / N);
-  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
-    k.fwd(x_t, y_t, x, w.const_data_ptr(), b.const_data_ptr(), y, mean, rstd, begin, end, N, a.eps);
-  });
+  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) { k.fwd(call, begin, end); });
 }
 
-void layer_norm_bwd_cpu_kernel(const LayerNormBwdArgs& a) {
+void norm_bwd_cpu_kernel(const NormBwdArgs& a) {
   const int64_t M = a.rows, N = a.cols;
   const auto acc = acc_type(a.x.scalar_type());
   const at::Tensor w = param_as_acc(a.weight, N, 1.0, a.x, acc);
   const auto& k = cpu::row_kernels();
-  const auto x_t = elem_of(a.x.scalar_type()), dy_t = elem_of(a.dy.scalar_type());
-  const void* x = a.x.const_data_ptr();
-  const void* dy = a.dy.const_data_ptr();
-  const void* mean = a.mean.const_data_ptr();
-  const void* rstd = a.rstd.const_data_ptr();
-  void* dx = a.dx.defined() ? a.dx.mutable_data_ptr() : nullptr;
+  cpu::BwdCall call;
+  call.x_t = elem_of(a.x.scalar_type());
+  call.dy_t = elem_of(a.dy.scalar_type());
+  call.centered = a.centered;
+  call.x = a.x.const_data_ptr();
+  call.dy = a.dy.const_data_ptr();
+  call.dh = a.dh.defined() ? a.dh.const_data_ptr() : nullptr;
+  call.w = w.const_data_ptr();
+  call.mean = a.mean.defined() ? a.mean.const_data_ptr() : nullptr;
+  call.rstd = a.rstd.const_data_ptr();
+  call.dx = a.dx.defined() ? a.dx.mutable_data_ptr() : nullptr;
+  call.n = N;
   const bool want_params = a.dweight.defined() || a.dbias.defined();
   if (!want_params) {
     const int64_t grain = std::max<int64_t>(1, kGrainElements / N);
-    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-      k.bwd(x_t, dy_t, x, dy, w.const_data_ptr(), mean, rstd, dx, nullptr, nullptr, begin, end, N);
-    });
+    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) { k.bwd(call, nullptr, nullptr, begin, end); });
     return;
   }
   const int64_t blocks = bwd_blocks(M, N, a.x.element_size());
-  if (blocks == 1 && a.dweight.defined() && a.dbias.defined() &&
-      a.dweight.scalar_type() == acc && a.dbias.scalar_type() == acc) {
+  const bool sums_are_outputs = a.dweight.defined() && a.dweight.scalar_type() == acc &&
+                                (a.centered ? a.dbias.defined() && a.dbias.scalar_type() == acc : true);
+  if (blocks == 1 && sums_are_outputs) {
     // One block, parameters in acc_t: its sums are the gradients (few rows: no partials).
     const size_t bytes = N * a.dweight.element_size();
     void* dw_out = a.dweight.mutable_data_ptr();
-    void* db_out = a.dbias.mutable_data_ptr();
+    void* db_out = a.centered ? a.dbias.mutable_data_ptr() : nullptr;  // RMSNorm: no bias
     std::memset(dw_out, 0, bytes);
-    std::memset(db_out, 0, bytes);
-    k.bwd(x_t, dy_t, x, dy, w.const_data_ptr(), mean, rstd, dx, dw_out, db_out, 0, M, N);
+    if (db_out != nullptr) std::memset(db_out, 0, bytes);
+    k.bwd(call, dw_out, db_out, 0, M);
     return;
   }
   // partial[blk]: dweight partial sums [N], then dbias partial sums [N].
@@ -138,8 +151,7 @@ void layer_norm_bwd_cpu_kernel(const LayerNormBwdArgs& a) {
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       char* dw_part = part + blk * 2 * N * elem_size;
       char* db_part = dw_part + N * elem_size;
-      k.bwd(x_t, dy_t, x, dy, w.const_data_ptr(), mean, rstd, dx, dw_part, db_part,
-            blk * M / blocks, (blk + 1) * M / blocks, N);
+      k.bwd(call, dw_part, db_part, blk * M / blocks, (blk + 1) * M / blocks);
     }
   });
   // Sum the block partials in block order (a reduction over dim 0 of a contiguous
@@ -147,7 +159,7 @@ void layer_norm_bwd_cpu_kernel(const LayerNormBwdArgs& a) {
   at::Tensor sums = partial[0];  // one block: its partial is the sum
   if (blocks > 1) {
     sums = at::empty({2, N}, partial.options());
-    AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "layer_norm_bwd_cpu_partials", [&] {
+    AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "norm_bwd_cpu_partials", [&] {
       const scalar_t* p = partial.const_data_ptr<scalar_t>();
       scalar_t* out = sums.mutable_data_ptr<scalar_t>();
       const int64_t grain = std::max<int64_t>(1, kGrainElements / blocks);
@@ -165,29 +177,6 @@ void layer_norm_bwd_cpu_kernel(const LayerNormBwdArgs& a) {
   if (a.dbias.defined()) a.dbias.copy_(sums[1].view(a.dbias.sizes()));
 }
 
-namespace {
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
-    const at::Tensor& x, at::IntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    double eps, std::optional<at::ScalarType> out_dtype) {
-  return layer_norm_fwd_impl(x, normalized_shape, weight, bias, eps, out_dtype,
-                             layer_norm_fwd_cpu_kernel);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
-    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
-    const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, std::array<bool, 3> output_mask) {
-  return layer_norm_bwd_impl(dy, x, mean, rstd, weight, bias, output_mask,
-                             layer_norm_bwd_cpu_kernel);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ln_ext, CPU, m) {
-  m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
-  m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
-}
+TORCH_LIBRARY_IMPL(ln_ext, CPU, m) { register_norm_ops<norm_fwd_cpu_kernel, norm_bwd_cpu_kernel>(m); }
 
 }  // namespace ln_ext

@@ -6,7 +6,7 @@
 // build (the compiler's baseline ISA). The kernels include no torch header, so the
 // AVX2 build cannot leak AVX2 copies of shared inline functions into the generic path.
 //
-// Shapes: x, y, dy, dx: [rows, n] row-major (rows [begin, end) of them);
+// Shapes: x, residual, h, y, dy, dh, dx: [rows, n] row-major (rows [begin, end) of them);
 // w, b, dw_part, db_part: [n]; mean, rstd: [rows]. acc_t, the type of w, b, mean,
 // rstd and the partials, is double for f64 input and float otherwise.
 #pragma once
@@ -17,16 +17,46 @@ namespace ln_ext::cpu {
 
 enum class Elem : int { f32, f64, f16, bf16 };
 
+// One forward call of the norm family: LayerNorm (centered) or RMSNorm, of x or, with a
+// residual, of h = x + residual (add + norm), which is written out.
+struct FwdCall {
+  Elem x_t, y_t, h_t;      // h_t: residual and h (x's dtype, or float32 for a 16-bit x)
+  bool centered;           // LayerNorm: mean and bias; false: RMSNorm (no mean, no bias)
+  const void* x;           // [rows, n]
+  const void* residual;    // [rows, n] of h_t, or null: no add
+  void* h;                 // [rows, n] of h_t: x + residual (with a residual)
+  const void* w;           // acc_t [n] (ones when absent)
+  const void* b;           // acc_t [n] (zeros when absent); unused by RMSNorm
+  void* y;                 // [rows, n] of y_t
+  void* mean;              // acc_t [rows]; unused by RMSNorm
+  void* rstd;              // acc_t [rows]
+  int64_t n;
+  double eps;
+};
+
+// One backward call: the gradient of the norm's input (x, or h of add + norm).
+struct BwdCall {
+  Elem x_t, dy_t;
+  bool centered;
+  const void* x;           // [rows, n]: the norm's input
+  const void* dy;          // [rows, n]
+  const void* dh;          // [rows, n] of x_t, or null: a gradient of h added to dx
+  const void* w;           // acc_t [n] (ones when absent)
+  const void* mean;        // acc_t [rows]; unused by RMSNorm
+  const void* rstd;        // acc_t [rows]
+  void* dx;                // [rows, n] of x_t, or null: not asked for
+  int64_t n;
+};
+
 struct RowKernels {
   const char* isa;
-  // y = (x - mean) * rstd * w + b per row; mean and centered variance in two passes.
-  void (*fwd)(Elem x_t, Elem y_t, const void* x, const void* w, const void* b, void* y,
-              void* mean, void* rstd, int64_t begin, int64_t end, int64_t n, double eps);
-  // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w, when dx is not null;
-  // dw_part += sum over the rows of dy * xhat and db_part += sum of dy, when not null.
-  void (*bwd)(Elem x_t, Elem dy_t, const void* x, const void* dy, const void* w,
-              const void* mean, const void* rstd, void* dx, void* dw_part, void* db_part,
-              int64_t begin, int64_t end, int64_t n);
+  // Rows [begin, end) of y = xhat * w + b (LayerNorm; RMSNorm: xhat * w), statistics in
+  // two passes (the corrected two-pass algorithm) or one (RMSNorm's sum of squares).
+  void (*fwd)(const FwdCall& call, int64_t begin, int64_t end);
+  // Rows [begin, end): dx = rstd / n * (n g - sum(g) - xhat sum(g * xhat)) (+ dh), g = dy *
+  // w, when dx is not null; dw_part += sum over the rows of dy * xhat and db_part += sum
+  // of dy (LayerNorm), when dw_part is not null.
+  void (*bwd)(const BwdCall& call, void* dw_part, void* db_part, int64_t begin, int64_t end);
 };
 
 RowKernels row_kernels_generic();

@@ -224,23 +224,86 @@ inline RowMoments<acc_t> row_moments(const T* __restrict x, int64_t n) {
   return {shift, residual, std::max(dev[1] - dev[0] * residual, acc_t(0))};
 }
 
-template <typename T, typename Y, typename acc_t>
-void fwd_rows(const T* x, const acc_t* __restrict w, const acc_t* __restrict b, Y* y,
-              acc_t* mean, acc_t* rstd, int64_t begin, int64_t end, int64_t n, acc_t eps) {
+// Sum of squares of a row (RMSNorm's statistic), one pass.
+template <typename T, typename acc_t>
+inline acc_t row_sum_squares(const T* __restrict x, int64_t n) {
+  using V = typename Vec<acc_t>::type;
+  acc_t sq[1];
+  row_sums<1, acc_t>(
+      n, [x](int64_t i, V (&s)[1]) { const V v = vload(x + i); s[0] += v * v; },
+      [x](int64_t i, acc_t (&t)[1]) { const acc_t v = to_acc(x[i]); t[0] += v * v; }, sq);
+  return sq[0];
+}
+
+// One row of the forward: y = xhat * w + b (LayerNorm, kCentered) or y = xhat * w
+// (RMSNorm: xhat = x * rstd, no mean, no bias); mean (LayerNorm only) and rstd stored.
+template <typename T, typename Y, typename acc_t, bool kCentered>
+inline void norm_row(const T* __restrict xr, const acc_t* __restrict w, const acc_t* __restrict b,
+                     Y* __restrict yr, acc_t* mean, acc_t* rstd, int64_t n, acc_t eps) {
   constexpr int W = Vec<acc_t>::width;
   const int64_t body = n - n % W;
-  for (int64_t r = begin; r < end; ++r) {
-    const T* __restrict xr = x + r * n;
-    Y* __restrict yr = y + r * n;
+  acc_t k = 0, c = 0, m2;
+  if constexpr (kCentered) {
     const RowMoments<acc_t> m = row_moments<T, acc_t>(xr, n);
-    const acc_t k = m.shift, c = m.residual;
-    const acc_t rs = acc_t(1) / std::sqrt(m.m2 / static_cast<acc_t>(n) + eps);
-    for (int64_t i = 0; i < body; i += W) {
+    k = m.shift;
+    c = m.residual;
+    m2 = m.m2;
+    *mean = m.mean();
+  } else {
+    m2 = row_sum_squares<T, acc_t>(xr, n);
+  }
+  const acc_t rs = acc_t(1) / std::sqrt(m2 / static_cast<acc_t>(n) + eps);
+  *rstd = rs;
+  for (int64_t i = 0; i < body; i += W) {
+    if constexpr (kCentered) {
       vstore(yr + i, ((vload(xr + i) - k) - c) * rs * vload(w + i) + vload(b + i));
+    } else {
+      vstore(yr + i, vload(xr + i) * rs * vload(w + i));
     }
-    for (int64_t i = body; i < n; ++i) store(yr + i, ((to_acc(xr[i]) - k) - c) * rs * w[i] + b[i]);
-    mean[r] = m.mean();
-    rstd[r] = rs;
+  }
+  for (int64_t i = body; i < n; ++i) {
+    if constexpr (kCentered) {
+      store(yr + i, ((to_acc(xr[i]) - k) - c) * rs * w[i] + b[i]);
+    } else {
+      store(yr + i, to_acc(xr[i]) * rs * w[i]);
+    }
+  }
+}
+
+// h = x + residual for one row, added in acc_t and rounded once to H (the residual
+// stream's dtype, x's or float32): the row the norm then reads is the h returned.
+template <typename T, typename H>
+inline void add_row(const T* __restrict xr, const H* __restrict rr, H* __restrict hr, int64_t n) {
+  using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  constexpr int W = Vec<acc_t>::width;
+  const int64_t body = n - n % W;
+  for (int64_t i = 0; i < body; i += W) vstore(hr + i, vload(xr + i) + vload(rr + i));
+  for (int64_t i = body; i < n; ++i) store(hr + i, to_acc(xr[i]) + to_acc(rr[i]));
+}
+
+// Rows [begin, end): with a residual, h = x + residual first (written out, then
+// normalized from cache), else x itself.
+template <typename T, typename H, typename Y, bool kCentered>
+void fwd_rows(const FwdCall& a, int64_t begin, int64_t end) {
+  using acc_t = std::conditional_t<std::is_same_v<H, double>, double, float>;
+  const auto* x = static_cast<const T*>(a.x);
+  const auto* res = static_cast<const H*>(a.residual);
+  auto* h = static_cast<H*>(a.h);
+  const auto* w = static_cast<const acc_t*>(a.w);
+  const auto* b = static_cast<const acc_t*>(a.b);
+  auto* y = static_cast<Y*>(a.y);
+  auto* mean = static_cast<acc_t*>(a.mean);
+  auto* rstd = static_cast<acc_t*>(a.rstd);
+  const int64_t n = a.n;
+  const auto eps = static_cast<acc_t>(a.eps);
+  for (int64_t r = begin; r < end; ++r) {
+    acc_t* mean_r = kCentered ? mean + r : nullptr;
+    if (res != nullptr) {
+      add_row(x + r * n, res + r * n, h + r * n, n);
+      norm_row<H, Y, acc_t, kCentered>(h + r * n, w, b, y + r * n, mean_r, rstd + r, n, eps);
+    } else if constexpr (std::is_same_v<T, H>) {
+      norm_row<T, Y, acc_t, kCentered>(x + r * n, w, b, y + r * n, mean_r, rstd + r, n, eps);
+    }
   }
 }
 
@@ -251,189 +314,212 @@ void fwd_rows(const T* x, const acc_t* __restrict w, const acc_t* __restrict b, 
 // while sum(g) was added from rounded products: for N = 1 (every xhat = 0, dx = 0
 // exactly) that left the product's rounding error times rstd = 1 / sqrt(eps). A product
 // that is multiplied again is never fused into the subtraction, so n g - sum(g) cancels
-// exactly where the math does.
+// exactly where the math does. RMSNorm: sum(g) = 0 (no mean is taken out).
 template <typename V, typename acc_t>
 inline V dx_of(V g, V xhat, acc_t n, acc_t sum_g, acc_t sum_gx, acc_t rstd_n) {
   return rstd_n * (g * n - sum_g - xhat * sum_gx);
 }
 
-// Backward of R consecutive rows from `r` (R = 1 or 2), g = dy * w. Pass 1: per row
-// sum(d), sum(g) and sum(g * d), d = x - mean. d carries the rounding error of the
-// stored float mean (up to half an ulp of a mean that may be far larger than the
+// Backward of R consecutive rows from `r` (R = 1 or 2), g = dy * w. Pass 1, LayerNorm:
+// per row sum(d), sum(g) and sum(g * d), d = x - mean. d carries the rounding error of
+// the stored float mean (up to half an ulp of a mean that may be far larger than the
 // row's spread) as a shift of every element; the row's residual c = sum(d) / n takes
 // it out again: xhat = (d - c) * rstd, sum(g xhat) = rstd (sum(g d) - c sum(g)).
-// Pass 2: dx and the block's partial dweight/dbias (rows added in order) from that
-// xhat. Two rows at once load w and the partials, and store the partials, once per
-// pair: rows of a few thousand floats no longer stay in L1 from one pass to the next,
-// and that saves a quarter of the passes' L2 traffic.
-template <int R, typename T, typename D, typename acc_t, bool kParams>
-inline void bwd_row_group(const T* x, const D* dy, const acc_t* __restrict w, const acc_t* mean,
-                          const acc_t* rstd, T* dx, acc_t* __restrict dw, acc_t* __restrict db,
-                          int64_t r, int64_t n) {
+// RMSNorm: d = x, xhat = x * rstd, only sum(g * x). Pass 2: dx (plus dh, the gradient
+// that reaches h = x + residual from outside the norm, when given) and the block's
+// partial dweight/dbias (rows added in order) from that xhat. Two rows at once load w
+// and the partials, and store the partials, once per pair: rows of a few thousand
+// floats no longer stay in L1 from one pass to the next, and that saves a quarter of
+// the passes' L2 traffic.
+template <int R, typename T, typename D, typename acc_t, bool kParams, bool kCentered>
+inline void bwd_row_group(const BwdCall& a, const acc_t* __restrict w, acc_t* __restrict dw,
+                          acc_t* __restrict db, int64_t r) {
   using V = typename Vec<acc_t>::type;
   constexpr int W = Vec<acc_t>::width;
+  constexpr int kSums = kCentered ? 3 : 1;  // sum(d), sum(g), sum(g * d) | sum(g * x)
+  const int64_t n = a.n;
   const int64_t body = n - n % W;
   const acc_t nf = static_cast<acc_t>(n);
   const T* xr[R];
   const D* dyr[R];
   acc_t mu[R], rs[R];
   for (int k = 0; k < R; ++k) {
-    xr[k] = x + (r + k) * n;
-    dyr[k] = dy + (r + k) * n;
-    mu[k] = mean[r + k];
-    rs[k] = rstd[r + k];
+    xr[k] = static_cast<const T*>(a.x) + (r + k) * n;
+    dyr[k] = static_cast<const D*>(a.dy) + (r + k) * n;
+    mu[k] = kCentered ? static_cast<const acc_t*>(a.mean)[r + k] : acc_t(0);
+    rs[k] = static_cast<const acc_t*>(a.rstd)[r + k];
   }
-  acc_t sums[3 * R];  // per row: sum(d), sum(g), sum(g * d)
-  row_sums<3 * R, acc_t>(
+  acc_t sums[kSums * R];
+  row_sums<kSums * R, acc_t>(
       n,
-      [=](int64_t i, V (&s)[3 * R]) {
+      [=](int64_t i, V (&s)[kSums * R]) {
         const V wv = vload(w + i);
         for (int k = 0; k < R; ++k) {
-          const V d = vload(xr[k] + i) - mu[k];
           const V g = vload(dyr[k] + i) * wv;
-          s[3 * k] += d;
-          s[3 * k + 1] += g;
-          s[3 * k + 2] += g * d;
+          if constexpr (kCentered) {
+            const V d = vload(xr[k] + i) - mu[k];
+            s[3 * k] += d;
+            s[3 * k + 1] += g;
+            s[3 * k + 2] += g * d;
+          } else {
+            s[k] += g * vload(xr[k] + i);
+          }
         }
       },
-      [=](int64_t i, acc_t (&t)[3 * R]) {
+      [=](int64_t i, acc_t (&t)[kSums * R]) {
         for (int k = 0; k < R; ++k) {
-          const acc_t d = to_acc(xr[k][i]) - mu[k];
           const acc_t g = to_acc(dyr[k][i]) * w[i];
-          t[3 * k] += d;
-          t[3 * k + 1] += g;
-          t[3 * k + 2] += g * d;
+          if constexpr (kCentered) {
+            const acc_t d = to_acc(xr[k][i]) - mu[k];
+            t[3 * k] += d;
+            t[3 * k + 1] += g;
+            t[3 * k + 2] += g * d;
+          } else {
+            t[k] += g * to_acc(xr[k][i]);
+          }
         }
       },
       sums);
   T* dxr[R];
+  const T* dhr[R];
   acc_t c[R], sum_g[R], sum_gx[R], rs_n[R];
   for (int k = 0; k < R; ++k) {
-    dxr[k] = dx == nullptr ? nullptr : dx + (r + k) * n;
-    c[k] = sums[3 * k] / nf;
-    sum_g[k] = sums[3 * k + 1];
-    sum_gx[k] = rs[k] * (sums[3 * k + 2] - c[k] * sum_g[k]);
+    dxr[k] = a.dx == nullptr ? nullptr : static_cast<T*>(a.dx) + (r + k) * n;
+    dhr[k] = a.dh == nullptr ? nullptr : static_cast<const T*>(a.dh) + (r + k) * n;
+    if constexpr (kCentered) {
+      c[k] = sums[3 * k] / nf;
+      sum_g[k] = sums[3 * k + 1];
+      sum_gx[k] = rs[k] * (sums[3 * k + 2] - c[k] * sum_g[k]);
+    } else {
+      c[k] = 0;
+      sum_g[k] = 0;
+      sum_gx[k] = rs[k] * sums[k];
+    }
     rs_n[k] = rs[k] / nf;
   }
-  // dx == nullptr (only the parameter gradients asked for) is loop-invariant: unswitched.
+  // dx == nullptr (only the parameter gradients asked for) and dh == nullptr (no add)
+  // are loop-invariant: unswitched.
   for (int64_t i = 0; i < body; i += W) {
     const V wv = vload(w + i);
     V dw_i, db_i;
     if constexpr (kParams) {
       dw_i = vload(dw + i);
-      db_i = vload(db + i);
+      if constexpr (kCentered) db_i = vload(db + i);
     }
     for (int k = 0; k < R; ++k) {
-      const V xh = ((vload(xr[k] + i) - mu[k]) - c[k]) * rs[k];
+      const V xh = ((vload(xr[k] + i) - mu[k]) - c[k]) * rs[k];  // RMSNorm: mu = c = 0, x - 0 is x
       const V d = vload(dyr[k] + i);
-      if (dx != nullptr) vstore(dxr[k] + i, dx_of(d * wv, xh, nf, sum_g[k], sum_gx[k], rs_n[k]));
+      if (dxr[k] != nullptr) {
+        V out = dx_of(d * wv, xh, nf, sum_g[k], sum_gx[k], rs_n[k]);
+        if (dhr[k] != nullptr) out += vload(dhr[k] + i);
+        vstore(dxr[k] + i, out);
+      }
       if constexpr (kParams) {
         dw_i += d * xh;
-        db_i += d;
+        if constexpr (kCentered) db_i += d;
       }
     }
     if constexpr (kParams) {
       vstore(dw + i, dw_i);
-      vstore(db + i, db_i);
+      if constexpr (kCentered) vstore(db + i, db_i);
     }
   }
   for (int64_t i = body; i < n; ++i) {
     for (int k = 0; k < R; ++k) {
       const acc_t xh = ((to_acc(xr[k][i]) - mu[k]) - c[k]) * rs[k];
       const acc_t d = to_acc(dyr[k][i]);
-      if (dx != nullptr) store(dxr[k] + i, dx_of(d * w[i], xh, nf, sum_g[k], sum_gx[k], rs_n[k]));
+      if (dxr[k] != nullptr) {
+        acc_t out = dx_of(d * w[i], xh, nf, sum_g[k], sum_gx[k], rs_n[k]);
+        if (dhr[k] != nullptr) out += to_acc(dhr[k][i]);
+        store(dxr[k] + i, out);
+      }
       if constexpr (kParams) {
         dw[i] += d * xh;
-        db[i] += d;
+        if constexpr (kCentered) db[i] += d;
       }
     }
   }
 }
 
-template <typename T, typename D, typename acc_t, bool kParams>
-void bwd_rows(const T* x, const D* dy, const acc_t* __restrict w, const acc_t* mean,
-              const acc_t* rstd, T* dx, acc_t* __restrict dw, acc_t* __restrict db,
-              int64_t begin, int64_t end, int64_t n) {
+template <typename T, typename D, bool kParams, bool kCentered>
+void bwd_rows(const BwdCall& a, void* dw_part, void* db_part, int64_t begin, int64_t end) {
+  using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const auto* w = static_cast<const acc_t*>(a.w);
+  auto* dw = static_cast<acc_t*>(dw_part);
+  auto* db = static_cast<acc_t*>(db_part);
   // Pairs from kPairedRowsMinCols columns on (1 thread of an AMD EPYC, float32, 2^21
   // elements: N = 4096 0.90 -> 0.82 ms, 16384 0.99 -> 0.80; below it the pair's eight
   // vector sums no longer fit the registers: N = 1024 0.49 -> 0.69 ms).
   constexpr int64_t kPairedRowsMinCols = 3072;
   int64_t r = begin;
-  if (n >= kPairedRowsMinCols) {
-    for (; r + 2 <= end; r += 2) {
-      bwd_row_group<2, T, D, acc_t, kParams>(x, dy, w, mean, rstd, dx, dw, db, r, n);
-    }
+  if (a.n >= kPairedRowsMinCols) {
+    for (; r + 2 <= end; r += 2) bwd_row_group<2, T, D, acc_t, kParams, kCentered>(a, w, dw, db, r);
   }
-  for (; r < end; ++r) bwd_row_group<1, T, D, acc_t, kParams>(x, dy, w, mean, rstd, dx, dw, db, r, n);
+  for (; r < end; ++r) bwd_row_group<1, T, D, acc_t, kParams, kCentered>(a, w, dw, db, r);
 }
 
-template <typename T, typename acc_t>
-void fwd_as(Elem y_t, const void* x, const void* w, const void* b, void* y, void* mean,
-            void* rstd, int64_t begin, int64_t end, int64_t n, double eps) {
-  auto* m = static_cast<acc_t*>(mean);
-  auto* s = static_cast<acc_t*>(rstd);
-  const auto* xp = static_cast<const T*>(x);
-  const auto* wp = static_cast<const acc_t*>(w);
-  const auto* bp = static_cast<const acc_t*>(b);
-  const auto e = static_cast<acc_t>(eps);
-  if constexpr (std::is_same_v<T, f16_t> || std::is_same_v<T, bf16_t>) {
-    if (y_t == Elem::f32) {  // float32 output of a half input (autocast)
-      return fwd_rows<T, float, acc_t>(xp, wp, bp, static_cast<float*>(y), m, s, begin, end, n, e);
-    }
-  }
-  fwd_rows<T, T, acc_t>(xp, wp, bp, static_cast<T*>(y), m, s, begin, end, n, e);
-}
-
-void fwd(Elem x_t, Elem y_t, const void* x, const void* w, const void* b, void* y, void* mean,
-         void* rstd, int64_t begin, int64_t end, int64_t n, double eps) {
-  switch (x_t) {
-    case Elem::f32: return fwd_as<float, float>(y_t, x, w, b, y, mean, rstd, begin, end, n, eps);
-    case Elem::f64: return fwd_as<double, double>(y_t, x, w, b, y, mean, rstd, begin, end, n, eps);
-    case Elem::f16: return fwd_as<f16_t, float>(y_t, x, w, b, y, mean, rstd, begin, end, n, eps);
-    case Elem::bf16: return fwd_as<bf16_t, float>(y_t, x, w, b, y, mean, rstd, begin, end, n, eps);
-  }
-}
-
-template <typename T, typename D, typename acc_t>
-void bwd_typed(const void* x, const void* dy, const void* w, const void* mean, const void* rstd,
-               void* dx, void* dw_part, void* db_part, int64_t begin, int64_t end, int64_t n) {
-  const auto* args_x = static_cast<const T*>(x);
-  const auto* args_dy = static_cast<const D*>(dy);
-  const auto* wp = static_cast<const acc_t*>(w);
-  const auto* m = static_cast<const acc_t*>(mean);
-  const auto* s = static_cast<const acc_t*>(rstd);
-  auto* dxp = static_cast<T*>(dx);
-  auto* dwp = static_cast<acc_t*>(dw_part);
-  auto* dbp = static_cast<acc_t*>(db_part);
-  if (dwp != nullptr) {
-    bwd_rows<T, D, acc_t, true>(args_x, args_dy, wp, m, s, dxp, dwp, dbp, begin, end, n);
-  } else {
-    bwd_rows<T, D, acc_t, false>(args_x, args_dy, wp, m, s, dxp, nullptr, nullptr, begin, end, n);
-  }
-}
+// ---------------------------------------------------------------- dtype dispatch
+// The dtype combinations (row_kernels.h); anything else is refused by the torch side.
 
 template <typename T>
-void bwd_as(Elem dy_t, const void* x, const void* dy, const void* w, const void* mean,
-            const void* rstd, void* dx, void* dw_part, void* db_part, int64_t begin, int64_t end,
-            int64_t n) {
-  if constexpr (std::is_same_v<T, f16_t> || std::is_same_v<T, bf16_t>) {
-    if (dy_t == Elem::f32) {  // float32 grad of a half input (autocast)
-      return bwd_typed<T, float, float>(x, dy, w, mean, rstd, dx, dw_part, db_part, begin, end, n);
-    }
+constexpr bool kReduced = std::is_same_v<T, f16_t> || std::is_same_v<T, bf16_t>;
+
+// f(T{}) for the element type of e.
+template <typename F>
+inline void with_elem(Elem e, F&& f) {
+  switch (e) {
+    case Elem::f32: return f(float{});
+    case Elem::f64: return f(double{});
+    case Elem::f16: return f(f16_t{});
+    case Elem::bf16: return f(bf16_t{});
   }
-  using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  bwd_typed<T, T, acc_t>(x, dy, w, mean, rstd, dx, dw_part, db_part, begin, end, n);
 }
 
-void bwd(Elem x_t, Elem dy_t, const void* x, const void* dy, const void* w, const void* mean,
-         const void* rstd, void* dx, void* dw_part, void* db_part, int64_t begin, int64_t end,
-         int64_t n) {
-  switch (x_t) {
-    case Elem::f32: return bwd_as<float>(dy_t, x, dy, w, mean, rstd, dx, dw_part, db_part, begin, end, n);
-    case Elem::f64: return bwd_as<double>(dy_t, x, dy, w, mean, rstd, dx, dw_part, db_part, begin, end, n);
-    case Elem::f16: return bwd_as<f16_t>(dy_t, x, dy, w, mean, rstd, dx, dw_part, db_part, begin, end, n);
-    case Elem::bf16: return bwd_as<bf16_t>(dy_t, x, dy, w, mean, rstd, dx, dw_part, db_part, begin, end, n);
+template <typename T, typename H, bool kCentered>
+void fwd_as(const FwdCall& a, int64_t begin, int64_t end) {
+  // y: x's dtype, or float32 for a 16-bit x (autocast).
+  if constexpr (kReduced<T>) {
+    if (a.y_t == Elem::f32) return fwd_rows<T, H, float, kCentered>(a, begin, end);
   }
+  fwd_rows<T, H, T, kCentered>(a, begin, end);
+}
+
+template <bool kCentered>
+void fwd_centered(const FwdCall& a, int64_t begin, int64_t end) {
+  with_elem(a.x_t, [&](auto x_tag) {
+    using T = decltype(x_tag);
+    // h (with a residual): x's dtype or, for a 16-bit x, float32.
+    if constexpr (kReduced<T>) {
+      if (a.residual != nullptr && a.h_t == Elem::f32) return fwd_as<T, float, kCentered>(a, begin, end);
+    }
+    fwd_as<T, T, kCentered>(a, begin, end);
+  });
+}
+
+void fwd(const FwdCall& a, int64_t begin, int64_t end) {
+  a.centered ? fwd_centered<true>(a, begin, end) : fwd_centered<false>(a, begin, end);
+}
+
+template <bool kCentered>
+void bwd_centered(const BwdCall& a, void* dw_part, void* db_part, int64_t begin, int64_t end) {
+  with_elem(a.x_t, [&](auto x_tag) {
+    using T = decltype(x_tag);
+    auto run = [&](auto dy_tag) {
+      using D = decltype(dy_tag);
+      if (dw_part != nullptr) return bwd_rows<T, D, true, kCentered>(a, dw_part, db_part, begin, end);
+      bwd_rows<T, D, false, kCentered>(a, nullptr, nullptr, begin, end);
+    };
+    // dy: x's dtype, or float32 for a 16-bit x (autocast).
+    if constexpr (kReduced<T>) {
+      if (a.dy_t == Elem::f32) return run(float{});
+    }
+    run(T{});
+  });
+}
+
+void bwd(const BwdCall& a, void* dw_part, void* db_part, int64_t begin, int64_t end) {
+  a.centered ? bwd_centered<true>(a, dw_part, db_part, begin, end)
+             : bwd_centered<false>(a, dw_part, db_part, begin, end);
 }
 
 RowKernels make_row_kernels() { return RowKernels{LN_EXT_ISA_NAME, &fwd, &bwd}; }
