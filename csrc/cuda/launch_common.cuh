@@ -15,7 +15,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <map>
 #include <mutex>
@@ -135,12 +134,20 @@ inline void log_launch(const char* kernel, int64_t rows, int64_t cols, int grid,
 // shared-memory limit).
 enum class KernelFact { kSharedMemoryLimitRaised, kResidentBlocksPerSm, kResidentClusters };
 
-inline int kernel_fact(KernelFact fact, const void* kernel, int64_t a, int64_t b,
-                       const std::function<int()>& compute) {
-  using Key = std::tuple<int, KernelFact, const void*, int64_t, int64_t>;
+using KernelFactKey = std::tuple<int, KernelFact, const void*, int64_t, int64_t>;
+
+// One table and lock for every fact (a template's function-local statics would be one
+// per call site).
+inline std::pair<std::recursive_mutex&, std::map<KernelFactKey, int>&> kernel_facts() {
   static std::recursive_mutex mutex;
-  static std::map<Key, int> known;
-  const Key key{c10::cuda::current_device(), fact, kernel, a, b};
+  static std::map<KernelFactKey, int> known;
+  return {mutex, known};
+}
+
+template <typename Compute>
+int kernel_fact(KernelFact fact, const void* kernel, int64_t a, int64_t b, Compute&& compute) {
+  auto [mutex, known] = kernel_facts();
+  const KernelFactKey key{c10::cuda::current_device(), fact, kernel, a, b};
   const std::lock_guard<std::recursive_mutex> lock(mutex);
   if (auto it = known.find(key); it != known.end()) return it->second;
   const int value = compute();
@@ -214,6 +221,8 @@ struct ClusterPlan {
 // when a GPU processing cluster has 16 free multiprocessors); 8 is always allowed.
 constexpr int kMaxClusterBlocks = 16;
 constexpr int kMaxPortableClusterBlocks = 8;
+// ClusterSum's lean meeting reads block r's sums in lane r of warp 0 (kernels/cluster.cuh).
+static_assert(kMaxClusterBlocks <= 32, "a cluster's blocks must fit in one warp's lanes");
 
 // The launch of `grid` blocks of kLongBlock threads in clusters of `blocks`
 // (`attribute` holds the cluster shape and must outlive the returned config).

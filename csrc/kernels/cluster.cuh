@@ -29,6 +29,9 @@ namespace kernels {
 //    slots, the warp adds them in rank order (shuffles) and lane 0 broadcasts the totals
 //    through this block's `totals`: one warp's fence and 32 remote loads a block instead
 //    of every thread's release and blocks x K remote loads per thread.
+// In the lean meeting only warp 0 may touch another block's shared memory (its fence is
+// what orders those accesses across the relaxed barrier), and a cluster has at most 32
+// blocks (one a lane; launch_common.cuh asserts it).
 // Slots alternate halves from call to call: a half is written again only two calls
 // later, after a cluster barrier that every block reaches after reading it; `totals` is
 // written again only after the next call's block_sums barriers, which every reader of

@@ -1,8 +1,12 @@
 // LayerNorm backward kernels. Device code only; knows nothing of torch.
 //
+// Backward kernels of the norm family: the gradient of the norm's input x (for an add +
+// norm, x is h = x + residual, and the gradient of h from outside, dh, is added to dx).
 // With g = dy * weight (weight absent: g = dy) and xhat from the stored mean and rstd:
-//   dx      = rstd * (g - mean(g) - xhat * mean(g * xhat))       per row (layer_norm_dx)
-//   dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy
+//   LayerNorm: dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   per row (layer_norm_dx)
+//              dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy
+//   RMSNorm (kCentered false): xhat = x * rstd, dx = rstd * (g - xhat * mean(g * xhat)),
+//              dweight as above, no dbias
 // accumulating in acc_t<T>. xhat is not (x - mean) * rstd: the stored float mean
 // carries a rounding error of up to half an ulp of a mean that may be far larger than
 // the row's spread, which x - mean turns into a shift of every xhat. Each kernel sums
@@ -59,9 +63,10 @@ constexpr int kBwdCacheBatchBytes = 32;
 
 template <typename T, typename DY, typename P>
 struct BwdParams {
+  const T* dh;            // [M, N] or nullptr: added to dx (the gradient of h, add + norm)
   const DY* dy;           // [M, N]
   const T* x;             // [M, N]
-  const acc_t<T>* mean;   // [M]
+  const acc_t<T>* mean;   // [M]; RMSNorm: nullptr
   const acc_t<T>* rstd;   // [M]
   const P* weight;        // [N] or nullptr (acts as 1)
   T* dx;                  // [M, N] or nullptr (not requested)
@@ -74,7 +79,18 @@ struct BwdParams {
   bool lean_cluster_sum = false;  // cluster kernel: how ClusterSum meets (cluster.cuh)
 };
 
-template <typename T, typename DY, typename P, int K>
+// out += the chunk's dh (the gradient of h from outside the norm), when there is one.
+template <int V, typename T, typename DY, typename P, typename A>
+__device__ __forceinline__ void add_grad_h(const BwdParams<T, DY, P>& p, int64_t chunk, bool full, int col0,
+                                           A (&out)[V]) {
+  if (p.dh == nullptr) return;
+  A dh[V];
+  load_chunk(p.dh + chunk * V, full, col0, p.cols, A(0), dh);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] += dh[i];
+}
+
+template <typename T, typename DY, typename P, bool kCentered, int K>
 __global__ void __launch_bounds__(512)
     layer_norm_bwd_rows_kernel(const BwdParams<T, DY, P> p, const int group) {
   using A = acc_t<T>;
@@ -122,7 +138,7 @@ __global__ void __launch_bounds__(512)
     const int64_t row = batch + threadIdx.x / group;
     const bool valid = row < p.rows;
     const RowChunks rc = valid ? row_chunks<V>(row, n) : RowChunks{0, 0, 0};
-    const A mean = valid ? p.mean[row] : A(0);
+    const A mean = kCentered && valid ? p.mean[row] : A(0);
     const A rstd = valid ? p.rstd[row] : A(0);
     const T* x_row = p.x + rc.first * V;
     const DY* dy_row = p.dy + rc.first * V;
@@ -149,7 +165,10 @@ __global__ void __launch_bounds__(512)
         for (int i = 0; i < V; ++i) xhat[k][i] = g[k][i] = 0;
       }
     }
-    const RowStats<A> st{mean, row_group_sum(sum_d, group, scratch) / A(n), rstd};
+    // RMSNorm: no mean, so no residual of it either.
+    A residual = 0;
+    if constexpr (kCentered) residual = row_group_sum(sum_d, group, scratch) / A(n);
+    const RowStats<A> st{mean, residual, rstd};
 
     A sums[2] = {0, 0};  // sum(g), sum(g * xhat)
 #pragma unroll
@@ -175,17 +194,17 @@ __global__ void __launch_bounds__(512)
           db[i] = g[k][i];
         }
         store_words<V>(stage_dw + s * V, dw);
-        store_words<V>(stage_db + s * V, db);
+        if constexpr (kCentered) store_words<V>(stage_db + s * V, db);
       }
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const A dy = g[k][i];
         if (fused_params && !staged) {  // chunk-aligned rows: column s*V + i
           acc_dw[k][i] += dy * xhat[k][i];
-          acc_db[k][i] += dy;
+          if constexpr (kCentered) acc_db[k][i] += dy;
         }
         g[k][i] = dy * w[i];
-        sums[0] += g[k][i];
+        if constexpr (kCentered) sums[0] += g[k][i];  // RMSNorm: no mean(g) taken out
         sums[1] += g[k][i] * xhat[k][i];
       }
     }
@@ -194,7 +213,7 @@ __global__ void __launch_bounds__(512)
       if (valid) {
         for_each_column([&](int k, int i, int col) {
           acc_dw[k][i] += stage_dw[rc.head + col];  // column col of the row
-          acc_db[k][i] += stage_db[rc.head + col];
+          if constexpr (kCentered) acc_db[k][i] += stage_db[rc.head + col];
         });
       }
       row_group_sync(group);  // read before the next row overwrites it
@@ -212,7 +231,9 @@ __global__ void __launch_bounds__(512)
           A out[V];
 #pragma unroll
           for (int i = 0; i < V; ++i) out[i] = layer_norm_dx(g[k][i], xhat[k][i], A(n), sums[0], sums[1], rstd_n);
-          store_chunk(dx_row + s * V, chunk_is_full<V>(p.vec_ok, col0, n), col0, n, out);
+          const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
+          add_grad_h(p, rc.first + s, full, col0, out);
+          store_chunk(dx_row + s * V, full, col0, n, out);
         }
       }
     }
@@ -226,15 +247,16 @@ __global__ void __launch_bounds__(512)
   if (rows_per_block == 1) {
     for_each_column([&](int k, int i, int col) {
       block_partial[col] = acc_dw[k][i];
-      block_partial[n + col] = acc_db[k][i];
+      if constexpr (kCentered) block_partial[n + col] = acc_db[k][i];
     });
     return;
   }
   A* groups = reinterpret_cast<A*>(dynamic_smem);  // [rows_per_block, n]
   A* group_row = groups + (threadIdx.x / group) * n;
   __syncthreads();  // staged: every group is done with its staging row
+  constexpr int kParamGrads = kCentered ? 2 : 1;  // dweight, dbias (RMSNorm: no bias)
 #pragma unroll
-  for (int which = 0; which < 2; ++which) {
+  for (int which = 0; which < kParamGrads; ++which) {
     for_each_column([&](int k, int i, int col) {
       group_row[col] = which == 0 ? acc_dw[k][i] : acc_db[k][i];
     });
@@ -252,7 +274,7 @@ __global__ void __launch_bounds__(512)
 // that the row cache behind them starts 16-byte aligned.
 __host__ __device__ constexpr int long_param_cols(int n) { return (n + 3) / 4 * 4; }
 
-template <typename T, typename DY, typename P>
+template <typename T, typename DY, typename P, bool kCentered>
 __global__ void __launch_bounds__(1024)
     layer_norm_bwd_long_kernel(const BwdParams<T, DY, P> p, const int cached_chunks) {
   using A = acc_t<T>;
@@ -275,7 +297,7 @@ __global__ void __launch_bounds__(1024)
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const RowChunks rc = row_chunks<V>(row, n);
-    const A mean = p.mean[row];
+    const A mean = kCentered ? p.mean[row] : A(0);
     const A rstd = p.rstd[row];
     const T* x_row = p.x + rc.first * V;
     const DY* dy_row = p.dy + rc.first * V;
@@ -305,6 +327,19 @@ __global__ void __launch_bounds__(1024)
       });
     };
 
+    if (p.dx == nullptr && !fused_params) {  // only the residual (LayerNorm), for param_cols: x alone
+      A sum_d = 0;
+      for (int s = threadIdx.x; s < rc.count; s += blockDim.x) {
+        const int col0 = s * V - rc.head;
+        A d[V];
+        load_chunk(x_row + s * V, chunk_is_full<V>(p.vec_ok, col0, n), col0, n, A(0), d);
+#pragma unroll
+        for (int i = 0; i < V; ++i) sum_d += in_row(col0 + i, n) ? d[i] - mean : A(0);
+      }
+      sum_d = block_sum(sum_d, scratch);
+      if (threadIdx.x == 0) p.residual[row] = sum_d / A(n);
+      continue;
+    }
     A sums[3] = {0, 0, 0};  // sum(d), sum(g), sum(g * d)
     for_my_chunks([&](int, int, bool, const A(&d)[V], const A(&dy)[V], const A(&w)[V]) {
 #pragma unroll
@@ -316,7 +351,7 @@ __global__ void __launch_bounds__(1024)
       }
     });
     block_sums(sums, scratch);  // its barrier also completes the cache for the column pass
-    const RowStats<A> st{mean, sums[0] / A(n), rstd};
+    const RowStats<A> st{mean, kCentered ? sums[0] / A(n) : A(0), rstd};  // RMSNorm: no mean
     if (p.residual != nullptr && threadIdx.x == 0) p.residual[row] = st.residual;
 
     if (fused_params) {  // column j of the row is element head + j of its chunks
@@ -332,7 +367,7 @@ __global__ void __launch_bounds__(1024)
     }
     if (p.dx == nullptr) continue;
 
-    const A sum_g = sums[1], sum_gx = rstd * (sums[2] - st.residual * sums[1]);
+    const A sum_g = kCentered ? sums[1] : A(0), sum_gx = rstd * (sums[2] - st.residual * sums[1]);
     const A rstd_n = rstd / A(n);
     T* dx_row = p.dx + rc.first * V;
     for_my_chunks([&](int s, int col0, bool full, const A(&d)[V], const A(&dy)[V], const A(&w)[V]) {
@@ -342,6 +377,7 @@ __global__ void __launch_bounds__(1024)
         const A xhat = in_row(col0 + i, n) ? (d[i] - st.residual) * rstd : A(0);
         out[i] = layer_norm_dx(dy[i] * w[i], xhat, A(n), sum_g, sum_gx, rstd_n);
       }
+      add_grad_h(p, rc.first + s, full, col0, out);
       store_chunk(dx_row + s * V, full, col0, n, out);
     });
   }
@@ -355,7 +391,7 @@ __global__ void __launch_bounds__(1024)
   }
 }
 
-template <typename T, typename DY, typename P>
+template <typename T, typename DY, typename P, bool kCentered>
 __global__ void __launch_bounds__(1024)
     layer_norm_bwd_cluster_kernel(const BwdParams<T, DY, P> p, const int slice_chunks) {
   using A = acc_t<T>;
@@ -384,7 +420,7 @@ __global__ void __launch_bounds__(1024)
 
   for (int64_t row = blockIdx.x / blocks; row < p.rows; row += clusters) {
     const RowChunks rc = row_chunks<V>(row, n);
-    const A mean = p.mean[row];
+    const A mean = kCentered ? p.mean[row] : A(0);
     const A rstd = p.rstd[row];
     const int begin = imin(rank * slice_chunks, rc.count);
     const int end = imin(begin + slice_chunks, rc.count);
@@ -392,8 +428,9 @@ __global__ void __launch_bounds__(1024)
     const DY* dy_row = p.dy + rc.first * V;
     // The previous row's column pass read chunks that other threads cache.
     if (fused_params) __syncthreads();
-    // This block's columns end up to `head` elements into chunk `end`: cache it too.
-    const int cache_end = imin(end + 1, rc.count);
+    // This block's dweight/dbias columns end up to `head` elements into chunk `end`:
+    // the column pass needs it cached too.
+    const int cache_end = fused_params ? imin(end + 1, rc.count) : end;
     cache_chunks<V, kBwdCacheBatchBytes>(x_row, x_cache, begin, cache_end, rc.head, n, p.vec_ok);
     cache_chunks<V, kBwdCacheBatchBytes>(dy_row, dy_cache, begin, cache_end, rc.head, n, p.vec_ok);
 
@@ -424,7 +461,7 @@ __global__ void __launch_bounds__(1024)
       }
     });
     cluster_sum(sums);  // its block barrier also completes the cache for the column pass
-    const RowStats<A> st{mean, sums[0] / A(n), rstd};
+    const RowStats<A> st{mean, kCentered ? sums[0] / A(n) : A(0), rstd};  // RMSNorm: no mean
     if (p.residual != nullptr && rank == 0 && threadIdx.x == 0) p.residual[row] = st.residual;
 
     if (fused_params) {  // column j is element head + j of the row's chunks
@@ -437,7 +474,7 @@ __global__ void __launch_bounds__(1024)
     }
     if (p.dx == nullptr) continue;
 
-    const A sum_g = sums[1], sum_gx = rstd * (sums[2] - st.residual * sums[1]);
+    const A sum_g = kCentered ? sums[1] : A(0), sum_gx = rstd * (sums[2] - st.residual * sums[1]);
     const A rstd_n = rstd / A(n);
     T* dx_row = p.dx + rc.first * V;
     for_my_chunks([&](int s, int col0, bool full, const A(&d)[V], const A(&dy)[V], const A(&w)[V]) {
@@ -447,6 +484,7 @@ __global__ void __launch_bounds__(1024)
         const A xhat = in_row(col0 + i, n) ? (d[i] - st.residual) * rstd : A(0);
         out[i] = layer_norm_dx(dy[i] * w[i], xhat, A(n), sum_g, sum_gx, rstd_n);
       }
+      add_grad_h(p, rc.first + s, full, col0, out);
       store_chunk(dx_row + s * V, full, col0, n, out);
     });
   }
@@ -470,9 +508,9 @@ constexpr int kColRowLanes = 8;
 template <typename T, typename DY>
 __global__ void __launch_bounds__(kColTile* kColRowLanes)
     layer_norm_bwd_param_cols_kernel(const DY* __restrict__ dy, const T* __restrict__ x,
-                                     const acc_t<T>* __restrict__ mean,
+                                     const acc_t<T>* __restrict__ mean,  // [M]; RMSNorm: nullptr
                                      const acc_t<T>* __restrict__ rstd,
-                                     const acc_t<T>* __restrict__ residual,  // [M]: each row's c
+                                     const acc_t<T>* __restrict__ residual,  // [M]: each row's c; RMSNorm: nullptr
                                      acc_t<T>* __restrict__ partials,  // [gridDim.y, 2, n]
                                      int64_t rows, int n, int64_t rows_per_slice) {
   using A = acc_t<T>;
@@ -486,7 +524,8 @@ __global__ void __launch_bounds__(kColTile* kColRowLanes)
     for (int64_t r = row_begin + threadIdx.y; r < row_end; r += kColRowLanes) {
       const int64_t off = r * n + col;
       const A d = to_acc(dy[off]);
-      dw += d * (((to_acc(x[off]) - mean[r]) - residual[r]) * rstd[r]);
+      const A shift = mean != nullptr ? mean[r] : A(0), c = residual != nullptr ? residual[r] : A(0);
+      dw += d * (((to_acc(x[off]) - shift) - c) * rstd[r]);
       db += d;
     }
   }

@@ -1,33 +1,41 @@
-// LayerNorm forward kernels. Device code only; knows nothing of torch.
+// Forward kernels of the norm family (LayerNorm, RMSNorm, each optionally fused with a
+// residual add). Device code only; knows nothing of torch.
 //
-// Computes, for each row of x: [M, N], by the corrected two-pass algorithm
-// (norm_math.cuh: RowStats) over the on-chip row:
-//   m0 = sum(x) / N;  c = sum(x - m0) / N,  var = (sum((x - m0)^2) - N c^2) / N
-//   mean = m0 + c,  rstd = 1 / sqrt(var + eps)            (correctly rounded)
-//   y    = ((x - m0) - c) * rstd * weight + bias           (weight/bias optional)
-// accumulating in acc_t<T> (float, or double for double x). mean/rstd: [M]. Two
-// reductions per row, as a plain two-pass: the second adds two values at once.
+// Computes, for each row of its input u: [M, N], which is x, or h = x + residual (the
+// add + norm: h is rounded once to the residual stream's dtype R and written out):
+//   LayerNorm (kCentered), by the corrected two-pass algorithm (norm_math.cuh: RowStats)
+//   over the on-chip row:
+//     m0 = sum(u) / N;  c = sum(u - m0) / N,  var = (sum((u - m0)^2) - N c^2) / N
+//     mean = m0 + c,  rstd = 1 / sqrt(var + eps)            (correctly rounded)
+//     y    = ((u - m0) - c) * rstd * weight + bias          (weight/bias optional)
+//   RMSNorm: rstd = 1 / sqrt(sum(u^2) / N + eps), y = u * rstd * weight (no mean, no bias)
+// accumulating in acc_t<T> (float, or double for double x). mean/rstd: [M]. Reductions per
+// row: LayerNorm two (the second adds two values at once), RMSNorm one.
 //
-// Two families, both reading x from device memory with the chunk grid of vec.cuh
-// (16-byte loads/stores, per-row peeled head/tail when N % V != 0):
+// Three families, all reading x (and the residual) from device memory with the chunk
+// grid of vec.cuh (16-byte loads/stores of x, per-row peeled head/tail when N % V != 0;
+// y, residual and h use the same element index, so a float32 one is 32-byte chunks):
 //  * rows kernel: the row lives in registers, K chunks per thread, `group`
 //    threads per row (group <= 32: 32/group rows per warp, several rows per
 //    block; group > 32: one row per block of `group` threads). Persistent grid
 //    stride over batches of rows. x is read exactly once.
-//  * long kernel: any N. One row per block; each thread walks its chunks three
-//    times (sum, centered squares, output). The row's first `cached_chunks`
-//    chunks (all of it when it fits) are first copied raw into shared memory and
-//    the passes read them there; the rest of a longer row is re-read from x (L2).
+//  * long kernel: any N. One row per block; each thread walks its chunks once per
+//    pass. The row's first `cached_chunks` chunks (all of it when it fits) are first
+//    copied into shared memory as the norm's input (x raw, or h computed there) and the
+//    passes read them there; the rest of a longer row is re-read (x or h, from L2).
 //  * cluster kernel (sm_90): one row per thread-block cluster (cluster.cuh).
 //    Block `rank` caches its slice of the row's chunks in shared memory (read
-//    once from x) and works on it alone; the row's two sums are added across the
-//    cluster through distributed shared memory. For rows longer than one block's
+//    once) and works on it alone; the row's sums are added across the cluster
+//    through distributed shared memory. For rows longer than one block's
 //    shared memory (bf16 N = 262144 is 512 KB) and to spread few rows over more
 //    multiprocessors.
 // Assumes: N >= 1, N + 2*V fits in int, group a power of two, blockDim.x a
-// multiple of group and of 32, group * K >= max_chunks_per_row(N, V).
+// multiple of group and of 32, group * K >= max_chunks_per_row(N, V); R is T or, for a
+// 16-bit T, float.
 // Measured: not yet on a GPU (see benchmarks/NOTES.md for ptxas/SASS facts).
 #pragma once
+
+#include <type_traits>
 
 #include "cluster.cuh"
 #include "norm_math.cuh"
@@ -40,57 +48,121 @@ namespace kernels {
 // Bytes of a row each thread loads at once while filling a row cache (cache_chunks).
 constexpr int kFwdCacheBatchBytes = 64;
 
-template <typename T, typename P, typename Y>
+template <typename T, typename P, typename Y, typename R = T>
 struct FwdParams {
-  const T* x;       // [M, N]
-  const P* weight;  // [N] or nullptr (acts as 1)
-  const P* bias;    // [N] or nullptr (acts as 0)
-  Y* y;             // [M, N]
-  acc_t<T>* mean;   // [M]
-  acc_t<T>* rstd;   // [M]
+  const T* x;         // [M, N]
+  const R* residual;  // [M, N] or nullptr: no add
+  R* h;               // [M, N]: x + residual, the rows normalized (with a residual)
+  const P* weight;    // [N] or nullptr (acts as 1)
+  const P* bias;      // [N] or nullptr (acts as 0); RMSNorm: nullptr
+  Y* y;               // [M, N]
+  acc_t<T>* mean;     // [M]; RMSNorm: nullptr
+  acc_t<T>* rstd;     // [M]
   int64_t rows;
   int cols;
   acc_t<T> eps;
-  bool vec_ok;         // x and y 16-byte aligned: full chunks may use vector access
+  bool vec_ok;         // x, y, residual and h 16-byte aligned: full chunks may use vector access
   bool params_vec_ok;  // weight and bias (those present) 16-byte aligned
   bool lean_cluster_sum = false;  // cluster kernel: how ClusterSum meets (cluster.cuh)
 };
 
-// y for the chunk's columns from the row's x values v (acc), then store.
-template <int V, typename T, typename P, typename Y, typename A>
-__device__ __forceinline__ void fwd_write_chunk(const FwdParams<T, P, Y>& p, Y* y_chunk,
+// Chunk s of the row as the norm's input u (acc), zero outside the row: x, or, with a
+// residual, h = x + residual rounded to R, which is also stored.
+template <int V, typename T, typename P, typename Y, typename R, typename A>
+__device__ __forceinline__ void load_input_chunk(const FwdParams<T, P, Y, R>& p, int64_t first, int s,
+                                                 bool full, int col0, A (&u)[V]) {
+  const int64_t at = (first + s) * V;
+  load_chunk(p.x + at, full, col0, p.cols, A(0), u);
+  if (p.residual == nullptr) return;
+  A r[V];
+  load_chunk(p.residual + at, full, col0, p.cols, A(0), r);
+#pragma unroll
+  for (int i = 0; i < V; ++i) u[i] = to_acc(from_acc<R>(u[i] + r[i]));
+  store_chunk(p.h + at, full, col0, p.cols, u);
+}
+
+// y for the chunk's columns from the row's input values u (acc), then store.
+template <int V, typename T, typename P, typename Y, typename R, typename A>
+__device__ __forceinline__ void fwd_write_chunk(const FwdParams<T, P, Y, R>& p, Y* y_chunk,
                                                 bool full, bool params_vec, int col0,
-                                                const A (&v)[V], const RowStats<A>& st) {
+                                                const A (&u)[V], const RowStats<A>& st) {
   A w[V], b[V], out[V];
   load_param_chunk(p.weight, params_vec, col0, p.cols, A(1), w);
   load_param_chunk(p.bias, params_vec, col0, p.cols, A(0), b);
 #pragma unroll
-  for (int i = 0; i < V; ++i) out[i] = st.xhat(v[i]) * w[i] + b[i];
+  for (int i = 0; i < V; ++i) out[i] = st.xhat(u[i]) * w[i] + b[i];
   store_chunk(y_chunk, full, col0, p.cols, out);
 }
 
-// Adds this thread's share of sum(x - shift) and sum((x - shift)^2) over the chunk's
-// columns in the row.
-template <int V, typename A>
-__device__ __forceinline__ void add_deviations(const A (&v)[V], int col0, int n, A shift,
-                                               A (&dev)[2]) {
+// The row's statistics. for_chunks(visit) calls visit(col0, u) for each of this
+// thread's chunks of the row (u zero outside it); sum_over_row(v) adds the values of
+// v[K] over every thread of the row.
+template <bool kCentered, int V, typename A, typename ForChunks, typename SumOverRow>
+__device__ __forceinline__ RowStats<A> row_stats(ForChunks&& for_chunks, SumOverRow&& sum_over_row, int n,
+                                                 A eps) {
+  if constexpr (kCentered) {
+    A sum[1] = {0};
+    for_chunks([&](int, const A(&u)[V]) {
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    const A d = in_row(col0 + i, n) ? v[i] - shift : A(0);
-    dev[0] += d;
-    dev[1] += d * d;
+      for (int i = 0; i < V; ++i) sum[0] += u[i];
+    });
+    sum_over_row(sum);
+    const A shift = sum[0] / A(n);
+    A dev[2] = {0, 0};  // sum(u - shift), sum((u - shift)^2) over the row's columns
+    for_chunks([&](int col0, const A(&u)[V]) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const A d = in_row(col0 + i, n) ? u[i] - shift : A(0);
+        dev[0] += d;
+        dev[1] += d * d;
+      }
+    });
+    sum_over_row(dev);
+    return corrected_stats(shift, dev[0], dev[1], A(n), eps);
+  } else {
+    A sq[1] = {0};
+    for_chunks([&](int, const A(&u)[V]) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) sq[0] += u[i] * u[i];
+    });
+    sum_over_row(sq);
+    return {A(0), A(0), inv_sqrt(sq[0] / A(n) + eps)};
   }
 }
 
-// The row's statistics, once the first and second pass sums are added over the row.
-template <typename A>
-__device__ __forceinline__ RowStats<A> fwd_stats(A shift, const A (&dev)[2], int n, A eps) {
-  return corrected_stats(shift, dev[0], dev[1], A(n), eps);
+template <typename T, typename P, typename Y, typename R>
+__device__ __forceinline__ void store_stats(const FwdParams<T, P, Y, R>& p, int64_t row,
+                                            const RowStats<acc_t<T>>& st) {
+  if (p.mean != nullptr) p.mean[row] = st.mean();
+  p.rstd[row] = st.rstd;
 }
 
-template <typename T, typename P, typename Y, int K>
+// Fills `cache` (chunk s at (s - begin) * V) with chunks [begin, end) of the row's
+// input: x copied raw, or h = x + residual (also stored to h); with a residual, chunks
+// [end, stop) get their h stored only (a long kernel's uncached part, re-read from h).
+// Each thread handles the chunks it later works on itself: no barrier.
+template <int V, typename T, typename P, typename Y, typename R>
+__device__ __forceinline__ void fill_input(const FwdParams<T, P, Y, R>& p, const RowChunks& rc, R* cache,
+                                           int begin, int end, int stop) {
+  using A = acc_t<T>;
+  if constexpr (std::is_same_v<T, R>) {
+    if (p.residual == nullptr) {
+      cache_chunks<V, kFwdCacheBatchBytes>(p.x + rc.first * V, cache, begin, end, rc.head, p.cols, p.vec_ok);
+      return;
+    }
+  }
+  for (int s = begin + static_cast<int>(threadIdx.x); s < stop; s += static_cast<int>(blockDim.x)) {
+    const int col0 = s * V - rc.head;
+    const bool full = chunk_is_full<V>(p.vec_ok, col0, p.cols);
+    A u[V];
+    load_input_chunk(p, rc.first, s, full, col0, u);
+    if (s < end) store_chunk(cache + (s - begin) * V, full, col0, p.cols, u);
+  }
+}
+
+template <typename T, typename P, typename Y, typename R, bool kCentered, int K>
 __global__ void __launch_bounds__(512)
-    layer_norm_fwd_rows_kernel(const FwdParams<T, P, Y> p, const int group) {
+    layer_norm_fwd_rows_kernel(const FwdParams<T, P, Y, R> p, const int group) {
   using A = acc_t<T>;
   constexpr int V = kVecElems<T>;
   LN_EXT_SHARED(A, scratch, [kSumScratch]);
@@ -104,38 +176,29 @@ __global__ void __launch_bounds__(512)
     const int64_t row = batch + threadIdx.x / group;
     const bool valid = row < p.rows;
     const RowChunks rc = valid ? row_chunks<V>(row, n) : RowChunks{0, 0, 0};
-    const T* x_row = p.x + rc.first * V;
 
-    A v[K][V];  // this thread's chunks of the row: chunk s = k * group + lane
-    A sum = 0;
+    A u[K][V];  // this thread's chunks of the row's input: chunk s = k * group + lane
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int s = k * group + lane;
       const int col0 = s * V - rc.head;
       if (s < rc.count) {
-        load_chunk(x_row + s * V, chunk_is_full<V>(p.vec_ok, col0, n), col0, n, A(0), v[k]);
+        load_input_chunk(p, rc.first, s, chunk_is_full<V>(p.vec_ok, col0, n), col0, u[k]);
       } else {
 #pragma unroll
-        for (int i = 0; i < V; ++i) v[k][i] = 0;
+        for (int i = 0; i < V; ++i) u[k][i] = 0;
       }
+    }
+    const RowStats<A> st = row_stats<kCentered, V>(
+        [&](auto&& visit) {
 #pragma unroll
-      for (int i = 0; i < V; ++i) sum += v[k][i];
-    }
-    const A shift = row_group_sum(sum, group, scratch) / A(n);
-
-    A dev[2] = {0, 0};
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int s = k * group + lane;
-      // Chunks past the row's end hold zeros: mark them outside the row.
-      add_deviations(v[k], s < rc.count ? s * V - rc.head : n, n, shift, dev);
-    }
-    row_group_sums(dev, group, scratch);
-    const RowStats<A> st = fwd_stats(shift, dev, n, p.eps);
-    if (valid && lane == 0) {
-      p.mean[row] = st.mean();
-      p.rstd[row] = st.rstd;
-    }
+          for (int k = 0; k < K; ++k) {
+            const int s = k * group + lane;
+            visit(s < rc.count ? s * V - rc.head : n, u[k]);  // chunks past the row: outside it
+          }
+        },
+        [&](auto& v) { row_group_sums(v, group, scratch); }, n, p.eps);
+    if (valid && lane == 0) store_stats(p, row, st);
 
     Y* y_row = p.y + rc.first * V;
 #pragma unroll
@@ -144,76 +207,70 @@ __global__ void __launch_bounds__(512)
       const int col0 = s * V - rc.head;
       if (s < rc.count) {
         const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
-        fwd_write_chunk<V>(p, y_row + s * V, full, full && p.params_vec_ok, col0, v[k], st);
+        fwd_write_chunk<V>(p, y_row + s * V, full, full && p.params_vec_ok, col0, u[k], st);
       }
     }
   }
 }
 
-template <typename T, typename P, typename Y>
+template <typename T, typename P, typename Y, typename R, bool kCentered>
 __global__ void __launch_bounds__(1024)
-    layer_norm_fwd_long_kernel(const FwdParams<T, P, Y> p, const int cached_chunks) {
+    layer_norm_fwd_long_kernel(const FwdParams<T, P, Y, R> p, const int cached_chunks) {
   using A = acc_t<T>;
   constexpr int V = kVecElems<T>;
   LN_EXT_SHARED(A, scratch, [kSumScratch]);
-  LN_EXT_DYNAMIC_SHARED(dynamic_smem);  // the row's first cached_chunks chunks, [cached_chunks * V] T
-  T* cache = reinterpret_cast<T*>(dynamic_smem);
+  LN_EXT_DYNAMIC_SHARED(dynamic_smem);  // the row's first cached_chunks chunks of its input, [cached_chunks * V] R
+  R* cache = reinterpret_cast<R*>(dynamic_smem);
   const int n = p.cols;
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const RowChunks rc = row_chunks<V>(row, n);
-    const T* x_row = p.x + rc.first * V;
     // Each thread only ever touches its own chunks s = threadIdx.x + j * blockDim.x,
-    // in the cache as in x, so the cache needs no barrier of its own.
-    cache_chunks<V, kFwdCacheBatchBytes>(x_row, cache, 0, imin(rc.count, cached_chunks), rc.head, n, p.vec_ok);
-    // f(s, col0, full, v) for this thread's chunks s, v = x as acc: from the cache for
-    // the chunks it holds, else (again) from x.
+    // in the cache as in memory, so the cache needs no barrier of its own.
+    fill_input<V>(p, rc, cache, 0, imin(rc.count, cached_chunks), rc.count);
+    // The input beyond the cache: h (just written) with a residual, else x.
+    const R* input_row;
+    if constexpr (std::is_same_v<T, R>) {
+      input_row = (p.residual != nullptr ? p.h : p.x) + rc.first * V;
+    } else {
+      input_row = p.h + rc.first * V;
+    }
+    // f(s, col0, full, u) for this thread's chunks s, u = the input as acc: from the cache
+    // for the chunks it holds, else (again) from memory.
     auto for_my_chunks = [&](auto&& f) {
       for_chunks_split(cached_chunks, rc.count, [&](int s, auto cached) {
-        const T* src = (cached.value ? cache : x_row) + s * V;
+        const R* src = (cached.value ? cache : input_row) + s * V;
         const int col0 = s * V - rc.head;
         const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
-        A v[V];
-        load_chunk(src, full, col0, n, A(0), v);
-        f(s, col0, full, v);
+        A u[V];
+        load_chunk(src, full, col0, n, A(0), u);
+        f(s, col0, full, u);
       });
     };
-
-    A sum = 0;
-    for_my_chunks([&](int, int, bool, const A(&v)[V]) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) sum += v[i];
-    });
-    const A shift = block_sum(sum, scratch) / A(n);
-
-    A dev[2] = {0, 0};
-    for_my_chunks([&](int, int col0, bool, const A(&v)[V]) { add_deviations(v, col0, n, shift, dev); });
-    block_sums(dev, scratch);
-    const RowStats<A> st = fwd_stats(shift, dev, n, p.eps);
-    if (threadIdx.x == 0) {
-      p.mean[row] = st.mean();
-      p.rstd[row] = st.rstd;
-    }
+    const RowStats<A> st = row_stats<kCentered, V>(
+        [&](auto&& visit) { for_my_chunks([&](int, int col0, bool, const A(&u)[V]) { visit(col0, u); }); },
+        [&](auto& v) { block_sums(v, scratch); }, n, p.eps);
+    if (threadIdx.x == 0) store_stats(p, row, st);
 
     Y* y_row = p.y + rc.first * V;
-    for_my_chunks([&](int s, int col0, bool full, const A(&v)[V]) {
-      fwd_write_chunk<V>(p, y_row + s * V, full, full && p.params_vec_ok, col0, v, st);
+    for_my_chunks([&](int s, int col0, bool full, const A(&u)[V]) {
+      fwd_write_chunk<V>(p, y_row + s * V, full, full && p.params_vec_ok, col0, u, st);
     });
-    // The next row's cache copy overwrites only this thread's own chunks: no barrier.
+    // The next row's cache fill overwrites only this thread's own chunks: no barrier.
   }
 }
 
-template <typename T, typename P, typename Y>
+template <typename T, typename P, typename Y, typename R, bool kCentered>
 __global__ void __launch_bounds__(1024)
-    layer_norm_fwd_cluster_kernel(const FwdParams<T, P, Y> p, const int slice_chunks) {
+    layer_norm_fwd_cluster_kernel(const FwdParams<T, P, Y, R> p, const int slice_chunks) {
   using A = acc_t<T>;
   constexpr int V = kVecElems<T>;
   // Dynamic shared memory only (the host emulation gives each block of a cluster its
-  // own): the header (cluster.cuh), then this block's chunks of the row,
-  // [slice_chunks * V] T.
+  // own): the header (cluster.cuh), then this block's chunks of the row's input,
+  // [slice_chunks * V] R.
   LN_EXT_DYNAMIC_SHARED(dynamic_smem);
   ClusterSum<A> cluster_sum(dynamic_smem, p.lean_cluster_sum);
-  T* const cache = reinterpret_cast<T*>(dynamic_smem + cluster_header_words<A>());
+  R* const cache = reinterpret_cast<R*>(dynamic_smem + cluster_header_words<A>());
   const int n = p.cols;
   const int rank = cluster_rank();
   const int blocks = cluster_blocks();
@@ -224,39 +281,26 @@ __global__ void __launch_bounds__(1024)
     const RowChunks rc = row_chunks<V>(row, n);
     const int begin = imin(rank * slice_chunks, rc.count);
     const int end = imin(begin + slice_chunks, rc.count);
-    const T* x_row = p.x + rc.first * V;
-    cache_chunks<V, kFwdCacheBatchBytes>(x_row, cache, begin, end, rc.head, n, p.vec_ok);
+    fill_input<V>(p, rc, cache, begin, end, end);
     // This thread's chunks s of the row, in the cache at (s - begin) * V: the
-    // chunks it cached itself, so no barrier.
+    // chunks it filled itself, so no barrier.
     auto for_my_chunks = [&](auto&& f) {
       for (int s = begin + threadIdx.x; s < end; s += blockDim.x) {
         const int col0 = s * V - rc.head;
         const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
-        A v[V];
-        load_chunk(cache + (s - begin) * V, full, col0, n, A(0), v);
-        f(s, col0, full, v);
+        A u[V];
+        load_chunk(cache + (s - begin) * V, full, col0, n, A(0), u);
+        f(s, col0, full, u);
       }
     };
-
-    A sum = 0;
-    for_my_chunks([&](int, int, bool, const A(&v)[V]) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) sum += v[i];
-    });
-    const A shift = cluster_sum(sum) / A(n);
-
-    A dev[2] = {0, 0};
-    for_my_chunks([&](int, int col0, bool, const A(&v)[V]) { add_deviations(v, col0, n, shift, dev); });
-    cluster_sum(dev);
-    const RowStats<A> st = fwd_stats(shift, dev, n, p.eps);
-    if (rank == 0 && threadIdx.x == 0) {
-      p.mean[row] = st.mean();
-      p.rstd[row] = st.rstd;
-    }
+    const RowStats<A> st = row_stats<kCentered, V>(
+        [&](auto&& visit) { for_my_chunks([&](int, int col0, bool, const A(&u)[V]) { visit(col0, u); }); },
+        [&](auto& v) { cluster_sum(v); }, n, p.eps);
+    if (rank == 0 && threadIdx.x == 0) store_stats(p, row, st);
 
     Y* y_row = p.y + rc.first * V;
-    for_my_chunks([&](int s, int col0, bool full, const A(&v)[V]) {
-      fwd_write_chunk<V>(p, y_row + s * V, full, full && p.params_vec_ok, col0, v, st);
+    for_my_chunks([&](int s, int col0, bool full, const A(&u)[V]) {
+      fwd_write_chunk<V>(p, y_row + s * V, full, full && p.params_vec_ok, col0, u, st);
     });
   }
   cluster_sync();  // no block leaves while another may still read its sums

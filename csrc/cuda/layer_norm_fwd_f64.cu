@@ -1,0 +1,8 @@
+// The norm family's forward kernels for double x (see norm_fwd_launch.cuh).
+#include "norm_fwd_launch.cuh"
+
+namespace ln_ext {
+namespace cuda_launch {
+template void launch_fwd_for_input<double>(const NormFwdArgs&);
+}  // namespace cuda_launch
+}  // namespace ln_ext
