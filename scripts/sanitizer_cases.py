@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Small LayerNorm (and LN-RNN) cases that reach every kernel regime, for compute-sanitizer.
+"""Small LayerNorm (RMSNorm, add + norm and LN-RNN) cases that reach every kernel regime, for
+compute-sanitizer.
 
 Each case runs the forward and backward ops once and compares y, mean, rstd, dx, dweight and
 dbias with a float64 reference. Inputs and references are made on the CPU and copied over,
@@ -18,6 +19,7 @@ import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import common  # noqa: E402  (also puts the repository root on sys.path)
@@ -147,6 +149,54 @@ def run_public_path(device: torch.device) -> dict[str, float]:
             "dbias": common.error_ratio(db.cpu(), ref["dbias"], bwd_tol)}
 
 
+# The rest of the norm family on shapes that reach each kernel regime: RMSNorm (not
+# centered) and add + norm (h in x's dtype, and a float32 stream beside bf16 x), with a
+# gradient of h added in the backward. (op, x dtype, residual dtype or None, N, M)
+FAMILY_CASES = [
+    ("rms_norm", "bf16", None, 33, 37), ("rms_norm", "fp32", None, 4097, 3), ("rms_norm", "bf16", None, 16385, 3),
+    ("rms_norm", "bf16", None, 262144, 2),
+    ("add_layer_norm", "bf16", "fp32", 1000, 5), ("add_layer_norm", "fp16", None, 12289, 2),
+    ("add_layer_norm", "bf16", "fp32", 65536, 3),
+    ("add_rms_norm", "bf16", "fp32", 4097, 7), ("add_rms_norm", "fp32", None, 131072, 2),
+]
+
+
+def run_family_case(op: str, dtype: str, residual_dtype: Optional[str], n: int, m: int, device) -> dict[str, float]:
+    """The public function's outputs and gradients (x, residual, weight, bias) on `device`
+    against the same function in float64 on the CPU."""
+    import ln_ext
+
+    x_dtype = DTYPES[dtype][0]
+    r_dtype = DTYPES[residual_dtype][0] if residual_dtype else x_dtype
+    g = torch.Generator().manual_seed(zlib.crc32(f"{op}{dtype}{n}".encode()))
+    x = (torch.randn(m, n, generator=g) * 1.5 + 0.3).to(x_dtype)
+    r = torch.randn(m, n, generator=g).to(r_dtype)
+    w = (1 + 0.5 * torch.randn(n, generator=g)).to(x_dtype)
+    b = (0.1 * torch.randn(n, generator=g)).to(x_dtype)
+    dy, dh = torch.randn(m, n, generator=g).to(x_dtype), torch.randn(m, n, generator=g).to(r_dtype)
+
+    def run(xx, rr, ww, bb, to):
+        leaves = [t.to(to).detach().requires_grad_() for t in (xx, rr, ww, bb)]
+        lx, lr, lw, lb = leaves
+        if op == "rms_norm":
+            outs, grads_in, used = [ln_ext.rms_norm(lx, n, lw, EPS)], [dy], [lx, lw]
+        elif op == "add_layer_norm":
+            outs, grads_in, used = list(ln_ext.add_layer_norm(lx, lr, n, lw, lb, EPS)), [dy, dh], leaves
+        else:
+            outs, grads_in, used = list(ln_ext.add_rms_norm(lx, lr, n, lw, EPS)), [dy, dh], [lx, lr, lw]
+        grads = torch.autograd.grad(outs, used, [t.to(device=o.device, dtype=o.dtype) for t, o in zip(grads_in, outs)])
+        return [t.detach().cpu() for t in outs + list(grads)]
+
+    got = run(x, r, w, b, device)
+    want = run(x.double(), r.double(), w.double(), b.double(), "cpu")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    fwd_tol, bwd_tol = TOLERANCE[x_dtype]
+    n_out = 1 if op == "rms_norm" else 2
+    return {f"{'out' if i < n_out else 'grad'}{i}": common.error_ratio(a, e, fwd_tol if i < n_out else bwd_tol)
+            for i, (a, e) in enumerate(zip(got, want))}
+
+
 def rnn_cases(device: torch.device):
     """(label, thunk) for the LN-RNN layers this ln_ext has: the layer on `device` against a
     float64 CPU copy of itself (output, final state, input gradient)."""
@@ -206,6 +256,9 @@ def main(argv=None) -> int:
     jobs = [(f"{c.label} [{c.dtype}, x {list(c.batch + c.normalized)}]", (lambda c=c: run_layer_norm_case(c, device)))
             for c in CASES]
     jobs.append(("ln_ext.LayerNorm forward + autograd backward [bf16, x [6, 4097]]", lambda: run_public_path(device)))
+    jobs += [(f"{op} [{dt}{' + ' + rd + ' stream' if rd else ''}, x [{m}, {n}]]",
+              (lambda op=op, dt=dt, rd=rd, n=n, m=m: run_family_case(op, dt, rd, n, m, device)))
+             for op, dt, rd, n, m in FAMILY_CASES]
     jobs += list(rnn_cases(device))
     failed = 0
     for label, job in jobs:

@@ -105,19 +105,36 @@ template <typename T> RefStats ref_stats(const T* x, int N) {
   return {shift, c, 1 / std::sqrt(std::max<ld>(q / N - c * c, 0) + (ld)1e-5)};
 }
 
-// ---------------------------------------------------------------- LayerNorm forward
-// force_long_block: run the long kernel (or, with cluster > 0, the cluster kernel with clusters of
-// `cluster` blocks) with blocks of that many threads, whatever N.
-template <typename T, typename P, typename Y>
-void test_fwd(int64_t M, int N, int offset, bool has_w, bool has_b, int grid_cap, int force_long_block, int cluster, Dist dist) {
+// RMSNorm's statistics of a row in long double, as RefStats (no shift, no residual).
+template <typename T> RefStats ref_rms_stats(const T* x, int N) {
+  ld q = 0; for (int j = 0; j < N; ++j) { const ld v = to_d(x[j]); q += v * v; }
+  return {0, 0, 1 / std::sqrt(q / N + (ld)1e-5)};
+}
+template <bool kCentered, typename T> RefStats ref_norm_stats(const T* x, int N) {
+  return kCentered ? ref_stats(x, N) : ref_rms_stats(x, N);
+}
+
+// ---------------------------------------------------------------- forward
+// The norm family's forward: LayerNorm (kCentered) or RMSNorm, of x or (add) of h = x +
+// residual, h of type R. force_long_block: run the long kernel (or, with cluster > 0, the
+// cluster kernel with clusters of `cluster` blocks) with blocks of that many threads,
+// whatever N.
+template <typename T, typename P, typename Y, typename R = T, bool kCentered = true>
+void test_fwd(int64_t M, int N, int offset, bool has_w, bool has_b, int grid_cap, int force_long_block, int cluster, Dist dist,
+              bool add = false) {
   using A = acc_t<T>; constexpr int V = kVecElems<T>;
-  Buf<T> x(M * N, offset); Buf<Y> y(M * N, offset % 2); Buf<P> w(N, 0), b(N, 0);
+  has_b = has_b && kCentered;  // RMSNorm has no bias
+  Buf<T> x(M * N, offset); Buf<Y> y(M * N, offset % 2); Buf<P> w(N, 0), b(N, 0); Buf<R> res(M * N, offset), h(M * N, offset);
   std::vector<A> mean(M), rstd(M);
   std::normal_distribution<double> nd(0.0, 1.0);
   for (int64_t i = 0; i < M * N; ++i) x.p[i] = from_d<T>(dist.offset + dist.scale * nd(rng));
+  for (int64_t i = 0; i < M * N; ++i) res.p[i] = from_d<R>(nd(rng));
   for (int i = 0; i < N; ++i) { w.p[i] = from_d<P>(0.5 + 2 * nd(rng)); b.p[i] = from_d<P>(0.5 + 2 * nd(rng)); }
-  FwdParams<T, P, Y> p{x.p, has_w ? w.p : nullptr, has_b ? b.p : nullptr, y.p, mean.data(), rstd.data(), M, N, (A)1e-5,
-                       reinterpret_cast<uintptr_t>(x.p) % 16 == 0 && reinterpret_cast<uintptr_t>(y.p) % 16 == 0, true};
+  FwdParams<T, P, Y, R> p{x.p, add ? res.p : nullptr, add ? h.p : nullptr, has_w ? w.p : nullptr, has_b ? b.p : nullptr, y.p,
+                          kCentered ? mean.data() : nullptr, rstd.data(), M, N, (A)1e-5,
+                          reinterpret_cast<uintptr_t>(x.p) % 16 == 0 && reinterpret_cast<uintptr_t>(y.p) % 16 == 0 &&
+                              reinterpret_cast<uintptr_t>(res.p) % 16 == 0 && reinterpret_cast<uintptr_t>(h.p) % 16 == 0,
+                          true};
   const int chunks = max_chunks_per_row(N, V);
   Cfg c = choose(chunks, 4, 512);
   if (force_long_block) c.k = 0;
@@ -125,55 +142,67 @@ void test_fwd(int64_t M, int N, int offset, bool has_w, bool has_b, int grid_cap
   p.lean_cluster_sum = (M + N + cluster) % 2 == 1;
   if (cluster) {
     const int slice = cluster_slice_chunks(chunks, cluster);
-    const size_t smem = cluster_header_words<A>() * 16 + (size_t)slice * V * sizeof(T);
+    const size_t smem = cluster_header_words<A>() * 16 + (size_t)slice * V * sizeof(R);
     const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(M, grid_cap)) * cluster;
-    emu_launch({(unsigned)grid}, {(unsigned)force_long_block}, smem, [&] { layer_norm_fwd_cluster_kernel<T, P, Y>(p, slice); }, cluster);
+    emu_launch({(unsigned)grid}, {(unsigned)force_long_block}, smem, [&] { layer_norm_fwd_cluster_kernel<T, P, Y, R, kCentered>(p, slice); }, cluster);
   } else if (c.k) {
     int grid = (int)std::max<int64_t>(1, std::min<int64_t>(ceil_div(M, c.rpb()), grid_cap));
     emu_launch({(unsigned)grid}, {(unsigned)c.block}, 0, [&] {
-      if (c.k == 1) layer_norm_fwd_rows_kernel<T, P, Y, 1>(p, c.group); else layer_norm_fwd_rows_kernel<T, P, Y, 4>(p, c.group);
+      if (c.k == 1) layer_norm_fwd_rows_kernel<T, P, Y, R, kCentered, 1>(p, c.group); else layer_norm_fwd_rows_kernel<T, P, Y, R, kCentered, 4>(p, c.group);
     });
   } else {
     const int block = force_long_block ? force_long_block : 1024;
     const int cached = cached_of(M, N, chunks);
     int grid = (int)std::max<int64_t>(1, std::min<int64_t>(M, grid_cap));
-    emu_launch({(unsigned)grid}, {(unsigned)block}, (size_t)cached * V * sizeof(T), [&] { layer_norm_fwd_long_kernel<T, P, Y>(p, cached); });
+    emu_launch({(unsigned)grid}, {(unsigned)block}, (size_t)cached * V * sizeof(R), [&] { layer_norm_fwd_long_kernel<T, P, Y, R, kCentered>(p, cached); });
   }
-  const std::string tag = "fwd M=" + std::to_string(M) + " N=" + std::to_string(N) + " off=" + std::to_string(offset) + " k=" + std::to_string(c.k) + " cluster=" + std::to_string(cluster) + (p.lean_cluster_sum ? " lean" : "") + " T=" + std::to_string(sizeof(T)) + " P=" + std::to_string(sizeof(P)) + " Y=" + std::to_string(sizeof(Y)) + " w=" + std::to_string(has_w) + " b=" + std::to_string(has_b) + " mean/spread=" + num(dist.offset / dist.scale);
+  const std::string tag = std::string(kCentered ? "fwd" : "rms fwd") + (add ? " add" : "") + " M=" + std::to_string(M) + " N=" + std::to_string(N) + " off=" + std::to_string(offset) + " k=" + std::to_string(c.k) + " cluster=" + std::to_string(cluster) + (p.lean_cluster_sum ? " lean" : "") + " T=" + std::to_string(sizeof(T)) + " P=" + std::to_string(sizeof(P)) + " Y=" + std::to_string(sizeof(Y)) + " R=" + std::to_string(sizeof(R)) + " w=" + std::to_string(has_w) + " b=" + std::to_string(has_b) + " mean/spread=" + num(dist.offset / dist.scale);
+  std::vector<double> u(N);  // the row the norm reads: x, or h = x + residual rounded to R
   for (int64_t r = 0; r < M; ++r) {
-    const RefStats st = ref_stats(x.p + r * N, N);
+    for (int j = 0; j < N; ++j) {
+      const int64_t e = r * N + j;
+      u[j] = add ? to_d(from_d<R>(to_d(x.p[e]) + to_d(res.p[e]))) : to_d(x.p[e]);
+      if (add && to_d(h.p[e]) != u[j]) { fail(tag + " h[" + std::to_string(r) + "," + std::to_string(j) + "] got " + num(to_d(h.p[e])) + " want " + num(u[j])); return; }
+    }
+    const RefStats st = ref_norm_stats<kCentered>(u.data(), N);
     const ld mu = st.mean(), rs = st.rs;
     // strict: the mean within an ulp of itself and a few of the spread.
-    const bool stats_ok = dist.strict
-        ? std::abs(mean[r] - mu) <= ulp<A>() * (std::abs(mu) + 8 / rs) && std::abs(rstd[r] - rs) <= 64 * ulp<A>() * rs
-        : std::abs(mean[r] - mu) <= 1e-5 * (1 + std::abs(mu)) && std::abs(rstd[r] - rs) <= 1e-4 * rs;
-    if (!stats_ok) { fail(tag + " stats row " + std::to_string(r) + ": mean " + num(mean[r]) + " want " + num(mu) + ", rstd " + num(rstd[r]) + " want " + num(rs)); return; }
+    const bool mean_ok = !kCentered || (dist.strict ? std::abs(mean[r] - mu) <= ulp<A>() * (std::abs(mu) + 8 / rs)
+                                                    : std::abs(mean[r] - mu) <= 1e-5 * (1 + std::abs(mu)));
+    const bool rstd_ok = std::abs(rstd[r] - rs) <= (dist.strict ? 64 * ulp<A>() : 1e-4) * rs;
+    if (!mean_ok || !rstd_ok) { fail(tag + " stats row " + std::to_string(r) + ": mean " + num(mean[r]) + " want " + num(mu) + ", rstd " + num(rstd[r]) + " want " + num(rs)); return; }
     for (int j = 0; j < N; ++j) {
       const double bias = has_b ? to_d(b.p[j]) : 0.0;
-      const double ref = (double)(st.xhat(to_d(x.p[r * N + j])) * (has_w ? to_d(w.p[j]) : 1.0) + bias);
+      const double ref = (double)(st.xhat(u[j]) * (has_w ? to_d(w.p[j]) : 1.0) + bias);
       const double got = to_d(y.p[r * N + j]);
       const double t = dist.strict ? 16 * ulp<Y>() * (1 + std::abs(ref))
                                    : std::max(tol<Y>(), 2e-5 * (std::is_same_v<A, double> ? 0 : 1)) * (1 + std::abs(ref)) * 4;
-      const bool ok = N == 1 ? got == to_d(from_d<Y>(bias)) : std::abs(got - ref) <= t;  // N = 1: xhat = 0, y = bias exactly
+      // LayerNorm, N = 1: xhat = 0, y = bias exactly.
+      const bool ok = kCentered && N == 1 ? got == to_d(from_d<Y>(bias)) : std::abs(got - ref) <= t;
       if (!ok) { fail(tag + " y[" + std::to_string(r) + "," + std::to_string(j) + "] got " + num(got) + " want " + num(ref)); return; }
     }
   }
 }
 
-// ---------------------------------------------------------------- LayerNorm backward
-template <typename T, typename DY, typename P>
-void test_bwd(int64_t M, int N, int offset, bool has_w, bool want_dx, bool want_params, int grid_cap, int force_long_block, int cluster, Dist dist) {
+// ---------------------------------------------------------------- backward
+// The gradient of the norm's input (LayerNorm, or RMSNorm), plus dh when `with_dh`.
+template <typename T, typename DY, typename P, bool kCentered = true>
+void test_bwd(int64_t M, int N, int offset, bool has_w, bool want_dx, bool want_params, int grid_cap, int force_long_block, int cluster, Dist dist,
+              bool with_dh = false) {
   using A = acc_t<T>; constexpr int V = kVecElems<T>;
-  Buf<T> x(M * N, offset), dx(M * N, offset); Buf<DY> dy(M * N, offset); Buf<P> w(N, 0);
+  Buf<T> x(M * N, offset), dx(M * N, offset), dh(M * N, offset); Buf<DY> dy(M * N, offset); Buf<P> w(N, 0);
   std::normal_distribution<double> nd(0.0, 1.0);
-  for (int64_t i = 0; i < M * N; ++i) { x.p[i] = from_d<T>(dist.offset + dist.scale * nd(rng)); dy.p[i] = from_d<DY>(0.5 + 2 * nd(rng)); }
+  for (int64_t i = 0; i < M * N; ++i) { x.p[i] = from_d<T>(dist.offset + dist.scale * nd(rng)); dy.p[i] = from_d<DY>(0.5 + 2 * nd(rng)); dh.p[i] = from_d<T>(nd(rng)); }
   for (int i = 0; i < N; ++i) w.p[i] = from_d<P>(0.5 + 2 * nd(rng));
   // The statistics as the forward stores them: rounded to A (the kernels correct for it).
   std::vector<RefStats> st(M);
   std::vector<A> mean(M), rstd(M), residual(M, (A)-777);
-  for (int64_t r = 0; r < M; ++r) { st[r] = ref_stats(x.p + r * N, N); mean[r] = (A)st[r].mean(); rstd[r] = (A)st[r].rs; }
-  BwdParams<T, DY, P> p{dy.p, x.p, mean.data(), rstd.data(), has_w ? w.p : nullptr, want_dx ? dx.p : nullptr, nullptr, nullptr, M, N,
-                        reinterpret_cast<uintptr_t>(x.p) % 16 == 0 && reinterpret_cast<uintptr_t>(dy.p) % 16 == 0 && reinterpret_cast<uintptr_t>(dx.p) % 16 == 0, true};
+  for (int64_t r = 0; r < M; ++r) { st[r] = ref_norm_stats<kCentered>(x.p + r * N, N); mean[r] = (A)st[r].mean(); rstd[r] = (A)st[r].rs; }
+  BwdParams<T, DY, P> p{with_dh ? dh.p : nullptr, dy.p, x.p, kCentered ? mean.data() : nullptr, rstd.data(), has_w ? w.p : nullptr,
+                        want_dx ? dx.p : nullptr, nullptr, nullptr, M, N,
+                        reinterpret_cast<uintptr_t>(x.p) % 16 == 0 && reinterpret_cast<uintptr_t>(dy.p) % 16 == 0 &&
+                            reinterpret_cast<uintptr_t>(dx.p) % 16 == 0 && reinterpret_cast<uintptr_t>(dh.p) % 16 == 0,
+                        true};
   const int chunks = max_chunks_per_row(N, V);
   Cfg c = choose(chunks, 2, 512);
   if (force_long_block) c.k = 0;
@@ -187,31 +216,34 @@ void test_bwd(int64_t M, int N, int offset, bool has_w, bool want_dx, bool want_
     // unless (M + N) % 3 == 0, standing in for "too large", which takes param_cols and
     // the kernel's per-row residuals)
     fuse_long = want_params && (M + N) % 3 != 0;
+    if (!want_dx && !fuse_long) fuse_long = want_params;  // as the launcher: without dx the cluster kernel fuses
     const int slice = cluster_slice_chunks(chunks, cluster);
     const int clusters = (int)std::max<int64_t>(1, std::min<int64_t>(M, grid_cap));
     const size_t smem = cluster_header_words<A>() * 16 + (fuse_long ? 2 * (size_t)long_param_cols(slice * V) * sizeof(A) : 0) +
                         (size_t)(slice + 1) * V * (sizeof(T) + sizeof(DY));
     if (fuse_long) { partials.assign((size_t)clusters * 2 * N, (A)-777); p.partials = partials.data(); partial_blocks = clusters; }
-    else if (want_params) p.residual = residual.data();
-    emu_launch({(unsigned)(clusters * cluster)}, {(unsigned)force_long_block}, smem, [&] { layer_norm_bwd_cluster_kernel<T, DY, P>(p, slice); }, cluster);
+    else if (want_params && kCentered) p.residual = residual.data();
+    emu_launch({(unsigned)(clusters * cluster)}, {(unsigned)force_long_block}, smem, [&] { layer_norm_bwd_cluster_kernel<T, DY, P, kCentered>(p, slice); }, cluster);
   } else if (c.k && (want_dx || fuse)) {
     int grid = (int)std::max<int64_t>(1, std::min<int64_t>(ceil_div(M, c.rpb()), grid_cap));
     size_t smem = 0;
     if (fuse) { partials.assign((size_t)grid * 2 * N, (A)-777); p.partials = partials.data(); partial_blocks = grid; if (N % V != 0) smem = (size_t)c.rpb() * 2 * chunks * V * sizeof(A); else if (c.rpb() > 1) smem = c.rpb() * N * sizeof(A); }
     emu_launch({(unsigned)grid}, {(unsigned)c.block}, smem, [&] {
-      if (c.k == 1) layer_norm_bwd_rows_kernel<T, DY, P, 1>(p, c.group); else layer_norm_bwd_rows_kernel<T, DY, P, 2>(p, c.group);
+      if (c.k == 1) layer_norm_bwd_rows_kernel<T, DY, P, kCentered, 1>(p, c.group); else layer_norm_bwd_rows_kernel<T, DY, P, kCentered, 2>(p, c.group);
     });
   } else if (c.k == 0) {
     // long kernel: dweight/dbias sums in shared memory (here: unless (M + N) % 3 == 0,
     // standing in for "too large": residuals for param_cols), row cache or not
     fuse_long = want_params && (M + N) % 3 != 0;
     const int block = force_long_block ? force_long_block : 1024;
-    const int cached = want_dx ? cached_of(M + 1, N, chunks) : 0;
+    const int cached = (want_dx || fuse_long) ? cached_of(M + 1, N, chunks) : 0;
     int grid = (int)std::max<int64_t>(1, std::min<int64_t>(M, grid_cap));
     const size_t smem = (fuse_long ? 2 * (size_t)long_param_cols(N) * sizeof(A) : 0) + (size_t)cached * V * (sizeof(T) + sizeof(DY));
     if (fuse_long) { partials.assign((size_t)grid * 2 * N, (A)-777); p.partials = partials.data(); partial_blocks = grid; }
-    else if (want_params) p.residual = residual.data();
-    emu_launch({(unsigned)grid}, {(unsigned)block}, smem, [&] { layer_norm_bwd_long_kernel<T, DY, P>(p, cached); });
+    else if (want_params && kCentered) p.residual = residual.data();
+    // RMSNorm without dx and without fused sums: no kernel is needed before param_cols.
+    if (want_dx || fuse_long || p.residual != nullptr)
+      emu_launch({(unsigned)grid}, {(unsigned)block}, smem, [&] { layer_norm_bwd_long_kernel<T, DY, P, kCentered>(p, cached); });
   }
   if (want_params && !fuse && !fuse_long) {
     const int64_t col_tiles = ceil_div(N, kColTile);
@@ -221,17 +253,18 @@ void test_bwd(int64_t M, int N, int offset, bool has_w, bool want_dx, bool want_
     slices = ceil_div(M, rps);
     partials.assign((size_t)slices * 2 * N, (A)-777);
     emu_launch({(unsigned)col_tiles, (unsigned)slices}, {kColTile, kColRowLanes}, 0, [&] {
-      layer_norm_bwd_param_cols_kernel<T, DY>(dy.p, x.p, mean.data(), rstd.data(), residual.data(), partials.data(), M, N, rps);
+      layer_norm_bwd_param_cols_kernel<T, DY>(dy.p, x.p, kCentered ? mean.data() : nullptr, rstd.data(),
+                                              kCentered ? residual.data() : nullptr, partials.data(), M, N, rps);
     });
     partial_blocks = (int)slices;
   }
   std::vector<P> dw(N), db(N);
   if (want_params) {
     emu_launch({(unsigned)ceil_div(N, kColTile)}, {kColTile, kColRowLanes}, 0, [&] {
-      layer_norm_bwd_param_reduce_kernel<A, P>(partials.data(), partial_blocks, N, dw.data(), db.data());
+      layer_norm_bwd_param_reduce_kernel<A, P>(partials.data(), partial_blocks, N, dw.data(), kCentered ? db.data() : nullptr);
     });
   }
-  const std::string tag = "bwd M=" + std::to_string(M) + " N=" + std::to_string(N) + " off=" + std::to_string(offset) + " k=" + std::to_string(c.k) + " cluster=" + std::to_string(cluster) + (p.lean_cluster_sum ? " lean" : "") + " fuse=" + std::to_string(fuse) + std::to_string(fuse_long) + " T=" + std::to_string(sizeof(T)) + " DY=" + std::to_string(sizeof(DY)) + " P=" + std::to_string(sizeof(P)) + " w=" + std::to_string(has_w) + " dx=" + std::to_string(want_dx) + " params=" + std::to_string(want_params) + " mean/spread=" + num(dist.offset / dist.scale);
+  const std::string tag = std::string(kCentered ? "bwd" : "rms bwd") + (with_dh ? " +dh" : "") + " M=" + std::to_string(M) + " N=" + std::to_string(N) + " off=" + std::to_string(offset) + " k=" + std::to_string(c.k) + " cluster=" + std::to_string(cluster) + (p.lean_cluster_sum ? " lean" : "") + " fuse=" + std::to_string(fuse) + std::to_string(fuse_long) + " T=" + std::to_string(sizeof(T)) + " DY=" + std::to_string(sizeof(DY)) + " P=" + std::to_string(sizeof(P)) + " w=" + std::to_string(has_w) + " dx=" + std::to_string(want_dx) + " params=" + std::to_string(want_params) + " mean/spread=" + num(dist.offset / dist.scale);
   // Reference from the exact statistics, not the rounded ones the kernels were given.
   std::vector<ld> rdw(N, 0), rdb(N, 0);
   ld max_dw_term = 0;
@@ -242,14 +275,18 @@ void test_bwd(int64_t M, int N, int offset, bool has_w, bool want_dx, bool want_
       sg += g; sgx += g * xh; rdw[j] += d * xh; rdb[j] += d;
       max_g = std::max(max_g, std::abs(g)); max_dw_term = std::max(max_dw_term, std::abs(d * xh) + std::abs(d));
     }
-    sg /= N; sgx /= N;
+    sg = kCentered ? sg / N : 0;  // RMSNorm takes no mean(g) out
+    sgx /= N;
     if (!want_dx) continue;
     for (int j = 0; j < N; ++j) {
       const ld xh = st[r].xhat(to_d(x.p[r * N + j])), g = to_d(dy.p[r * N + j]) * (has_w ? to_d(w.p[j]) : 1.0);
-      const double ref = (double)(st[r].rs * (g - sg - xh * sgx)), got = to_d(dx.p[r * N + j]);
-      const double t = dist.strict ? 32 * ulp<T>() * (double)(st[r].rs * max_g)
+      const double extra = with_dh ? to_d(dh.p[r * N + j]) : 0.0;
+      const double ref = (double)(st[r].rs * (g - sg - xh * sgx)) + extra, got = to_d(dx.p[r * N + j]);
+      // strict: the norm's part within ulps of its terms, and the rounding of adding dh.
+      const double t = dist.strict ? 32 * ulp<T>() * (double)(st[r].rs * max_g) + 2 * ulp<T>() * std::abs(ref)
                                    : tol<T>() * 8 * (1 + std::abs(ref)) + (std::is_same_v<A, double> ? 0 : 1e-4 * std::sqrt((double)N));
-      const bool ok = N == 1 ? got == 0.0 : std::abs(got - ref) <= t;  // N = 1: dx = 0 exactly
+      // LayerNorm, N = 1: dx = 0 exactly (plus dh).
+      const bool ok = kCentered && N == 1 ? got == to_d(from_d<T>(extra)) : std::abs(got - ref) <= t;
       if (!ok) { fail(tag + " dx[" + std::to_string(r) + "," + std::to_string(j) + "] got " + num(got) + " want " + num(ref)); return; }
     }
   }
@@ -257,8 +294,9 @@ void test_bwd(int64_t M, int N, int offset, bool has_w, bool want_dx, bool want_
     for (int j = 0; j < N; ++j) {
       const double t = dist.strict ? 8 * ulp<A>() * M * (double)max_dw_term
                                    : (tol<P>() * 4 + (std::is_same_v<A, double> ? 0 : 1e-5 * M)) * (double)(1 + std::abs(rdw[j]) + std::sqrt((ld)M));
-      const bool dw_ok = N == 1 ? to_d(dw[j]) == 0.0 : std::abs(to_d(dw[j]) - rdw[j]) <= t;  // N = 1: xhat = 0
-      if (!dw_ok || !(std::abs(to_d(db[j]) - rdb[j]) <= t)) { fail(tag + " dw/db[" + std::to_string(j) + "] got " + num(to_d(dw[j])) + "/" + num(to_d(db[j])) + " want " + num(rdw[j]) + "/" + num(rdb[j])); return; }
+      const bool dw_ok = kCentered && N == 1 ? to_d(dw[j]) == 0.0 : std::abs(to_d(dw[j]) - rdw[j]) <= t;  // N = 1: xhat = 0
+      const bool db_ok = !kCentered || std::abs(to_d(db[j]) - rdb[j]) <= t;
+      if (!dw_ok || !db_ok) { fail(tag + " dw/db[" + std::to_string(j) + "] got " + num(to_d(dw[j])) + "/" + num(to_d(db[j])) + " want " + num(rdw[j]) + "/" + num(rdb[j])); return; }
     }
   }
 }
@@ -274,16 +312,31 @@ void layer_norm_suite(const std::vector<int>& ns, const std::vector<int64_t>& ms
     test_fwd<T, P, Y>(m, n, off, n % 2 == 0, n % 3 != 0, grid_cap, 0, 0, dist);
     test_bwd<T, DY, P>(m, n, off, n % 4 != 1, true, true, grid_cap, 0, 0, dist);
     test_bwd<T, DY, P>(m, n, 0, true, n % 2 == 0, n % 2 == 1, grid_cap, 0, 0, dist);
+    // The rest of the family on the launcher's kernel for N: RMSNorm, add + norm (h in x's
+    // dtype, and float32 beside a 16-bit x), the gradient of h added to dx.
+    using RF = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    test_fwd<T, P, Y, T, false>(m, n, off, n % 2 == 1, false, grid_cap, 0, 0, dist);
+    test_fwd<T, P, Y, T, true>(m, n, off, true, true, grid_cap, 0, 0, dist, true);
+    test_fwd<T, P, Y, RF, false>(m, n, 0, true, false, grid_cap, 0, 0, dist, true);
+    test_bwd<T, DY, P, false>(m, n, off, n % 2 == 0, true, true, grid_cap, 0, 0, dist, true);
+    test_bwd<T, DY, P, true>(m, n, 0, true, true, n % 2 == 0, grid_cap, 0, 0, dist, true);
     if (n <= 700) {  // the long kernels on short rows too, small blocks: several chunks per thread
       test_fwd<T, P, Y>(m, n, off, true, true, grid_cap, 64, 0, dist);
       test_bwd<T, DY, P>(m, n, off, true, true, true, grid_cap, 32, 0, dist);
       test_bwd<T, DY, P>(m, n, 0, n % 2 == 0, false, true, grid_cap, 64, 0, dist);
+      test_fwd<T, P, Y, RF, true>(m, n, off, true, true, grid_cap, 64, 0, dist, true);
+      test_fwd<T, P, Y, T, false>(m, n, 0, true, false, grid_cap, 32, 0, dist, true);
+      test_bwd<T, DY, P, false>(m, n, off, true, true, true, grid_cap, 64, 0, dist, true);
+      test_bwd<T, DY, P, false>(m, n, 0, true, false, true, grid_cap, 32, 0, dist);
     }
     if (n <= 1100 || mode_big) {  // the cluster kernels: 1..4 blocks a row, small blocks
       const int cluster = 1 + (n + (int)m) % 4;
       test_fwd<T, P, Y>(m, n, off, n % 3 != 0, true, grid_cap, 64, cluster, dist);
       test_bwd<T, DY, P>(m, n, off, true, true, true, grid_cap, 32 * cluster, cluster, dist);
       test_bwd<T, DY, P>(m, n, 0, n % 2 == 1, n % 2 == 0, true, grid_cap, 64, 5 - cluster, dist);
+      test_fwd<T, P, Y, RF, false>(m, n, off, true, false, grid_cap, 64, cluster, dist, true);
+      test_fwd<T, P, Y, T, true>(m, n, 0, true, true, grid_cap, 32, 5 - cluster, dist, true);
+      test_bwd<T, DY, P, false>(m, n, off, true, true, true, grid_cap, 32 * cluster, cluster, dist, true);
     }
     cases++;
   }
