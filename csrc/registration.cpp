@@ -74,6 +74,40 @@ TORCH_LIBRARY(ln_ext, m) {
       "Tensor gamma_h) -> (Tensor dxzr, Tensor dxn, Tensor dhproj, Tensor dh_prev, "
       "Tensor dgamma_h_rows, Tensor dbeta_h_rows)");
   // ---- end LN-RNN cells ----
+
+  // ---- LN-RNN sequences (issue 13; csrc/rnn_sequence.cpp): one layer-direction over a
+  // whole sequence, the time loop in C++. Sequence tensors are [T, B, n], or packed [N, n]
+  // with batch_sizes (a PackedSequence's, int64 on the CPU); states [B, H]; io tensors
+  // share weight_hh's dtype and device. hproj, cs, gates, stats: what the backward reads.
+  // The *_bwd gradients of weight_hh and of every LN gain/shift and bias are summed over
+  // all rows in a fixed order.
+  m.def(
+      "rnn_sequence_fwd(Tensor xproj, Tensor weight_hh, Tensor h0, Tensor gamma, Tensor beta, "
+      "Tensor? batch_sizes, bool reverse, float eps) -> (Tensor output, Tensor h_n, Tensor hproj, "
+      "Tensor stats)");
+  m.def(
+      "rnn_sequence_bwd(Tensor grad_output, Tensor grad_h_n, Tensor xproj, Tensor weight_hh, Tensor h0, "
+      "Tensor output, Tensor hproj, Tensor stats, Tensor gamma, Tensor beta, Tensor? batch_sizes, "
+      "bool reverse) -> (Tensor d_xproj, Tensor d_weight_hh, Tensor d_h0, Tensor d_gamma, Tensor d_beta)");
+  m.def(
+      "lstm_sequence_fwd(Tensor xgates, Tensor weight_hh, Tensor h0, Tensor c0, Tensor gamma_h, "
+      "Tensor bias, Tensor gamma_c, Tensor beta_c, Tensor? batch_sizes, bool reverse, float eps) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor hproj, Tensor cs, Tensor gates, Tensor stats)");
+  m.def(
+      "lstm_sequence_bwd(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor weight_hh, "
+      "Tensor h0, Tensor c0, Tensor output, Tensor hproj, Tensor cs, Tensor gates, Tensor stats, "
+      "Tensor gamma_h, Tensor gamma_c, Tensor beta_c, Tensor? batch_sizes, bool reverse) -> "
+      "(Tensor d_xgates, Tensor d_weight_hh, Tensor d_h0, Tensor d_c0, Tensor d_gamma_h, Tensor d_bias, "
+      "Tensor d_gamma_c, Tensor d_beta_c)");
+  m.def(
+      "gru_sequence_fwd(Tensor xzr, Tensor xn, Tensor weight_hh, Tensor h0, Tensor gamma_h, "
+      "Tensor beta_h, Tensor? batch_sizes, bool reverse, float eps) -> (Tensor output, Tensor h_n, "
+      "Tensor hproj, Tensor gates, Tensor stats)");
+  m.def(
+      "gru_sequence_bwd(Tensor grad_output, Tensor grad_h_n, Tensor weight_hh, Tensor h0, Tensor output, "
+      "Tensor hproj, Tensor gates, Tensor stats, Tensor gamma_h, Tensor? batch_sizes, bool reverse) -> "
+      "(Tensor d_xzr, Tensor d_xn, Tensor d_weight_hh, Tensor d_h0, Tensor d_gamma_h, Tensor d_beta_h)");
+  // ---- end LN-RNN sequences ----
 }
 
 namespace {

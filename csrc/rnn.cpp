@@ -1,54 +1,13 @@
 // Device-independent bodies of the LN-RNN cell ops: every argument check lives
 // here so that the CPU and CUDA ops reject bad input identically.
 #include "rnn.h"
+#include "rnn_checks.h"
 
 #include <ATen/ATen.h>
 
 
 namespace ln_ext {
 namespace {
-
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Checks the operands of one op call against the io tensor that fixes the
-// device and dtype (the recurrent projection, present in every cell op).
-class Checker {
- public:
-  Checker(const char* op, const at::Tensor& io) : op_(op), io_(io) {
-    const auto t = io.scalar_type();
-    TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
-                op_, ": hproj must be float32, float64, float16 or bfloat16, got ", t);
-    TORCH_CHECK(io.dim() == 2, op_, ": hproj must be 2-D [batch, gates*hidden], got shape ",
-                io.sizes());
-  }
-
-  // An io operand: the dtype and device of hproj and the given shape.
-  at::Tensor io(const at::Tensor& t, const char* name, at::IntArrayRef shape) const {
-    return check(t, name, shape, io_.scalar_type());
-  }
-  // A saved float32 (float64 for double io) operand: gates, stats.
-  at::Tensor acc(const at::Tensor& t, const char* name, at::IntArrayRef shape) const {
-    return check(t, name, shape, acc_dtype(io_.scalar_type()));
-  }
-
- private:
-  at::Tensor check(const at::Tensor& t, const char* name, at::IntArrayRef shape,
-                   at::ScalarType dtype) const {
-    TORCH_CHECK(t.defined(), op_, ": ", name, " is undefined");
-    TORCH_CHECK(t.device() == io_.device(), op_, ": ", name, " is on ", t.device(),
-                " but hproj is on ", io_.device());
-    TORCH_CHECK(t.scalar_type() == dtype, op_, ": ", name, " must be ", dtype,
-                " (from hproj's dtype ", io_.scalar_type(), "), got ", t.scalar_type());
-    TORCH_CHECK(t.sizes() == shape, op_, ": ", name, " must have shape ", shape,
-                ", got ", t.sizes());
-    return t.contiguous();
-  }
-
-  const char* op_;
-  const at::Tensor& io_;
-};
 
 // hproj: [B, gates * H]; returns H.
 int64_t hidden_from_hproj(const char* op, const at::Tensor& hproj, int64_t gates) {
@@ -85,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_cell_fwd_impl(
     const at::Tensor& xproj, const at::Tensor& hproj, const at::Tensor& gamma,
     const at::Tensor& beta, double eps, RnnCellKernel kernel) {
   const char* op = "ln_ext.rnn_cell_fwd";
-  const Checker ck(op, hproj);
+  const Checker ck(op, hproj, "hproj");
   RnnCellArgs a;
   a.batch = hproj.size(0);
   a.hidden = hidden_from_hproj(op, hproj, 1);
@@ -106,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_bwd_impl(
     const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta,
     RnnCellKernel kernel) {
   const char* op = "ln_ext.rnn_cell_bwd";
-  const Checker ck(op, hproj);
+  const Checker ck(op, hproj, "hproj");
   RnnCellArgs a;
   a.batch = hproj.size(0);
   a.hidden = hidden_from_hproj(op, hproj, 1);
@@ -131,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_impl(
     const at::Tensor& gamma_h, const at::Tensor& bias, const at::Tensor& gamma_c,
     const at::Tensor& beta_c, double eps, LstmCellKernel kernel) {
   const char* op = "ln_ext.lstm_cell_fwd";
-  const Checker ck(op, hproj);
+  const Checker ck(op, hproj, "hproj");
   LstmCellArgs a;
   a.batch = hproj.size(0);
   a.hidden = hidden_from_hproj(op, hproj, 4);
@@ -159,7 +118,7 @@ lstm_cell_bwd_impl(const at::Tensor& dh, const at::Tensor& dc, const at::Tensor&
                    const at::Tensor& gamma_c, const at::Tensor& beta_c,
                    LstmCellKernel kernel) {
   const char* op = "ln_ext.lstm_cell_bwd";
-  const Checker ck(op, hproj);
+  const Checker ck(op, hproj, "hproj");
   LstmCellArgs a;
   a.batch = hproj.size(0);
   a.hidden = hidden_from_hproj(op, hproj, 4);
@@ -191,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_cell_fwd_impl(
     const at::Tensor& h_prev, const at::Tensor& gamma_h, const at::Tensor& beta_h,
     double eps, GruCellKernel kernel) {
   const char* op = "ln_ext.gru_cell_fwd";
-  const Checker ck(op, hproj);
+  const Checker ck(op, hproj, "hproj");
   GruCellArgs a;
   a.batch = hproj.size(0);
   a.hidden = hidden_from_hproj(op, hproj, 3);
@@ -215,7 +174,7 @@ gru_cell_bwd_impl(const at::Tensor& dh, const at::Tensor& hproj, const at::Tenso
                   const at::Tensor& gates, const at::Tensor& stats,
                   const at::Tensor& gamma_h, GruCellKernel kernel) {
   const char* op = "ln_ext.gru_cell_bwd";
-  const Checker ck(op, hproj);
+  const Checker ck(op, hproj, "hproj");
   GruCellArgs a;
   a.batch = hproj.size(0);
   a.hidden = hidden_from_hproj(op, hproj, 3);

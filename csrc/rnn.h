@@ -11,6 +11,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 
 #include <tuple>
 
@@ -145,6 +146,94 @@ gru_cell_bwd_op(const at::Tensor& dh, const at::Tensor& hproj, const at::Tensor&
                 const at::Tensor& gates, const at::Tensor& stats, const at::Tensor& gamma_h) {
   return gru_cell_bwd_impl(dh, hproj, h_prev, gates, stats, gamma_h, K);
 }
+
+// ---- sequence ops (csrc/rnn_sequence.cpp): one layer-direction over a whole
+// sequence, the time loop in C++ around the device's cell kernel. Sequence
+// tensors are [T, B, n] (batch_sizes undefined) or packed [N, n]
+// (PackedSequence data, batch_sizes a CPU int64 [T]); states [B, H].
+using OptTensorRef = c10::optional<at::Tensor>;
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_sequence_fwd_impl(
+    const at::Tensor& xproj, const at::Tensor& weight_hh, const at::Tensor& h0,
+    const at::Tensor& gamma, const at::Tensor& beta, const OptTensorRef& batch_sizes,
+    bool reverse, double eps, RnnCellKernel kernel);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_sequence_bwd_impl(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& xproj,
+    const at::Tensor& weight_hh, const at::Tensor& h0, const at::Tensor& output,
+    const at::Tensor& hproj, const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta,
+    const OptTensorRef& batch_sizes, bool reverse, RnnCellKernel kernel);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_sequence_fwd_impl(const at::Tensor& xgates, const at::Tensor& weight_hh, const at::Tensor& h0,
+                       const at::Tensor& c0, const at::Tensor& gamma_h, const at::Tensor& bias,
+                       const at::Tensor& gamma_c, const at::Tensor& beta_c,
+                       const OptTensorRef& batch_sizes, bool reverse, double eps, LstmCellKernel kernel);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                       const at::Tensor& weight_hh, const at::Tensor& h0, const at::Tensor& c0,
+                       const at::Tensor& output, const at::Tensor& hproj, const at::Tensor& cs,
+                       const at::Tensor& gates, const at::Tensor& stats, const at::Tensor& gamma_h,
+                       const at::Tensor& gamma_c, const at::Tensor& beta_c,
+                       const OptTensorRef& batch_sizes, bool reverse, LstmCellKernel kernel);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_sequence_fwd_impl(
+    const at::Tensor& xzr, const at::Tensor& xn, const at::Tensor& weight_hh, const at::Tensor& h0,
+    const at::Tensor& gamma_h, const at::Tensor& beta_h, const OptTensorRef& batch_sizes,
+    bool reverse, double eps, GruCellKernel kernel);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_sequence_bwd_impl(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& weight_hh,
+    const at::Tensor& h0, const at::Tensor& output, const at::Tensor& hproj, const at::Tensor& gates,
+    const at::Tensor& stats, const at::Tensor& gamma_h, const OptTensorRef& batch_sizes,
+    bool reverse, GruCellKernel kernel);
+
+// The sequence ops bound to one device's cell kernels (fwd, bwd), for
+// TORCH_LIBRARY_IMPL: `Fwd` and `Bwd` are that device's cell kernel entry points.
+template <RnnCellKernel Fwd, RnnCellKernel Bwd>
+struct RnnSequenceOps {
+  static auto fwd(const at::Tensor& xproj, const at::Tensor& weight_hh, const at::Tensor& h0,
+                  const at::Tensor& gamma, const at::Tensor& beta, const OptTensorRef& batch_sizes,
+                  bool reverse, double eps) {
+    return rnn_sequence_fwd_impl(xproj, weight_hh, h0, gamma, beta, batch_sizes, reverse, eps, Fwd);
+  }
+  static auto bwd(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& xproj,
+                  const at::Tensor& weight_hh, const at::Tensor& h0, const at::Tensor& output,
+                  const at::Tensor& hproj, const at::Tensor& stats, const at::Tensor& gamma,
+                  const at::Tensor& beta, const OptTensorRef& batch_sizes, bool reverse) {
+    return rnn_sequence_bwd_impl(grad_output, grad_h_n, xproj, weight_hh, h0, output, hproj, stats, gamma,
+                                 beta, batch_sizes, reverse, Bwd);
+  }
+};
+template <LstmCellKernel Fwd, LstmCellKernel Bwd>
+struct LstmSequenceOps {
+  static auto fwd(const at::Tensor& xgates, const at::Tensor& weight_hh, const at::Tensor& h0,
+                  const at::Tensor& c0, const at::Tensor& gamma_h, const at::Tensor& bias,
+                  const at::Tensor& gamma_c, const at::Tensor& beta_c, const OptTensorRef& batch_sizes,
+                  bool reverse, double eps) {
+    return lstm_sequence_fwd_impl(xgates, weight_hh, h0, c0, gamma_h, bias, gamma_c, beta_c, batch_sizes,
+                                  reverse, eps, Fwd);
+  }
+  static auto bwd(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                  const at::Tensor& weight_hh, const at::Tensor& h0, const at::Tensor& c0,
+                  const at::Tensor& output, const at::Tensor& hproj, const at::Tensor& cs,
+                  const at::Tensor& gates, const at::Tensor& stats, const at::Tensor& gamma_h,
+                  const at::Tensor& gamma_c, const at::Tensor& beta_c, const OptTensorRef& batch_sizes,
+                  bool reverse) {
+    return lstm_sequence_bwd_impl(grad_output, grad_h_n, grad_c_n, weight_hh, h0, c0, output, hproj, cs,
+                                  gates, stats, gamma_h, gamma_c, beta_c, batch_sizes, reverse, Bwd);
+  }
+};
+template <GruCellKernel Fwd, GruCellKernel Bwd>
+struct GruSequenceOps {
+  static auto fwd(const at::Tensor& xzr, const at::Tensor& xn, const at::Tensor& weight_hh,
+                  const at::Tensor& h0, const at::Tensor& gamma_h, const at::Tensor& beta_h,
+                  const OptTensorRef& batch_sizes, bool reverse, double eps) {
+    return gru_sequence_fwd_impl(xzr, xn, weight_hh, h0, gamma_h, beta_h, batch_sizes, reverse, eps, Fwd);
+  }
+  static auto bwd(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& weight_hh,
+                  const at::Tensor& h0, const at::Tensor& output, const at::Tensor& hproj,
+                  const at::Tensor& gates, const at::Tensor& stats, const at::Tensor& gamma_h,
+                  const OptTensorRef& batch_sizes, bool reverse) {
+    return gru_sequence_bwd_impl(grad_output, grad_h_n, weight_hh, h0, output, hproj, gates, stats, gamma_h,
+                                 batch_sizes, reverse, Bwd);
+  }
+};
 
 // Kernel entry points.
 void rnn_cell_fwd_cpu_kernel(const RnnCellArgs& a);

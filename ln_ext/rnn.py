@@ -4,15 +4,16 @@ interface of torch.nn.RNN / LSTM / GRU and their cells.
 Per layer and direction, a sequence runs as:
   1. the input projection of all time steps as one GEMM, and (LSTM, GRU) its
      layer norm for all T*B rows in one launch of ln_ext's LayerNorm op;
-  2. per step: one GEMM for W_h h, then ONE fused op (torch.ops.ln_ext.*_cell_fwd)
-     for everything element-wise: the layer norm(s) of W_h h, the sum with the
+  2. ONE sequence op (torch.ops.ln_ext.*_sequence_fwd, csrc/rnn_sequence.cpp) that
+     loops over time in C++: per step one GEMM for W_h h and the fused cell kernel
+     for everything element-wise (the layer norm(s) of W_h h, the sum with the
      normalized input projection and the bias, the gate nonlinearities, the state
-     update, LN(c) for the LSTM, and the output.
-Backward of a sequence (_Sequence) mirrors it: per step the fused backward op and
-one GEMM for the gradient reaching h_{t-1}; then weight_hh's gradient is one GEMM
-over all rows of all steps, each LN gain/shift and bias gradient one sum over all
-rows, and weight_ih's gradient one GEMM (autograd of step 1). A PackedSequence runs
-the same way on its packed data: step t works on the first batch_sizes[t] rows.
+     update, LN(c) for the LSTM, and the output).
+Its backward is one op too (*_sequence_bwd): per step the fused backward cell and one
+GEMM for the gradient reaching h_{t-1}; then weight_hh's gradient is one GEMM over all
+rows of all steps and each LN gain/shift and bias gradient one fixed-order sum over
+all rows; weight_ih's gradient is one GEMM (autograd of step 1). A PackedSequence runs
+inside the same ops on its packed data: step t works on the first batch_sizes[t] rows.
 The cells, and gradients that must be differentiable (create_graph), use per-step
 autograd of the cell ops (rnn_ops.py) instead.
 
@@ -33,7 +34,6 @@ vector. Under autocast a layer computes in the autocast dtype, as nn.LSTM does.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import warnings
@@ -44,22 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import rnn_ops  # noqa: F401  (registers the cell ops' fake kernels and autograd)
+from . import rnn_ops
 from .ops import has_cuda_kernels, layer_norm
 
 _ops = torch.ops.ln_ext
 _GATES = {"RNN": 1, "LSTM": 4, "GRU": 3}
-
-
-def _below_autograd():
-    """A context in which ops skip their autograd kernel. The fused forward ops' one is
-    Python (register_autograd in rnn_ops.py) and costs ~3 us a call even with grad off:
-    a tenth of an LSTM step at H=128 on the CPU. Only where the caller has grad off
-    anyway (a Function's forward); dynamo cannot trace the guard, so not when compiling."""
-    guard = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
-    if guard is None or torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return guard()
 
 
 def _param_shapes(mode: str, input_size: int, H: int, bias: bool) -> dict:
@@ -150,21 +139,6 @@ def _project_inputs(mode: str, x: torch.Tensor, q: dict, H: int, eps: float) -> 
     )
 
 
-def _step(mode: str, xs: tuple, state: tuple, q: dict, eps: float) -> tuple:
-    """One time step: xs from _project_inputs (one row block), state (h,) or (h, c)."""
-    h = state[0]
-    hproj = torch.mm(h, q["weight_hh"].t())
-    if mode == "LSTM":
-        h, c, _, _ = _ops.lstm_cell_fwd(xs[0], hproj, state[1], q["ln_hh_weight"], q["fused_gate_bias"],
-                                        q["ln_cell_weight"], q["beta_c"], eps)
-        return h, c
-    if mode == "GRU":
-        h, _, _ = _ops.gru_cell_fwd(xs[0], xs[1], hproj, h, q["ln_hh_weight"], q["beta_h"], eps)
-        return (h,)
-    h, _ = _ops.rnn_cell_fwd(xs[0], hproj, q["ln_weight"], q["beta"], eps)
-    return (h,)
-
-
 # The cell op's parameters, in its argument order, under their keys in `q`.
 _CELL_PARAMS = {
     "RNN": ("ln_weight", "beta"),
@@ -173,268 +147,22 @@ _CELL_PARAMS = {
 }
 
 
-def _resize(s, init, n):
-    """The first n rows of the state s, with rows s lacks taken from init: the batch of a
-    packed sequence shrinks (sequences end) forwards in time and grows backwards."""
-    m = s.shape[0]
-    if m == n:
-        return s
-    return s[:n] if m > n else torch.cat([s, init[m:n]])
-
-
-def _loop(mode, xs, state, q, eps, reverse, sizes=None):
-    """Per-step autograd over a sequence: xs from _project_inputs, [T, B, n] (sizes None;
-    returns output [T, B, H]) or packed [sum(sizes), n] (returns output [sum(sizes), H]).
-    The final state of each row is taken at its own last step."""
-    packed = sizes is not None
-    per_step = list(zip(*(t.split(sizes) if packed else t.unbind(0) for t in xs)))
-    T = len(per_step)
-    outs, ended, init = [None] * T, [], state
-    if packed and T:  # the rows of the first step run (all but in reverse)
-        state = tuple(s[: sizes[T - 1 if reverse else 0]] for s in state)
-    for t in (reversed(range(T)) if reverse else range(T)):
-        if packed:
-            bs = sizes[t]
-            if bs < state[0].shape[0]:  # rows bs.. ended at the step before: final state
-                ended.append(tuple(s[bs:] for s in state))
-            state = tuple(_resize(s, s0, bs) for s, s0 in zip(state, init))
-        state = _step(mode, per_step[t], state, q, eps)
-        outs[t] = state[0]
-    if ended:
-        state = tuple(torch.cat([s] + [e[k] for e in reversed(ended)]) for k, s in enumerate(state))
-    return (torch.cat(outs) if packed else torch.stack(outs)), state
-
-
-class _Sequence(torch.autograd.Function):
-    """One layer-direction over a sequence (T >= 1), differentiated as a whole.
-
-    The sequence is unpacked (batch_sizes None: xs [T, B, n], output [T, B, H]) or
-    packed (batch_sizes: a tuple of T ints, decreasing; xs and output in the packed
-    data layout [sum(batch_sizes), n]). Step t works on the first batch_sizes[t] rows
-    (the rows of the sequences still running); its h_{t-1} is the previous step's
-    state cut to those rows (forwards: sequences end) or extended by the initial state
-    of the rows that start at t (reverse: sequences start at their own last step).
-    The final state of each row is the state of its own last step.
-
-    Forward: per step the W_h h GEMM and the fused cell op, keeping W_h h, the gates
-    and the statistics of every step. Backward through time: per step the fused
-    backward op and one GEMM for the gradient reaching h_{t-1}; afterwards the
-    gradient of weight_hh is ONE GEMM over all rows of all steps and every LN/bias
-    gradient one sum over all rows (fixed order: reproducible).
-    Inputs: `keep` (grad mode was on: save for the backward; ctx.needs_input_grad says
-    True under no_grad too), batch_sizes, xs0/xs1 the input terms from _project_inputs
-    (xs1 only for the GRU), h0/c0 [B, H] (c0 only for the LSTM), then the cell op's
-    parameters.
-    Returns (output, h_n) or, for the LSTM, (output, h_n, c_n).
-    """
-
-    @staticmethod
-    def forward(ctx, mode, eps, reverse, keep, batch_sizes, weight_hh, h0, c0, xs0, xs1, *params):
-        if batch_sizes is None:
-            T, B = xs0.shape[:2]
-            sizes = [B] * T
-        else:
-            sizes = list(batch_sizes)
-            T = len(sizes)
-        order = range(T - 1, -1, -1) if reverse else range(T)
-        w_t = weight_hh.t()
-        # Each step's GEMM writes W_h h straight into its rows: no cat afterwards.
-        hprojs = xs0.new_empty((sum(sizes), weight_hh.shape[0]))
-        hp, x0 = hprojs.split(sizes), xs0.reshape(-1, xs0.shape[-1]).split(sizes)
-        first = sizes[order[0]]  # rows of the first step run (all but in reverse)
-        h, c = h0[:first], (None if c0 is None else c0[:first])
-        ended = []  # (h, c) of the rows that ended, at their last step
-        outs, cs, gates, stats = ([None] * T for _ in range(4))
-        # One loop per mode: at small sizes the Python per step is a visible share.
-        with _below_autograd():
-            if mode == "LSTM":
-                op = _ops.lstm_cell_fwd
-                for t in order:
-                    bs = sizes[t]
-                    if h.shape[0] != bs:
-                        if h.shape[0] > bs:
-                            ended.append((h[bs:], c[bs:]))
-                        h, c = _resize(h, h0, bs), _resize(c, c0, bs)
-                    h, c, gates[t], stats[t] = op(x0[t], torch.mm(h, w_t, out=hp[t]), c, *params, eps)
-                    outs[t], cs[t] = h, c
-            elif mode == "GRU":
-                op, x1 = _ops.gru_cell_fwd, xs1.reshape(-1, xs1.shape[-1]).split(sizes)
-                for t in order:
-                    bs = sizes[t]
-                    if h.shape[0] != bs:
-                        if h.shape[0] > bs:
-                            ended.append((h[bs:],))
-                        h = _resize(h, h0, bs)
-                    h, gates[t], stats[t] = op(x0[t], x1[t], torch.mm(h, w_t, out=hp[t]), h, *params, eps)
-                    outs[t] = h
-            else:
-                op = _ops.rnn_cell_fwd
-                for t in order:
-                    bs = sizes[t]
-                    if h.shape[0] != bs:
-                        if h.shape[0] > bs:
-                            ended.append((h[bs:],))
-                        h = _resize(h, h0, bs)
-                    h, stats[t] = op(x0[t], torch.mm(h, w_t, out=hp[t]), *params, eps)
-                    outs[t] = h
-        if ended:  # rows in batch order: those running to the end, then the earlier ends
-            h = torch.cat([h] + [e[0] for e in reversed(ended)])
-            c = torch.cat([c] + [e[1] for e in reversed(ended)]) if mode == "LSTM" else c
-        out = torch.cat(outs)
-        if batch_sizes is None:
-            out = out.view(T, sizes[0], out.shape[-1])
-        ctx.mode, ctx.eps, ctx.reverse, ctx.n_params = mode, eps, reverse, len(params)
-        ctx.batch_sizes, ctx.sizes = batch_sizes, sizes
-        if keep and any(ctx.needs_input_grad):  # inference keeps nothing
-            stacked = [torch.cat(v) if v[0] is not None else None for v in (cs, gates, stats)]
-            ctx.save_for_backward(weight_hh, h0, c0, xs0, xs1, out, hprojs, *stacked, *params)
-        return (out, h, c) if mode == "LSTM" else (out, h)
-
-    @staticmethod
-    def backward(ctx, dout, dh_n, dc_n=None):
-        mode, reverse, sizes = ctx.mode, ctx.reverse, ctx.sizes
-        weight_hh, h0, c0, xs0, xs1, out, hprojs, cs, gates, stats, *params = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: differentiate the per-step composite path
-            return _Sequence._differentiable_backward(ctx, (dout, dh_n, dc_n))
-        T = len(sizes)
-        order = list(range(T - 1, -1, -1)) if reverse else list(range(T))
-        prev = [None] * T  # the step run before t (whose output is t's h_{t-1}), None for the first
-        for p, t in zip(order, order[1:]):
-            prev[t] = p
-        dout = torch.zeros_like(out) if dout is None else dout
-        split = (lambda v: v.reshape(-1, v.shape[-1]).split(sizes))
-        outs, douts, hps, sts = split(out), split(dout), hprojs.split(sizes), stats.split(sizes)
-        lstm = mode == "LSTM"
-        dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
-        if lstm:
-            dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
-        # dh (dc): the whole gradient reaching the h (c) of the step being differentiated.
-        last = order[-1]
-        dh = douts[last] + dh_n[: sizes[last]]
-        dc = dc_n[: sizes[last]] if lstm else None
-        d_init = []  # (first row, gradient of h0 rows, of c0 rows): rows of h0/c0 a step started from
-        dx0, dx1, dhproj_all, rows = ([None] * T for _ in range(4))
-
-        def to_prev(t, dhproj, dc_prev, dh_direct=None):
-            """Route the gradient reaching step t's h_{t-1} (through W_h: one GEMM, plus the
-            GRU's direct (1 - z) path) and c_{t-1}: to the previous step, whose output
-            gradient is added, where it had the row, else to h0/c0. Rows the previous step
-            has beyond t's ended there: their gradient is that of the final state."""
-            p, bs = prev[t], sizes[t]
-            if p is not None and sizes[p] == bs:
-                base = douts[p] if dh_direct is None else dh_direct + douts[p]
-                return torch.addmm(base, dhproj, weight_hh), dc_prev
-            if p is None:
-                g = torch.mm(dhproj, weight_hh) if dh_direct is None else torch.addmm(dh_direct, dhproj, weight_hh)
-                d_init.append((0, g, dc_prev))
-                return None, None
-            n = sizes[p]
-            if n > bs:  # forwards: rows bs..n ended at step p
-                base = douts[p][:bs] if dh_direct is None else dh_direct + douts[p][:bs]
-                dh_p = torch.cat([torch.addmm(base, dhproj, weight_hh), douts[p][bs:] + dh_n[bs:n]])
-                return dh_p, (torch.cat([dc_prev, dc_n[bs:n]]) if lstm else None)
-            # reverse: rows n..bs started at step t from h0/c0
-            g = torch.mm(dhproj, weight_hh) if dh_direct is None else torch.addmm(dh_direct, dhproj, weight_hh)
-            d_init.append((n, g[n:], dc_prev[n:] if lstm else None))
-            return g[:n] + douts[p], (dc_prev[:n] if lstm else None)
-
-        def prev_rows(t, steps, init):
-            """The state step t started from (h_{t-1} or c_{t-1}), from the per-step states."""
-            p = prev[t]
-            return _resize(init if p is None else steps[p], init, sizes[t])
-
-        if lstm:
-            gamma_h, _, gamma_c, beta_c = params
-            c_steps, g_steps = cs.split(sizes), gates.split(sizes)
-            for t in reversed(order):
-                dx0[t], dhproj, dc, *rows[t] = _ops.lstm_cell_bwd(
-                    dh, dc, hps[t], prev_rows(t, c_steps, c0), c_steps[t], g_steps[t], sts[t],
-                    gamma_h, gamma_c, beta_c)
-                dhproj_all[t] = dhproj
-                dh, dc = to_prev(t, dhproj, dc)
-        elif mode == "GRU":
-            g_steps = gates.split(sizes)
-            for t in reversed(order):
-                dx0[t], dx1[t], dhproj, dh_direct, *rows[t] = _ops.gru_cell_bwd(
-                    dh, hps[t], prev_rows(t, outs, h0), g_steps[t], sts[t], params[0])
-                dhproj_all[t] = dhproj
-                dh, _ = to_prev(t, dhproj, None, dh_direct)
-        else:
-            x0 = split(xs0)
-            for t in reversed(order):
-                dhproj, *rows[t] = _ops.rnn_cell_bwd(dh, x0[t], hps[t], sts[t], *params)
-                dhproj_all[t] = dhproj
-                dh, _ = to_prev(t, dhproj, None)
-        d_init.sort(key=lambda e: e[0])
-        dh0 = d_init[0][1] if len(d_init) == 1 else torch.cat([e[1] for e in d_init])
-        dc0 = None
-        if lstm:
-            dc0 = d_init[0][2] if len(d_init) == 1 else torch.cat([e[2] for e in d_init])
-        dhproj_all = torch.cat(dhproj_all)
-        need = ctx.needs_input_grad
-        d_weight_hh = None
-        if need[5]:
-            # h_{t-1} of every step's rows, in the layout of the steps' rows.
-            h_prev_all = torch.cat([prev_rows(t, outs, h0) for t in range(T)])
-            d_weight_hh = dhproj_all.t().mm(h_prev_all)
-        rows = [torch.cat(r) for r in zip(*rows)]
-        acc = torch.float64 if out.dtype == torch.float64 else torch.float32
-
-        def total(t, like):
-            return t.sum(0, dtype=acc).to(like.dtype)
-
-        if lstm:
-            dgates_all = torch.cat(dx0)
-            dparams = (total(rows[0], params[0]), total(dgates_all, params[1]),
-                       total(rows[1], params[2]), total(rows[2], params[3]))
-            dxs = (dgates_all.view(xs0.shape), None)
-        elif mode == "GRU":
-            dparams = (total(rows[0], params[0]), total(rows[1], params[1]))
-            dxs = (torch.cat(dx0).view(xs0.shape), torch.cat(dx1).view(xs1.shape))
-        else:
-            dparams = (total(rows[0], params[0]), total(rows[1], params[1]))
-            dxs = (dhproj_all.view(xs0.shape), None)
-        grads = (d_weight_hh, dh0, dc0, *dxs, *dparams)
-        return (None,) * 5 + tuple(g if n else None for g, n in zip(grads, need[5:]))
-
-    @staticmethod
-    def _differentiable_backward(ctx, grads):
-        """Gradients with a graph of their own, from the per-step autograd path."""
-        mode, eps, reverse = ctx.mode, ctx.eps, ctx.reverse
-        weight_hh, h0, c0, xs0, xs1, *_ = ctx.saved_tensors
-        params = ctx.saved_tensors[-ctx.n_params:]
-        inputs = (weight_hh, h0, c0, xs0, xs1, *params)
-        q = dict(zip(_CELL_PARAMS[mode], params), weight_hh=weight_hh)
-        xs = (xs0,) if xs1 is None else (xs0, xs1)
-        out, state = _loop(mode, xs, (h0,) if c0 is None else (h0, c0), q, eps, reverse,
-                           None if ctx.batch_sizes is None else ctx.sizes)
-        outs = (out, *state)
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
-        wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[5 + i]]
-        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
-                                  [g for _, g in pairs], create_graph=True, allow_unused=True)
-        result = [None] * len(inputs)
-        for i, g in zip(wanted, got):
-            result[i] = g
-        return (None,) * 5 + tuple(result)
+def _cell_params(mode: str, q: dict) -> tuple:
+    return tuple(q[k] for k in _CELL_PARAMS[mode])
 
 
 def _run_direction(mode, x, state, q, H, eps, reverse, batch_sizes):
-    """One layer-direction over a sequence, differentiated as a whole (_Sequence).
+    """One layer-direction over a sequence: the input projection of all steps, then one
+    sequence op (rnn_ops.sequence) that loops over time in C++.
 
     x: [T, B, input] (batch_sizes None) or packed data [sum(batch_sizes), input];
     state: (h0,) or (h0, c0), each [B, H]. Returns (output like x with H features,
     final state), the final state of each sequence taken at its own last step.
     """
     xs = _project_inputs(mode, x, q, H, eps)
-    sizes = None if batch_sizes is None else tuple(batch_sizes.tolist())
-    if (x.shape[0] if sizes is None else len(sizes)) == 0:
-        return x.new_zeros((*x.shape[:-1], H)), state
-    c0 = state[1] if mode == "LSTM" else None
-    xs1 = xs[1] if mode == "GRU" else None
-    result = _Sequence.apply(mode, eps, reverse, torch.is_grad_enabled(), sizes, q["weight_hh"], state[0],
-                             c0, xs[0], xs1, *(q[k] for k in _CELL_PARAMS[mode]))
-    return result[0], tuple(result[1:])
+    out, *final = rnn_ops.sequence(mode, xs, q["weight_hh"], state, _cell_params(mode, q), batch_sizes,
+                                   reverse, eps)
+    return out, tuple(final)
 
 
 # ---------------------------------------------------------------- layers
@@ -716,7 +444,8 @@ class _LayerNormCellBase(nn.Module):
             state = tuple(s.to(x.dtype) for s in state)
             state = tuple(s.unsqueeze(0) for s in state) if unbatched else state
         q = _prepare(self.mode, self.layer_parameters(), H, x)
-        state = _step(self.mode, _project_inputs(self.mode, x, q, H, self.eps), state, q, self.eps)
+        state = rnn_ops.cell_step(self.mode, _project_inputs(self.mode, x, q, H, self.eps), state,
+                                  q["weight_hh"], _cell_params(self.mode, q), self.eps)
         return tuple(s.squeeze(0) for s in state) if unbatched else state
 
 

@@ -207,3 +207,192 @@ def _gru_backward(ctx, dh, _dgates, _dstats):
 
 
 torch.library.register_autograd("ln_ext::gru_cell_fwd", _gru_backward, setup_context=_gru_setup)
+
+
+# ---------------------------------------------------------------- one step, and a sequence by steps
+
+def cell_step(mode: str, xs: tuple, state: tuple, weight_hh, params: tuple, eps: float) -> tuple:
+    """One time step with per-step autograd: xs the step's input terms, state (h,) or
+    (h, c), params the cell op's parameters in its argument order."""
+    h = state[0]
+    hproj = torch.mm(h, weight_hh.t())
+    if mode == "LSTM":
+        h, c, _, _ = _ops.lstm_cell_fwd(xs[0], hproj, state[1], *params, eps)
+        return h, c
+    if mode == "GRU":
+        h, _, _ = _ops.gru_cell_fwd(xs[0], xs[1], hproj, h, *params, eps)
+        return (h,)
+    h, _ = _ops.rnn_cell_fwd(xs[0], hproj, *params, eps)
+    return (h,)
+
+
+def _resize(s, init, n):
+    """The first n rows of the state s, with rows s lacks taken from init: the batch of a
+    packed sequence shrinks (sequences end) forwards in time and grows backwards."""
+    m = s.shape[0]
+    if m == n:
+        return s
+    return s[:n] if m > n else torch.cat([s, init[m:n]])
+
+
+def sequence_by_steps(mode, xs, weight_hh, state, params, eps, reverse, sizes=None):
+    """The sequence ops' math with per-step autograd of the cell ops, for gradients that
+    must themselves be differentiable. xs [T, B, n] (sizes None) or packed [sum(sizes), n];
+    returns (output, *final_state), the final state of each row at its own last step."""
+    packed = sizes is not None
+    per_step = list(zip(*(t.split(sizes) if packed else t.unbind(0) for t in xs)))
+    T = len(per_step)
+    outs, ended, init = [None] * T, [], state
+    if packed and T:  # the rows of the first step run (all but in reverse)
+        state = tuple(s[: sizes[T - 1 if reverse else 0]] for s in state)
+    for t in (reversed(range(T)) if reverse else range(T)):
+        if packed:
+            bs = sizes[t]
+            if bs < state[0].shape[0]:  # rows bs.. ended at the step before: final state
+                ended.append(tuple(s[bs:] for s in state))
+            state = tuple(_resize(s, s0, bs) for s, s0 in zip(state, init))
+        state = cell_step(mode, per_step[t], state, weight_hh, params, eps)
+        outs[t] = state[0]
+    if ended:
+        state = tuple(torch.cat([s] + [e[k] for e in reversed(ended)]) for k, s in enumerate(state))
+    if not T:
+        return (xs[0].new_zeros((*xs[0].shape[:-1], weight_hh.shape[1])), *state)
+    return ((torch.cat(outs) if packed else torch.stack(outs)), *state)
+
+
+# ---------------------------------------------------------------- sequence ops
+# One layer-direction over a whole sequence (csrc/rnn_sequence.cpp). Forward op
+# arguments: (*xs, weight_hh, *h0 [, c0], *params, batch_sizes, reverse, eps), where xs
+# are the input terms (GRU: xzr, xn) and params the cell op's; results (output, h_n
+# [, c_n], *saved). The backward op's results are the gradients of the forward's
+# tensor arguments in the same order.
+
+_N_XS = {"RNN": 1, "LSTM": 1, "GRU": 2}
+_N_STATES = {"RNN": 1, "LSTM": 2, "GRU": 1}
+_N_PARAMS = {"RNN": 2, "LSTM": 4, "GRU": 2}
+_SEQUENCE_OP = {"RNN": "rnn_sequence", "LSTM": "lstm_sequence", "GRU": "gru_sequence"}
+
+
+def _check_sequence(op, weight_hh, n_gates, batch_sizes, **operands) -> int:
+    """H of weight_hh [n_gates * H, H]; operands on weight_hh's device, batch_sizes on the CPU."""
+    check_same_device(op, "weight_hh", weight_hh, **operands)
+    torch._check(weight_hh.dim() == 2 and weight_hh.shape[0] == n_gates * weight_hh.shape[1],
+                 lambda: f"ln_ext.{op}: weight_hh must be [{n_gates} * hidden, hidden], got {list(weight_hh.shape)}")
+    if batch_sizes is not None:
+        torch._check(batch_sizes.device.type == "cpu" and batch_sizes.dtype == torch.int64,
+                     lambda: f"ln_ext.{op}: batch_sizes must be a 1-D int64 tensor on the CPU")
+    return weight_hh.shape[1]
+
+
+def _seq(like, n, acc=False):
+    """A new sequence tensor with like's leading dims and n features."""
+    return like.new_empty((*like.shape[:-1], n), dtype=_acc_dtype(like) if acc else like.dtype)
+
+
+@torch.library.register_fake("ln_ext::rnn_sequence_fwd")
+def _rnn_sequence_fwd_fake(xproj, weight_hh, h0, gamma, beta, batch_sizes, reverse, eps):
+    H = _check_sequence("rnn_sequence_fwd", weight_hh, 1, batch_sizes, xproj=xproj, h0=h0, gamma=gamma, beta=beta)
+    return _seq(xproj, H), torch.empty_like(h0), _seq(xproj, H), _seq(xproj, 2, acc=True)
+
+
+@torch.library.register_fake("ln_ext::rnn_sequence_bwd")
+def _rnn_sequence_bwd_fake(grad_output, grad_h_n, xproj, weight_hh, h0, output, hproj, stats, gamma, beta,
+                           batch_sizes, reverse):
+    _check_sequence("rnn_sequence_bwd", weight_hh, 1, batch_sizes, grad_output=grad_output, grad_h_n=grad_h_n,
+                    xproj=xproj, h0=h0, output=output, hproj=hproj, stats=stats, gamma=gamma, beta=beta)
+    return (torch.empty_like(xproj), torch.empty_like(weight_hh), torch.empty_like(h0), torch.empty_like(gamma),
+            torch.empty_like(beta))
+
+
+@torch.library.register_fake("ln_ext::lstm_sequence_fwd")
+def _lstm_sequence_fwd_fake(xgates, weight_hh, h0, c0, gamma_h, bias, gamma_c, beta_c, batch_sizes, reverse, eps):
+    H = _check_sequence("lstm_sequence_fwd", weight_hh, 4, batch_sizes, xgates=xgates, h0=h0, c0=c0,
+                        gamma_h=gamma_h, bias=bias, gamma_c=gamma_c, beta_c=beta_c)
+    return (_seq(xgates, H), torch.empty_like(h0), torch.empty_like(c0), _seq(xgates, 4 * H), _seq(xgates, H),
+            _seq(xgates, 4 * H, acc=True), _seq(xgates, 4, acc=True))
+
+
+@torch.library.register_fake("ln_ext::lstm_sequence_bwd")
+def _lstm_sequence_bwd_fake(grad_output, grad_h_n, grad_c_n, weight_hh, h0, c0, output, hproj, cs, gates, stats,
+                            gamma_h, gamma_c, beta_c, batch_sizes, reverse):
+    H = _check_sequence("lstm_sequence_bwd", weight_hh, 4, batch_sizes, grad_output=grad_output,
+                        grad_h_n=grad_h_n, grad_c_n=grad_c_n, h0=h0, c0=c0, output=output, hproj=hproj, cs=cs,
+                        gates=gates, stats=stats, gamma_h=gamma_h, gamma_c=gamma_c, beta_c=beta_c)
+    return (_seq(output, 4 * H), torch.empty_like(weight_hh), torch.empty_like(h0), torch.empty_like(c0),
+            torch.empty_like(gamma_h), torch.empty_like(gamma_h), torch.empty_like(gamma_c), torch.empty_like(beta_c))
+
+
+@torch.library.register_fake("ln_ext::gru_sequence_fwd")
+def _gru_sequence_fwd_fake(xzr, xn, weight_hh, h0, gamma_h, beta_h, batch_sizes, reverse, eps):
+    H = _check_sequence("gru_sequence_fwd", weight_hh, 3, batch_sizes, xzr=xzr, xn=xn, h0=h0, gamma_h=gamma_h,
+                        beta_h=beta_h)
+    return (_seq(xn, H), torch.empty_like(h0), _seq(xn, 3 * H), _seq(xn, 4 * H, acc=True), _seq(xn, 4, acc=True))
+
+
+@torch.library.register_fake("ln_ext::gru_sequence_bwd")
+def _gru_sequence_bwd_fake(grad_output, grad_h_n, weight_hh, h0, output, hproj, gates, stats, gamma_h, batch_sizes,
+                           reverse):
+    H = _check_sequence("gru_sequence_bwd", weight_hh, 3, batch_sizes, grad_output=grad_output, grad_h_n=grad_h_n,
+                        h0=h0, output=output, hproj=hproj, gates=gates, stats=stats, gamma_h=gamma_h)
+    return (_seq(output, 2 * H), _seq(output, H), torch.empty_like(weight_hh), torch.empty_like(h0),
+            torch.empty_like(gamma_h), torch.empty_like(gamma_h))
+
+
+def _sequence_autograd(mode: str) -> None:
+    n_xs, n_states = _N_XS[mode], _N_STATES[mode]
+    n_tensors = n_xs + 1 + n_states + _N_PARAMS[mode]
+
+    def setup(ctx, inputs, output):
+        *tensors, batch_sizes, reverse, eps = inputs
+        n_out = 1 + n_states
+        ctx.mark_non_differentiable(*output[n_out:])
+        ctx.save_for_backward(*tensors, *output[:1], *output[n_out:])
+        ctx.batch_sizes, ctx.reverse, ctx.eps = batch_sizes, reverse, eps
+
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        tensors, output, kept = saved[:n_tensors], saved[n_tensors], saved[n_tensors + 1:]
+        xs, weight_hh = tensors[:n_xs], tensors[n_xs]
+        states, params = tensors[n_xs + 1: n_xs + 1 + n_states], tensors[n_xs + 1 + n_states:]
+        d_out = grads[0] if grads[0] is not None else torch.zeros_like(output)
+        d_finals = [g if g is not None else torch.zeros_like(s) for g, s in zip(grads[1: 1 + n_states], states)]
+        if torch.is_grad_enabled():  # create_graph: differentiable gradients, by steps
+            result = _sequence_grads_by_steps(ctx, mode, tensors, [d_out, *d_finals])
+        else:
+            bs, rev = ctx.batch_sizes, ctx.reverse
+            if mode == "RNN":
+                args = (d_out, *d_finals, xs[0], weight_hh, *states, output, *kept, *params, bs, rev)
+            elif mode == "LSTM":
+                gamma_h, _, gamma_c, beta_c = params
+                args = (d_out, *d_finals, weight_hh, *states, output, *kept, gamma_h, gamma_c, beta_c, bs, rev)
+            else:
+                args = (d_out, *d_finals, weight_hh, *states, output, *kept, params[0], bs, rev)
+            result = getattr(_ops, _SEQUENCE_OP[mode] + "_bwd")(*args)
+        return _keep(ctx.needs_input_grad, *result) + (None, None, None)
+
+    torch.library.register_autograd(f"ln_ext::{_SEQUENCE_OP[mode]}_fwd", backward, setup_context=setup)
+
+
+def _sequence_grads_by_steps(ctx, mode, tensors, grads):
+    n_xs, n_states = _N_XS[mode], _N_STATES[mode]
+    xs, weight_hh = tensors[:n_xs], tensors[n_xs]
+    states, params = tensors[n_xs + 1: n_xs + 1 + n_states], tensors[n_xs + 1 + n_states:]
+    sizes = None if ctx.batch_sizes is None else ctx.batch_sizes.tolist()
+    wanted = [i for i, t in enumerate(tensors) if ctx.needs_input_grad[i]]
+    outs = sequence_by_steps(mode, xs, weight_hh, states, params, ctx.eps, ctx.reverse, sizes)
+    got = torch.autograd.grad(outs, [tensors[i] for i in wanted], grads, create_graph=True, allow_unused=True)
+    result = [None] * len(tensors)
+    for i, g in zip(wanted, got):
+        result[i] = g
+    return tuple(result)
+
+
+for _mode in _SEQUENCE_OP:
+    _sequence_autograd(_mode)
+
+
+def sequence(mode, xs, weight_hh, state, params, batch_sizes, reverse, eps) -> tuple:
+    """One layer-direction over a sequence in one op: (output, *final_state)."""
+    fwd = getattr(_ops, _SEQUENCE_OP[mode] + "_fwd")
+    result = fwd(*xs, weight_hh, *state, *params, batch_sizes, reverse, eps)
+    return result[: 1 + _N_STATES[mode]]

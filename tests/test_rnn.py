@@ -602,6 +602,181 @@ def test_torch_compile_packed(mode):
         torch.testing.assert_close(got, want, msg=name)
 
 
+# ---------------------------------------------------------------- sequence ops
+
+SEQ_OP = {"RNN": "rnn_sequence", "LSTM": "lstm_sequence", "GRU": "gru_sequence"}
+
+
+def sequence_op_inputs(mode, T=4, B=3, H=4, dtype=torch.float64, device="cpu", seed=6, lengths=None):
+    """The forward sequence op's arguments (one sample generator for opcheck and the
+    device tests): random input terms, weight_hh, states and cell parameters; packed
+    (batch_sizes given) when `lengths` (decreasing) is."""
+    g = torch.Generator().manual_seed(seed)
+    G = {"RNN": 1, "LSTM": 4, "GRU": 3}[mode] * H
+    lead = (T, B) if lengths is None else (sum(lengths),)
+
+    def r(*shape, base=0.0, scale=1.0):
+        return (base + scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(device, dtype)
+
+    xs = [r(*lead, 2 * H), r(*lead, H)] if mode == "GRU" else [r(*lead, G)]
+    states = [r(B, H) for _ in range(n_states(mode))]
+    cell = cell_op_inputs(mode, B=1, H=H, dtype=dtype, device=device, seed=seed, requires_grad=False)
+    params = cell[{"RNN": 2, "LSTM": 3, "GRU": 4}[mode]:]
+    batch_sizes = None
+    if lengths is not None:
+        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(max(lengths))], dtype=torch.int64)
+    return [*xs, r(G, H, scale=0.5), *states, *params, batch_sizes, False, 1e-5]
+
+
+def sequence_bwd_sample(mode, device="cpu", **kw):
+    """(bwd op name, its arguments) from a real forward call on the shared sample."""
+    args = sequence_op_inputs(mode, device=device, **kw)
+    outs = getattr(torch.ops.ln_ext, SEQ_OP[mode] + "_fwd")(*args)
+    n_x, n_s = (2 if mode == "GRU" else 1), n_states(mode)
+    xs, w, states, params = args[:n_x], args[n_x], args[n_x + 1: n_x + 1 + n_s], args[n_x + 1 + n_s: -3]
+    g = torch.Generator().manual_seed(8)
+    grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in outs[: 1 + n_s]]
+    kept = outs[1 + n_s:]
+    if mode == "RNN":
+        bwd = (*grads, xs[0], w, *states, outs[0], *kept, *params)
+    elif mode == "LSTM":
+        bwd = (*grads, w, *states, outs[0], *kept, params[0], params[2], params[3])
+    else:
+        bwd = (*grads, w, *states, outs[0], *kept, params[0])
+    return SEQ_OP[mode] + "_bwd", [*bwd, args[-3], args[-2]]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_sequence_op_opcheck(mode, packed):
+    lengths = [4, 2, 2] if packed else None
+    fwd = getattr(torch.ops.ln_ext, SEQ_OP[mode] + "_fwd")
+    args = sequence_op_inputs(mode, lengths=lengths)
+    for t in args:
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+            t.requires_grad_()
+    torch.library.opcheck(fwd, args)
+    name, bwd_args = sequence_bwd_sample(mode, lengths=lengths)
+    torch.library.opcheck(getattr(torch.ops.ln_ext, name), bwd_args)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_sequence_op_matches_per_step_autograd(mode, reverse, packed):
+    """Every output and every gradient of the sequence op (forward and backward ops) against
+    the same sequence run step by step through the cell ops' autograd, in float64."""
+    lengths = [5, 3, 3, 1] if packed else None
+    args = sequence_op_inputs(mode, T=5, B=4, H=6, lengths=lengths)
+    args[-2] = reverse
+    tensors = [t.requires_grad_() for t in args[:-3]]
+    n_x, n_s = (2 if mode == "GRU" else 1), n_states(mode)
+    got = getattr(torch.ops.ln_ext, SEQ_OP[mode] + "_fwd")(*args)[: 1 + n_s]
+    sizes = None if lengths is None else args[-3].tolist()
+    want = ln_ext.rnn_ops.sequence_by_steps(mode, tensors[:n_x], tensors[n_x], tensors[n_x + 1: n_x + 1 + n_s],
+                                            tensors[n_x + 1 + n_s:], 1e-5, reverse, sizes)
+    g = torch.Generator().manual_seed(3)
+    dys = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    for k, (a, b) in enumerate(zip(torch.autograd.grad(got, tensors, dys), torch.autograd.grad(want, tensors, dys))):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10, msg=lambda m: f"gradient {k}: {m}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sequence_gradients_independent_of_thread_count(mode, num_threads):
+    """Parameter gradients are fixed-order sums: 1 and 2 threads give the same bits."""
+    results = []
+    for n in (1, 2):
+        num_threads(n)
+        module = make(mode, dtype=torch.float32, hidden_size=96, input_size=16)
+        x, hx = sample(mode, module, T=6, B=37)
+        results.append(run_and_grads(mode, module, x, hx))
+    for a, b in zip(results[0][2], results[1][2]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sequence_ops_reject_bad_operands(mode):
+    fwd = getattr(torch.ops.ln_ext, SEQ_OP[mode] + "_fwd")
+    op = f"ln_ext.{SEQ_OP[mode]}_fwd"
+    args = sequence_op_inputs(mode)
+    n_x = 2 if mode == "GRU" else 1
+    bad = list(args)
+    bad[n_x + 1] = bad[n_x + 1][:2]  # h0 with 2 rows beside a batch of 3
+    with pytest.raises(RuntimeError, match=rf"{op}: .* has batch 3 but h0 has 2 rows"):
+        fwd(*bad)
+    bad = list(args)
+    bad[n_x] = bad[n_x].float()
+    with pytest.raises(RuntimeError, match=rf"{op}: .* must be Float \(from weight_hh's dtype Float\), got Double"):
+        fwd(*bad)
+    packed = sequence_op_inputs(mode, lengths=[3, 1, 1])
+    packed[-3] = torch.tensor([3, 2], dtype=torch.int64)  # sums to 5 rows, data has 5: fine; now wrong order
+    packed[-3] = torch.tensor([1, 3, 1], dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=rf"{op}: batch_sizes must be positive and non-increasing"):
+        fwd(*packed)
+    packed[-3] = torch.tensor([3, 1], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=rf"{op}: batch_sizes must be a 1-D int64 tensor on the CPU"):
+        fwd(*packed)
+    packed[-3] = torch.tensor([3, 1], dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=rf"{op}: batch_sizes sum to 4 but .* has 5 rows"):
+        fwd(*packed)
+
+
+# ---------------------------------------------------------------- export and compile of whole models
+
+class _Holder(torch.nn.Module):
+    """A model holding an LN-RNN (2 layers) and a linear head on its output."""
+
+    def __init__(self, mode, bidirectional):
+        super().__init__()
+        self.rnn = make(mode, dtype=torch.float32, input_size=5, hidden_size=6, num_layers=2,
+                        bidirectional=bidirectional)
+        self.head = torch.nn.Linear(12 if bidirectional else 6, 3)
+
+    def forward(self, x):
+        out, state = self.rnn(x)
+        h_n = state[0] if isinstance(state, tuple) else state
+        return self.head(out), h_n
+
+
+def _sequence_nodes(graph):
+    return [n for n in graph.nodes if n.op == "call_function" and "sequence" in str(n.target)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_model_exports_and_runs(mode, bidirectional):
+    """torch.export of a model holding the layer: one sequence op per layer-direction in
+    the graph (not T steps), and the exported program gives eager's outputs."""
+    model = _Holder(mode, bidirectional)
+    x = torch.randn(7, 3, 5)
+    ep = torch.export.export(model, (x,))
+    assert len(_sequence_nodes(ep.graph)) == 2 * (2 if bidirectional else 1)
+    x2 = torch.randn(7, 3, 5)
+    for a, b in zip(ep.module()(x2), model(x2)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_model_compiles_fullgraph_and_matches_eager(mode, bidirectional):
+    """torch.compile(fullgraph=True): no graph break, outputs and gradients as eager."""
+    torch._dynamo.reset()
+    model = _Holder(mode, bidirectional)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(6, 2, 5)
+    results = []
+    for run in (compiled, model):
+        model.zero_grad()
+        xr = x.clone().requires_grad_()
+        out, h_n = run(xr)
+        (out.square().sum() + h_n.sum()).backward()
+        results.append((out.detach(), h_n.detach(), xr.grad, *(p.grad for p in model.parameters())))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
 # ---------------------------------------------------------------- CUDA
 
 # ---------------------------------------------------------------- CPU cell kernels

@@ -96,6 +96,15 @@ TORCH_LIBRARY_IMPL(ln_ext, CUDA, m) {
   m.impl("lstm_cell_bwd", &lstm_cell_bwd_op<lstm_cell_bwd_cuda_kernel>);
   m.impl("gru_cell_fwd", &gru_cell_fwd_op<gru_cell_fwd_cuda_kernel>);
   m.impl("gru_cell_bwd", &gru_cell_bwd_op<gru_cell_bwd_cuda_kernel>);
+  using Rnn = RnnSequenceOps<rnn_cell_fwd_cuda_kernel, rnn_cell_bwd_cuda_kernel>;
+  using Lstm = LstmSequenceOps<lstm_cell_fwd_cuda_kernel, lstm_cell_bwd_cuda_kernel>;
+  using Gru = GruSequenceOps<gru_cell_fwd_cuda_kernel, gru_cell_bwd_cuda_kernel>;
+  m.impl("rnn_sequence_fwd", &Rnn::fwd);
+  m.impl("rnn_sequence_bwd", &Rnn::bwd);
+  m.impl("lstm_sequence_fwd", &Lstm::fwd);
+  m.impl("lstm_sequence_bwd", &Lstm::bwd);
+  m.impl("gru_sequence_fwd", &Gru::fwd);
+  m.impl("gru_sequence_bwd", &Gru::bwd);
 }
 
 }  // namespace ln_ext
