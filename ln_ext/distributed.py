@@ -17,6 +17,8 @@ result in schema order (non-tensor arguments are skipped):
   ROW      row-shaped, [*rows, *features]: sharded on a row dim, or replicated
   PARAM    replicated (weight, bias, gains)
   ROW_SUM  a parameter gradient summed over the rows: Partial when rows are sharded
+  SEQ      a time-major sequence [T, B, ...] of row-shaped steps: its dim 1 is sharded
+           where ROW tensors shard dim 0 (the LN-RNN sequence ops' batch)
 row_dims(a) says how many leading dims are rows, from the call's arguments by schema
 name; empty(a), when given, says which results the call leaves as empty placeholders
 (replicated). The rules are registered once both ln_ext and torch.distributed.tensor
@@ -37,7 +39,7 @@ import torch
 
 from . import _C  # noqa: F401  (loading it registers torch.ops.ln_ext.*)
 
-ROW, PARAM, ROW_SUM = "row", "param", "row_sum"
+ROW, PARAM, ROW_SUM, SEQ = "row", "param", "row_sum", "seq"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Rule:
 
 
 _BATCH = lambda a: 1  # noqa: E731  (LN-RNN cells: every row tensor is [B, n], rows = batch)
+_UNPACKED = lambda a: 0 if a.batch_sizes is not None else 1  # noqa: E731  (LN-RNN sequences)
 
 RULES = {
     "layer_norm_fwd": Rule(
@@ -84,6 +87,18 @@ RULES = {
     "lstm_cell_bwd": Rule((ROW,) * 7 + (PARAM,) * 3, (ROW,) * 6, _BATCH),
     "gru_cell_fwd": Rule((ROW,) * 4 + (PARAM, PARAM), (ROW,) * 3, _BATCH),
     "gru_cell_bwd": Rule((ROW,) * 5 + (PARAM,), (ROW,) * 6, _BATCH),
+    # LN-RNN sequences: [T, B, n] sequence tensors (SEQ) beside [B, H] states (ROW), the
+    # batch sharded. A packed sequence mixes sequences in its rows: replicated only.
+    # batch_sizes (CPU, host-read) is a PARAM.
+    "rnn_sequence_fwd": Rule((SEQ, PARAM, ROW, PARAM, PARAM, PARAM), (SEQ, ROW, SEQ, SEQ), _UNPACKED),
+    "rnn_sequence_bwd": Rule((SEQ, ROW, SEQ, PARAM, ROW, SEQ, SEQ, SEQ, PARAM, PARAM, PARAM),
+                             (SEQ, ROW_SUM, ROW, ROW_SUM, ROW_SUM), _UNPACKED),
+    "lstm_sequence_fwd": Rule((SEQ, PARAM, ROW, ROW) + (PARAM,) * 5, (SEQ, ROW, ROW) + (SEQ,) * 4, _UNPACKED),
+    "lstm_sequence_bwd": Rule((SEQ, ROW, ROW, PARAM, ROW, ROW) + (SEQ,) * 5 + (PARAM,) * 4,
+                              (SEQ, ROW_SUM, ROW, ROW) + (ROW_SUM,) * 4, _UNPACKED),
+    "gru_sequence_fwd": Rule((SEQ, SEQ, PARAM, ROW, PARAM, PARAM, PARAM), (SEQ, ROW, SEQ, SEQ, SEQ), _UNPACKED),
+    "gru_sequence_bwd": Rule((SEQ, ROW, PARAM, ROW) + (SEQ,) * 4 + (PARAM, PARAM),
+                             (SEQ, SEQ, ROW_SUM, ROW, ROW_SUM, ROW_SUM), _UNPACKED),
 }
 
 
@@ -114,7 +129,9 @@ def _strategy(rule: Rule, schema, placements):
             def place(r):
                 if r == PARAM or row is None:
                     return Replicate()
-                return Partial("sum") if r == ROW_SUM else Shard(row)
+                if r == ROW_SUM:
+                    return Partial("sum")
+                return Shard(row + 1) if r == SEQ else Shard(row)
 
             outs = [Replicate() if e else place(r) for r, e in zip(rule.outs, empty)]
             ins = [place(role[n]) if n in role and bound[n] is not None else None for n in given]

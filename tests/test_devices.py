@@ -13,7 +13,7 @@ from torch import nn
 
 import ln_ext
 from samples import CUDA_ONLY, make_sample
-from test_rnn import FWD_OP, MODES, bwd_op_sample, cell_op_inputs
+from test_rnn import FWD_OP, MODES, SEQ_OP, bwd_op_sample, cell_op_inputs, sequence_bwd_sample, sequence_op_inputs
 
 # Argument names as the error messages spell them (the schema's where not listed).
 MESSAGE_NAME = {"x": "input", "dy": "grad_output"}
@@ -40,10 +40,19 @@ def _cell_calls(device):
         yield getattr(torch.ops.ln_ext, name).default, list(args), "hproj"
 
 
+def _sequence_calls(device):
+    """Unpacked (batch_sizes None: it lives on the CPU whatever the other tensors' device)."""
+    for mode in MODES:
+        yield getattr(torch.ops.ln_ext, SEQ_OP[mode] + "_fwd").default, sequence_op_inputs(mode, device=device), "weight_hh"
+        name, args = sequence_bwd_sample(mode, device=device)
+        yield getattr(torch.ops.ln_ext, name).default, args, "weight_hh"
+
+
 def every_call(device="cpu"):
     """(op, arguments, name of the argument the others must match) for every ln_ext op."""
     yield from _norm_calls(device)
     yield from _cell_calls(device)
+    yield from _sequence_calls(device)
 
 
 def _tensor_args(op, args):
