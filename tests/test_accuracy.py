@@ -19,8 +19,11 @@ import ln_ext
 from samples import DEVICES
 
 # (offset, scale) of x = offset + scale * randn: the mean far above the spread, tiny and
-# huge spreads, and a well-conditioned row.
-FAMILIES = [(5.0, 1e-3), (-100.0, 1e-3), (1e4, 1.0), (1e3, 1e-2), (1e5, 1.0), (0.0, 1e-6), (0.0, 1e6), (0.5, 1.0)]
+# huge spreads, and a well-conditioned row. Means of 10, 30 and 300 spreads straddle the
+# CPU backward's kNegligibleShift, below which a row's dweight terms keep the stored mean's
+# rounding (row_kernels_impl.h).
+FAMILIES = [(5.0, 1e-3), (-100.0, 1e-3), (1e4, 1.0), (1e3, 1e-2), (1e5, 1.0), (0.0, 1e-6), (0.0, 1e6), (0.5, 1.0),
+            (10.0, 1.0), (-30.0, 1.0), (300.0, 1.0)]
 ROW_LENGTHS = [1, 2, 3, 7, 127, 1000, 4097]
 FLOOR_ULPS = 4
 
