@@ -346,6 +346,9 @@ def _sequence_autograd(mode: str) -> None:
         *tensors, batch_sizes, reverse, eps = inputs
         n_out = 1 + n_states
         ctx.mark_non_differentiable(*output[n_out:])
+        # Otherwise autograd fills a zero gradient for each saved output (hproj, gates...:
+        # [T * B, 4H] each) on every backward; a None gradient is handled below.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(*tensors, *output[:1], *output[n_out:])
         ctx.batch_sizes, ctx.reverse, ctx.eps = batch_sizes, reverse, eps
 
