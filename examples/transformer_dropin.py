@@ -9,11 +9,15 @@ with `nn.LayerNorm`, then `ln_ext.convert_layer_norm` swaps every LayerNorm in i
      model as the unconverted model's are (bf16 autocast on GPU, float32 on CPU);
   2. training steps per second before and after, eager and under torch.compile;
   3. the share of the step's op time spent in LayerNorm (torch.profiler), before and after;
-  4. a checkpoint saved from either model loads (strict) into the other.
+  4. a checkpoint saved from either model loads (strict) into the other;
+  5. the same model written with its residual adds next to the norms (a pre-norm block as
+     GPT-2 code writes it): add-then-norm with nn.LayerNorm, with ln_ext.LayerNorm, and
+     ln_ext's fused add + norm (`norm(delta, residual=h) -> (y, h)`, one pass instead of an
+     add and a norm): agreement with float64 and training steps/s, side by side.
 
 Sizes: on a GPU, GPT-2 small (12 layers, d_model 768, 12 heads, vocab 50257, 8 x 1024
 tokens); on the CPU a small model (2 layers, d_model 256) so the whole run takes about a
-minute on 2 cores, torch.compile included (--no-compile skips it; its first step, the
+minutes on 2 cores, torch.compile included (--no-compile skips it; its first step, the
 compilation, is reported separately and not in the steps/s). Dropout is 0 so that the two
 models compute the same function. The data is random tokens: this measures speed and
 agreement, not learning.
@@ -96,6 +100,62 @@ class GPTLike(nn.Module):
         x = self.tok(tokens) + self.pos(torch.arange(t, device=tokens.device))
         x = self.blocks(x, mask=self.causal_mask[:t, :t], is_causal=True)
         return self.head(self.norm(x))
+
+
+def add_then_norm(norm: nn.Module, delta: torch.Tensor, residual, fused: bool):
+    """h = delta + residual, y = norm(h); returns (y, h). fused: one ln_ext call does both."""
+    if residual is None:  # the first norm of the stack: the residual stream is the embedding
+        return norm(delta), delta
+    if fused:
+        return norm(delta, residual=residual)
+    h = delta + residual
+    return norm(h), h
+
+
+class PreNormBlock(nn.Module):
+    """A pre-norm Transformer block that hands its residual stream to the next norm.
+
+    forward(delta, residual) -> (delta', h): h = residual + delta is the stream before this
+    block's attention; the block's MLP output delta' is added by the next norm. Computes
+    what nn.TransformerEncoderLayer(norm_first=True) computes, with the adds moved into
+    the norms, where a fused add + norm can take them.
+    """
+
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = nn.MultiheadAttention(d_model, heads, dropout=0.0, batch_first=True)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+
+    def forward(self, delta, residual, mask, fused: bool):
+        y, h = add_then_norm(self.ln1, delta, residual, fused)
+        attn, _ = self.attn(y, y, y, attn_mask=mask, is_causal=True, need_weights=False)
+        y, h = add_then_norm(self.ln2, attn, h, fused)
+        return self.mlp(y), h
+
+
+class PreNormGPT(nn.Module):
+    """GPTLike with the blocks written out (PreNormBlock); `fused_add` needs ln_ext norms."""
+
+    def __init__(self, cfg: Config, fused_add: bool = False):
+        super().__init__()
+        self.fused_add = fused_add
+        self.tok = nn.Embedding(cfg.vocab, cfg.d_model)
+        self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(PreNormBlock(cfg.d_model, cfg.heads) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
+        mask = nn.Transformer.generate_square_subsequent_mask(cfg.seq_len)
+        self.register_buffer("causal_mask", mask, persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        delta, residual = self.tok(tokens) + self.pos(torch.arange(t, device=tokens.device)), None
+        for block in self.blocks:
+            delta, residual = block(delta, residual, self.causal_mask[:t, :t], self.fused_add)
+        y, _ = add_then_norm(self.norm, delta, residual, self.fused_add)
+        return self.head(y)
 
 
 def autocast(cfg: Config, device: torch.device, enabled: bool = True):
@@ -283,6 +343,50 @@ def layer_norm_share(model, batches, cfg, device) -> dict:
             "layer_norm_ops_ms_per_step": {k: v / 1e3 / steps for k, v in sorted(per_op.items())}}
 
 
+# ---------------------------------------------------------------- 5. fused residual add
+FUSED_VARIANTS = ("nn.LayerNorm, add then norm", "ln_ext, add then norm", "ln_ext, fused add + norm")
+
+
+def fused_add_comparison(cfg, device, batches, use_compile, progress) -> dict:
+    """PreNormGPT three ways, same weights: nn.LayerNorm and ln_ext.LayerNorm after a separate
+    add, and ln_ext's fused add + norm; agreement of the fused one with float64, and speed."""
+    torch.manual_seed(0)
+    add_nn = PreNormGPT(cfg).to(device)
+    add_ln = ln_ext.convert_layer_norm(copy.deepcopy(add_nn))
+    fused_ln = copy.deepcopy(add_ln)
+    fused_ln.fused_add = True
+    progress("fused add: agreement with a float64 copy")
+    agreement = check_agreement(add_nn, fused_ln, batches[0], cfg, device)
+    models = dict(zip(FUSED_VARIANTS, (add_nn, add_ln, fused_ln)))
+    variants = {f"{name} eager": copy.deepcopy(model) for name, model in models.items()}
+    if use_compile:
+        variants.update({f"{name} compiled": torch.compile(copy.deepcopy(model), fullgraph=True)
+                         for name, model in models.items()})
+    training = measure_training(variants, batches, cfg, device, lambda msg: progress("fused add: " + msg))
+    return {"agreement": agreement, "training": training}
+
+
+def fused_add_markdown(fused: dict) -> str:
+    train = fused["training"]
+    rows = []
+    for name in FUSED_VARIANTS:
+        row = [name]
+        for mode in ("eager", "compiled"):
+            base, this = train.get(f"{FUSED_VARIANTS[0]} {mode}"), train.get(f"{name} {mode}")
+            row += ([f"{this['steps_per_s']:.2f}", f"{this['steps_per_s'] / base['steps_per_s']:.2f}x"]
+                    if this else ["not run", ""])
+        rows.append(row)
+    table = markdown_table(["pre-norm blocks (same weights)", "steps/s eager", "vs nn.LayerNorm",
+                            "steps/s compiled", "vs nn.LayerNorm"], rows)
+    agree = fused["agreement"]
+    err = agree["error_vs_float64"]
+    return ("\n" + table + f"\nFused add + norm vs float64: {'PASS' if agree['passed'] else 'FAIL'} (logits "
+            f"{err['ln_ext']['logits']:.2e}, worst gradient {err['ln_ext']['worst_grad']:.2e}; add-then-nn.LayerNorm "
+            f"{err['nn.LayerNorm']['logits']:.2e}, {err['nn.LayerNorm']['worst_grad']:.2e}). The blocks are "
+            "written out (PreNormGPT) so each residual add sits next to a norm: `norm(delta, residual=h)` "
+            "returns (y, h) in one pass where add-then-norm reads and writes the stream once more.  \n")
+
+
 # ---------------------------------------------------------------- report
 def markdown(results: dict) -> str:
     env, cfg, train, prof, agree, ckpt = (results[k] for k in
@@ -320,6 +424,8 @@ def markdown(results: dict) -> str:
                  f"{cfg['timed_steps']} steps (forward, backward, AdamW); compiled = torch.compile(model, fullgraph=True), "
                  "compilation excluded. Profile shares: " +
                  ("GPU kernel time." if env["device"] == "cuda" else "CPU op self time."))
+    if "fused_add" in results:
+        lines.append(fused_add_markdown(results["fused_add"]))
     return "\n".join(lines) + "\n"
 
 
@@ -367,15 +473,18 @@ def main(argv=None):
     profile_results = {"nn.LayerNorm": layer_norm_share(copy.deepcopy(model_nn), batches, cfg, device),
                        "ln_ext": layer_norm_share(copy.deepcopy(model_ln), batches, cfg, device)}
 
+    fused_add = fused_add_comparison(cfg, device, batches, use_compile, progress)
+
     results = {"environment": environment(device), "config": asdict(cfg), "smoke": args.smoke,
                "compile": use_compile, "layer_norms_converted": counts["ln_ext.LayerNorm"],
-               "agreement": agreement, "checkpoint": checkpoint, "training": training, "profile": profile_results}
+               "agreement": agreement, "checkpoint": checkpoint, "training": training, "profile": profile_results,
+               "fused_add": fused_add}
     text = markdown(results)
     print(text)
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     paths = write_results(out_dir, f"transformer_dropin_{device.type}", results, text)
     progress("wrote " + ", ".join(paths))
-    ok = agreement["passed"] and all(v["strict_load"] for v in checkpoint.values())
+    ok = agreement["passed"] and fused_add["agreement"]["passed"] and all(v["strict_load"] for v in checkpoint.values())
     return 0 if ok else 1
 
 

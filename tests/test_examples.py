@@ -33,8 +33,12 @@ def test_transformer_dropin_smoke(tmp_path):
     assert results["layer_norms_converted"] == 3  # 2 in the one encoder layer + the final one
     assert all(v["strict_load"] for v in results["checkpoint"].values())
     assert set(results["training"]) == {"nn.LayerNorm eager", "ln_ext eager"}
+    fused = results["fused_add"]
+    assert fused["agreement"]["passed"]
+    assert set(fused["training"]) == {"nn.LayerNorm, add then norm eager", "ln_ext, add then norm eager",
+                                      "ln_ext, fused add + norm eager"}
     md = (tmp_path / "transformer_dropin_cpu.md").read_text()
-    assert "nn.LayerNorm" in md and results["environment"]["date"] in md
+    assert "nn.LayerNorm" in md and results["environment"]["date"] in md and "fused add + norm" in md
 
 
 def test_ln_rnn_stability_smoke(tmp_path):
