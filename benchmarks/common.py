@@ -122,6 +122,20 @@ def rerun_with_steady_malloc() -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC_ENV})
 
 
+def cpu_vector_isa() -> str:
+    """The widest x86 vector extension the CPU reports (CPU ratios depend on it)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine() or "unknown"
+    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        return "AVX-512"
+    if "avx2" in flags:
+        return "AVX2"
+    return "SSE" if "sse2" in flags else platform.machine() or "unknown"
+
+
 def environment(device: torch.device) -> dict:
     """Everything needed to interpret (and reproduce) a run."""
     env = {
@@ -135,6 +149,7 @@ def environment(device: torch.device) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "triton": _module_version("triton"),
         "cpu": cpu_model(),
+        "cpu_vector_isa": cpu_vector_isa(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "device": device.type,
@@ -144,6 +159,7 @@ def environment(device: torch.device) -> dict:
         import ln_ext
 
         env["ln_ext_cuda_kernels"] = ln_ext.has_cuda_kernels()
+        env["ln_ext_cpu_kernels"] = ln_ext._C.cpu_kernel_isas()
     except Exception as exc:  # noqa: BLE001
         env["ln_ext_import_error"] = f"{type(exc).__name__}: {exc}"
     if device.type == "cuda":
@@ -181,6 +197,9 @@ def header_line(env: dict) -> str:
     if env["device"] == "cuda":
         parts += [f"{env['sm_count']} SMs", f"driver {env.get('driver') or '?'}", f"CUDA {env['cuda_runtime']}"]
     else:
+        parts += [env.get("cpu_vector_isa", "?")]
+        if env.get("ln_ext_cpu_kernels"):
+            parts.append("ln_ext kernels " + ", ".join(f"{k} {v}" for k, v in sorted(env["ln_ext_cpu_kernels"].items())))
         parts += [f"{env['cpu_threads']} threads"]
         if env.get("malloc_env"):
             parts.append(" ".join(f"{k}={v}" for k, v in env["malloc_env"].items()))

@@ -4,6 +4,8 @@
 #include <torch/library.h>
 
 #include "layer_norm.h"
+#include "cpu/rnn_cells_cpu.h"
+#include "cpu/row_kernels.h"
 #ifdef LN_EXT_WITH_CUDA
 #include "cuda/cluster_support.h"
 #endif
@@ -124,6 +126,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "ln_ext C++/CUDA ops; the ops themselves live in torch.ops.ln_ext";
   module.def("has_cuda_kernels", &has_cuda_kernels,
              "Whether this build of ln_ext holds the CUDA kernels.");
+  module.def(
+      "cpu_kernel_isas",
+      [] {
+        return std::map<std::string, std::string>{{"norm_rows", ln_ext::cpu::row_kernels().isa},
+                                                  {"rnn_cells", ln_ext::cpu::cell_kernels().isa}};
+      },
+      "The instruction set each CPU kernel family was picked for on this CPU (generic, avx2, "
+      "avx512); LN_EXT_CPU_ISA=generic or avx2 caps it.");
   // torch.ops.ln_ext.layer_norm_fwd, minus the Python op-call overhead (~3 us a call,
   // as much as a small LayerNorm's kernel): the same dispatcher call, made from C++.
   using ln_ext::OptDtype;

@@ -304,11 +304,12 @@ def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, tol: Tol, scale: 
     )
 
 
-def run_with_generic_cpu_build(test_ids: Sequence[str]) -> None:
-    """Run the given tests (paths relative to tests/) in a fresh process with the
-    generic CPU kernels forced (LN_EXT_CPU_ISA=generic), as on a CPU without AVX2 or a
-    non-x86 one: the kernels are built twice and the best one is picked at run time."""
-    env = dict(os.environ, LN_EXT_CPU_ISA="generic")
+def run_with_generic_cpu_build(test_ids: Sequence[str], isa: str = "generic") -> None:
+    """Run the given tests (paths relative to tests/) in a fresh process with the CPU
+    kernels capped at `isa` (LN_EXT_CPU_ISA): "generic", as on a CPU without AVX2 or a
+    non-x86 one, or "avx2", as on one without AVX-512. The kernels are built for each
+    and the best one for the CPU is picked at run time, so the others run only so."""
+    env = dict(os.environ, LN_EXT_CPU_ISA=isa)
     tests = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
            *(f"{tests}/{t}" for t in test_ids)]

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import itertools
 
+import os
+import platform
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -889,12 +892,36 @@ def test_cpu_cell_ops_independent_of_thread_count(mode, dtype, num_threads):
         assert torch.equal(a, b)
 
 
-def test_generic_cpu_cell_build_matches_reference():
-    """The float32 checks again with the generic CPU cell kernels forced."""
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_capped_cpu_cell_build_matches_reference(isa):
+    """The float32 checks again with the CPU cell kernels capped at `isa`: the generic
+    build, and on an AVX-512 CPU the AVX2 one (which the CPU would not pick)."""
     run_with_generic_cpu_build([f"test_rnn.py::{name}" for name in (
         "test_cpu_cell_math_matches_float64", "test_cpu_saturated_cells_match_float64",
         "test_layers_match_reference_reduced_precision", "test_larger_hidden_float32",
-        "test_cpu_cell_ops_independent_of_thread_count")])
+        "test_cpu_cell_ops_independent_of_thread_count", "test_cpu_kernel_isas_follow_the_cap")], isa=isa)
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def test_cpu_kernel_isas_follow_the_cap():
+    """Which CPU build runs: the best this CPU has, never above LN_EXT_CPU_ISA's cap."""
+    isas = ln_ext._C.cpu_kernel_isas()
+    cap = os.environ.get("LN_EXT_CPU_ISA")
+    flags = _cpu_flags()
+    has_avx2 = {"avx2", "fma", "f16c"} <= flags and platform.machine() in ("x86_64", "AMD64")
+    has_avx512 = has_avx2 and {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+    if cap == "generic" or not has_avx2:
+        assert isas == {"norm_rows": "generic", "rnn_cells": "generic"}
+    else:
+        assert isas["norm_rows"] == "avx2"
+        assert isas["rnn_cells"] == ("avx512" if has_avx512 and cap != "avx2" else "avx2")
 
 
 @cuda

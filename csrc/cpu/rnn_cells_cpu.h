@@ -1,10 +1,10 @@
 // The LN-RNN cell kernels for the CPU, built once per instruction set.
 //
 // rnn_cpu.cpp (the torch side: dtypes, threads) hands each thread a range of batch
-// rows and calls these through a table chosen once per process, by the same rule
-// as the LayerNorm row kernels (row_kernels.h): AVX2+FMA+F16C on x86-64 when the
-// CPU has them (or unless LN_EXT_CPU_ISA=generic), else the generic build for the
-// compiler's baseline ISA. Both builds run the row functions shared with CUDA
+// rows and calls these through a table chosen once per process: where the LayerNorm
+// row kernels (row_kernels.h) run AVX2, the AVX-512 build if the CPU has AVX-512
+// F/BW/DQ/VL (unless LN_EXT_CPU_ISA=avx2), else the AVX2 build; otherwise the generic
+// build for the compiler's baseline ISA. Both builds run the row functions shared with CUDA
 // (kernels/rnn_cells.cuh) on the SerialRow executor; rnn_cells_impl.h says how
 // the two builds are kept from sharing code.
 //
@@ -52,6 +52,7 @@ struct CellKernelSet {
 CellKernelSet cell_kernels_generic();
 #ifdef LN_EXT_CPU_AVX2
 CellKernelSet cell_kernels_avx2();
+CellKernelSet cell_kernels_avx512();
 #endif
 
 // The build for this CPU: the one row_kernels() chose.

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 namespace ln_ext {
@@ -20,7 +21,13 @@ namespace cpu {
 const CellKernelSet& cell_kernels() {
   static const CellKernelSet chosen = [] {
 #ifdef LN_EXT_CPU_AVX2
-    if (std::strcmp(row_kernels().isa, "avx2") == 0) return cell_kernels_avx2();
+    if (std::strcmp(row_kernels().isa, "avx2") == 0) {
+      const char* want = std::getenv("LN_EXT_CPU_ISA");
+      const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+      if (avx512 && !(want != nullptr && std::strcmp(want, "avx2") == 0)) return cell_kernels_avx512();
+      return cell_kernels_avx2();
+    }
 #endif
     return cell_kernels_generic();
   }();
