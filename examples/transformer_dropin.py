@@ -135,19 +135,13 @@ class PreNormBlock(nn.Module):
         return self.mlp(y), h
 
 
-class PreNormGPT(nn.Module):
-    """GPTLike with the blocks written out (PreNormBlock); `fused_add` needs ln_ext norms."""
+class PreNormGPT(GPTLike):
+    """GPTLike with its blocks written out (PreNormBlock); `fused_add` needs ln_ext norms."""
 
     def __init__(self, cfg: Config, fused_add: bool = False):
-        super().__init__()
+        super().__init__(cfg)
         self.fused_add = fused_add
-        self.tok = nn.Embedding(cfg.vocab, cfg.d_model)
-        self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(PreNormBlock(cfg.d_model, cfg.heads) for _ in range(cfg.layers))
-        self.norm = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
-        mask = nn.Transformer.generate_square_subsequent_mask(cfg.seq_len)
-        self.register_buffer("causal_mask", mask, persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]

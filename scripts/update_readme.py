@@ -44,6 +44,8 @@ SECTIONS = {
                                 ("benchmarks/results/**/*layer_norm*.md",)),
     "bench_rnn": Section("LN-RNN benchmark table and plots (benchmarks/bench_rnn.py)",
                          ("benchmarks/results/**/*rnn*.md",)),
+    "bench_norm_family": Section("RMSNorm and fused add + norm benchmark tables (benchmarks/bench_norm_family.py)",
+                                 ("benchmarks/results/**/*norm_family*.md",)),
     "transformer_dropin": Section("drop-in on a Transformer: agreement, steps/s, LayerNorm share, checkpoints "
                                   "(examples/transformer_dropin.py)",
                                   ("examples/results/transformer_dropin_*.md",)),
