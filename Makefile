@@ -36,9 +36,10 @@ bench: build
 
 # The two examples of the README (GPU if present, else a small CPU configuration),
 # then the README's generated sections from their results and the benchmarks'.
+# PYTHONPATH: the in-place build lives in this checkout, not in site-packages.
 examples: build
-	$(PY) examples/transformer_dropin.py
-	$(PY) examples/ln_rnn_stability.py
+	PYTHONPATH=$(CURDIR) $(PY) examples/transformer_dropin.py
+	PYTHONPATH=$(CURDIR) $(PY) examples/ln_rnn_stability.py
 	$(MAKE) readme
 
 readme:

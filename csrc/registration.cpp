@@ -3,6 +3,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <map>
+#include <string>
+
 #include "layer_norm.h"
 #include "cpu/rnn_cells_cpu.h"
 #include "cpu/row_kernels.h"

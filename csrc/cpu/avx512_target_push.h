@@ -6,6 +6,8 @@
 // (22.5 / 60.2: its sigmoid divisions) for a faster backward (12.0 / 32.6), a loss in sum.
 // As avx2_target_push.h: included after every standard header by the *_avx512.cpp
 // builds, whose kernels are picked at run time when the CPU has these instructions.
+// Clang's target attribute takes no vector width (it may use 512 bits); the extension
+// is built with gcc (setup.py, torch's toolchain).
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"))), \
                              apply_to = function)

@@ -4,9 +4,9 @@
 // rows and calls these through a table chosen once per process: where the LayerNorm
 // row kernels (row_kernels.h) run AVX2, the AVX-512 build if the CPU has AVX-512
 // F/BW/DQ/VL (unless LN_EXT_CPU_ISA=avx2), else the AVX2 build; otherwise the generic
-// build for the compiler's baseline ISA. Both builds run the row functions shared with CUDA
-// (kernels/rnn_cells.cuh) on the SerialRow executor; rnn_cells_impl.h says how
-// the two builds are kept from sharing code.
+// build for the compiler's baseline ISA. Every build runs the row functions shared with
+// CUDA (kernels/rnn_cells.cuh) on the SerialRow executor; rnn_cells_impl.h says how the
+// builds are kept from sharing code.
 //
 // Row structs point at row 0 of each operand; a kernel runs rows [begin, end).
 #pragma once

@@ -1,8 +1,9 @@
 // The CPU entry points of the LN-RNN cell kernels (rnn_cells_cpu.h), written once
-// and compiled by rnn_cells_generic.cpp and rnn_cells_avx2.cpp for different ISAs.
+// and compiled by rnn_cells_generic.cpp, rnn_cells_avx2.cpp and rnn_cells_avx512.cpp
+// for different ISAs.
 // Include it after every other header, inside nothing.
 //
-// Why the two builds cannot mix: everything defined here has internal linkage,
+// Why the builds cannot mix: everything defined here has internal linkage,
 // and the shared row templates are instantiated for `Serial`, a type of this
 // file alone, so their instantiations are internal too. What remains shared
 // (cell_math.h, c10's conversions) was declared before the AVX2 target was

@@ -318,17 +318,18 @@ void fwd_rows(const FwdCall& a, int64_t begin, int64_t end) {
 // exactly) that left the product's rounding error times rstd = 1 / sqrt(eps). A product
 // that is multiplied again is never fused into the subtraction, so n g - sum(g) cancels
 // exactly where the math does. With xhat = (d - c) rstd (d = x - mean) the row's constants
-// fold into DxRow, so an element costs d, g, two multiply-adds and a multiply.
-// RMSNorm: sum(g) = c = 0.
+// fold into DxRow, so an element costs d, g, two multiply-adds and a multiply; every
+// intermediate keeps the size of g (a coefficient rstd^2 sum(g xhat) / n would overflow
+// float for a spread near 1e-20 with eps = 0). RMSNorm: sum(g) = c = 0.
 template <typename acc_t>
 struct DxRow {
-  acc_t n, sum_g, d_coef, rstd_n;  // dx = rstd_n (n g - sum_g) - d_coef d
+  acc_t n, sum_g, d_coef, rstd_n;  // dx = rstd_n ((n g - sum_g) - d_coef d)
   DxRow() = default;
   DxRow(acc_t n_, acc_t sum_g_, acc_t sum_gx, acc_t c, acc_t rstd, acc_t inv_n)
-      : n(n_), sum_g(sum_g_ - c * rstd * sum_gx), d_coef(rstd * inv_n * rstd * sum_gx), rstd_n(rstd * inv_n) {}
+      : n(n_), sum_g(sum_g_ - c * (rstd * sum_gx)), d_coef(rstd * sum_gx), rstd_n(rstd * inv_n) {}
   template <typename V>
   V operator()(V g, V d) const {
-    return rstd_n * (g * n - sum_g) - d_coef * d;
+    return rstd_n * ((g * n - sum_g) - d_coef * d);
   }
 };
 
@@ -346,8 +347,8 @@ constexpr acc_t kNegligibleShift = 16 * std::numeric_limits<acc_t>::epsilon();
 // element; the row's residual c = sum(d) / n takes it out again: xhat = (d - c) * rstd,
 // sum(g xhat) = rstd (sum(g d) - c sum(g)). Pass 2: dx from that xhat (plus dh, the
 // gradient that reaches h = x + residual from outside the norm, when given).
-// The block's partial dweight/dbias: a single row (R = 1, rows below 3072 elements, in
-// L1) adds them in pass 1 from d * rstd, as the only pass when dx is not asked for, and
+// The block's partial dweight/dbias: a single row (R = 1: rows below 3072 elements, in
+// L1, and the odd last row of a range of longer ones) adds them in pass 1 from d * rstd, as the only pass when dx is not asked for, and
 // pass 2 takes dy * c * rstd back out of dweight for a row whose shift c * rstd exceeds
 // kNegligibleShift; a pair adds them in pass 2 from xhat (in pass 1 its twelve sums and
 // the partials would not fit the registers). Two rows at once load w and the partials,
@@ -441,8 +442,10 @@ inline void bwd_row_group(const BwdCall& a, const acc_t* __restrict w, acc_t* __
       sum_gx = rs[k] * sums[k];
     }
     dx_row[k] = DxRow<acc_t>(nf, sum_g, sum_gx, c[k], rs[k], inv_n);
-    // Not `<=`: a NaN shift (a NaN row) takes the correcting path, where it stays NaN.
-    shift[k] = std::abs(c[k] * rs[k]) > kNegligibleShift<acc_t> ? c[k] * rs[k] : acc_t(0);
+    // Written as !(<=) so that a NaN shift (sum(d) overflowed: deviations near the float
+    // maximum) takes the correcting path and its NaN reaches dweight, as xhat's would.
+    const acc_t row_shift = c[k] * rs[k];
+    shift[k] = !(std::abs(row_shift) <= kNegligibleShift<acc_t>) ? row_shift : acc_t(0);
     shifted |= shift[k] != acc_t(0);
   }
   // What pass 2 does to the partials, a template flag so that each loop has only its own
