@@ -104,6 +104,24 @@ def test_rnn_benchmark_writes_reports(tmp_path):
     assert (tmp_path / "rnn.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_norm_family_benchmark_writes_reports(tmp_path):
+    rc, log = run_script(ROOT / "benchmarks/bench_norm_family.py", *TINY_TIMING, "--dtypes", "fp32,bf16",
+                         "--n", "64,100", "--elements", "1024", "--providers", "ln_ext,torch", "--out", tmp_path)
+    assert rc == 0, log
+    payload = json.loads((tmp_path / "norm_family.json").read_text())
+    assert payload["schema"] == "ln_ext.bench.norm_family/1"
+    timed = {(r["op"], r["dtype"], r["N"], r["provider"], r["mode"]): r for r in payload["results"] if "ms" in r}
+    for op in ("rms_norm", "add_layer_norm", "add_rms_norm"):
+        for dtype in ("fp32", "bf16"):
+            for n in (64, 100):
+                for mode in ("fwd", "bwd", "fwd_bwd"):
+                    ours = timed[(op, dtype, n, "ln_ext", mode)]
+                    assert ours["correct"] and ours["gbps"] > 0, (op, dtype, n, mode)
+    report = (tmp_path / "norm_family.md").read_text()
+    assert "bench_norm_family.py" in report and "### rms_norm, fp32, forward" in report and "| 100 |" in report
+    assert (tmp_path / "norm_family.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_sanitizer_cases_pass_on_the_cpu_kernels():
     rc, log = run_script(ROOT / "scripts/sanitizer_cases.py", "--device", "cpu")
     assert rc == 0, log
