@@ -12,7 +12,10 @@ csrc/kernels/*.cuh walk the 16-byte chunk grid, and checks for every shape given
   * the param_cols grid covers every (row, column) once and keeps grid.y <= 65535;
   * the cluster kernels: the blocks of a cluster cover every chunk of a row once,
     every column has one dweight/dbias owner whose cache (its chunks and the next)
-    holds it, and the cluster sizes the launchers pick for the long rows.
+    holds it, and the cluster sizes the launchers pick for the long rows;
+  * the add + norm variants: the residual, h (fwd) and dh (bwd) are read and written at
+    x's element indices, chunk by chunk, so they inherit x's coverage; what is left to
+    check is that each chunk of them, in their own dtype, is whole 16-byte vectors.
 Run: python scripts/kernel_check/index_model.py   (prints a summary, exits 1 on a failure)
 """
 import itertools
@@ -241,6 +244,23 @@ def check_shape(m, n, v, vec_ok, sms=132, threads_per_sm=2048):
     assert slices <= 65535 and slices * rows_per_slice >= m and (slices - 1) * rows_per_slice < m
 
 
+# (x element bytes, residual/h element bytes): the dtype pairs the ops accept (a residual
+# stream of x's dtype, or float32 beside a 16-bit x).
+RESIDUAL_PAIRS = ((2, 2), (2, 4), (4, 4), (8, 8))
+
+
+def check_residual_chunks(chunks=4096):
+    """A chunk of x is V = 16 / size(x) elements; the same elements of the residual/h
+    are V * size(R) bytes at byte offset chunk * V * size(R): whole, aligned 16-byte
+    vectors when R is at least as wide as x, which every accepted pair is."""
+    for x_size, r_size in RESIDUAL_PAIRS:
+        v = 16 // x_size
+        for c in range(chunks):
+            offset, width = c * v * r_size, v * r_size
+            assert offset % 16 == 0 and width % 16 == 0, \
+                f"residual chunk {c}: x {x_size} B, R {r_size} B: offset {offset}, {width} bytes"
+
+
 def main():
     shapes = 0
     ns = list(range(1, 130)) + [255, 256, 257, 511, 1000, 1023, 1024, 1025, 2049, 4095, 4097,
@@ -258,6 +278,7 @@ def main():
         slices = min(max(ceil_div(132 * COL_BLOCKS_PER_SM, col_tiles), 1), max_slices)
         assert ceil_div(m, ceil_div(m, slices)) <= 65535
     check_cluster_plans()
+    check_residual_chunks()
     print(f"kernel_index_model: {shapes} (M, N, V, aligned) cases OK")
 
 
