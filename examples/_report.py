@@ -33,7 +33,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         card = torch.cuda.get_device_name(device)
     else:
-        card = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        card = f"{_cpu_name()}, {torch.get_num_threads()} threads"
     return {
         "device": device.type,
         "card": card,
@@ -44,6 +44,23 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "ln_ext_commit": _git_commit(),
     }
+
+
+def _cpu_name() -> str:
+    """The CPU's model and widest vector extension (CPU results depend on both)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())  # the first processor's
+    except OSError:
+        pass
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    isa = ("AVX-512" if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+           else "AVX2" if "avx2" in flags else None)
+    return f"{model} CPU" + (f" ({isa})" if isa else "")
 
 
 def _git_commit():
