@@ -304,7 +304,7 @@ def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, tol: Tol, scale: 
     )
 
 
-def run_with_generic_cpu_build(test_ids: Sequence[str], isa: str = "generic") -> None:
+def run_with_cpu_isa_cap(test_ids: Sequence[str], isa: str = "generic") -> None:
     """Run the given tests (paths relative to tests/) in a fresh process with the CPU
     kernels capped at `isa` (LN_EXT_CPU_ISA): "generic", as on a CPU without AVX2 or a
     non-x86 one, or "avx2", as on one without AVX-512. The kernels are built for each

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import ln_ext
 from samples import (CUDA_ONLY, DEVICES, STATS_TOL_DEFAULT, STATS_TOLERANCES, TOLERANCES, Sample, Tol, assert_close_scaled,
-                     make_sample, reference, run_with_generic_cpu_build, sample_inputs)
+                     make_sample, reference, run_with_cpu_isa_cap, sample_inputs)
 
 
 def _grads(s, y):
@@ -260,6 +260,6 @@ def test_cuda_kernel_by_shape(device):
 
 def test_generic_cpu_build_matches_reference():
     """The reference comparison again with the generic CPU row kernels forced."""
-    run_with_generic_cpu_build(["test_layer_norm.py::test_matches_float64_reference",
-                                "test_layer_norm.py::test_non_finite_row_stays_in_its_row",
-                                "test_layer_norm_autograd.py::test_gradients_independent_of_thread_count"])
+    run_with_cpu_isa_cap(["test_layer_norm.py::test_matches_float64_reference",
+                          "test_layer_norm.py::test_non_finite_row_stays_in_its_row",
+                          "test_layer_norm_autograd.py::test_gradients_independent_of_thread_count"])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ln_ext
-from samples import (DEVICES, REDUCED, TOLERANCES, Tol, assert_close_scaled, make_sample, run_with_generic_cpu_build,
+from samples import (DEVICES, REDUCED, TOLERANCES, Tol, assert_close_scaled, make_sample, run_with_cpu_isa_cap,
                      sample_inputs)
 
 OPS = torch.ops.ln_ext
@@ -381,5 +381,5 @@ def test_cuda_autocast_like_torch(device):
 
 def test_generic_cpu_build_matches_reference():
     """The family's reference comparisons again with the generic CPU row kernels forced."""
-    run_with_generic_cpu_build(["test_norm_family.py::test_rms_norm_matches_float64_reference",
-                                "test_norm_family.py::test_add_norm_matches_float64_reference"])
+    run_with_cpu_isa_cap(["test_norm_family.py::test_rms_norm_matches_float64_reference",
+                          "test_norm_family.py::test_add_norm_matches_float64_reference"])

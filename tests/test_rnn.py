@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import ln_ext
 from ln_ext import reference
-from samples import requires_cuda, run_with_generic_cpu_build
+from samples import requires_cuda, run_with_cpu_isa_cap
 
 MODES = ("RNN", "LSTM", "GRU")
 LAYER = {"RNN": ln_ext.LayerNormRNN, "LSTM": ln_ext.LayerNormLSTM, "GRU": ln_ext.LayerNormGRU}
@@ -896,7 +896,7 @@ def test_cpu_cell_ops_independent_of_thread_count(mode, dtype, num_threads):
 def test_capped_cpu_cell_build_matches_reference(isa):
     """The float32 checks again with the CPU cell kernels capped at `isa`: the generic
     build, and on an AVX-512 CPU the AVX2 one (which the CPU would not pick)."""
-    run_with_generic_cpu_build([f"test_rnn.py::{name}" for name in (
+    run_with_cpu_isa_cap([f"test_rnn.py::{name}" for name in (
         "test_cpu_cell_math_matches_float64", "test_cpu_saturated_cells_match_float64",
         "test_layers_match_reference_reduced_precision", "test_larger_hidden_float32",
         "test_cpu_cell_ops_independent_of_thread_count", "test_cpu_kernel_isas_follow_the_cap")], isa=isa)

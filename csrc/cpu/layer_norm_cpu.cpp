@@ -21,17 +21,19 @@
 namespace ln_ext {
 namespace cpu {
 
+bool cpu_isa_capped_at(const char* isa) {
+  const char* cap = std::getenv("LN_EXT_CPU_ISA");
+  return cap != nullptr && std::strcmp(cap, isa) == 0;
+}
+
 const RowKernels& row_kernels() {
   static const RowKernels chosen = [] {
-    const char* want = std::getenv("LN_EXT_CPU_ISA");
-    const bool force_generic = want != nullptr && std::strcmp(want, "generic") == 0;
 #ifdef LN_EXT_CPU_AVX2
-    if (!force_generic && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+    if (!cpu_isa_capped_at("generic") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
         __builtin_cpu_supports("f16c")) {
       return row_kernels_avx2();
     }
 #endif
-    (void)force_generic;
     return row_kernels_generic();
   }();
   return chosen;

@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 
 namespace ln_ext {
@@ -22,10 +21,9 @@ const CellKernelSet& cell_kernels() {
   static const CellKernelSet chosen = [] {
 #ifdef LN_EXT_CPU_AVX2
     if (std::strcmp(row_kernels().isa, "avx2") == 0) {
-      const char* want = std::getenv("LN_EXT_CPU_ISA");
       const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-      if (avx512 && !(want != nullptr && std::strcmp(want, "avx2") == 0)) return cell_kernels_avx512();
+      if (avx512 && !cpu_isa_capped_at("avx2")) return cell_kernels_avx512();
       return cell_kernels_avx2();
     }
 #endif

@@ -65,8 +65,12 @@ RowKernels row_kernels_generic();
 RowKernels row_kernels_avx2();
 #endif
 
-// The best table for this CPU, chosen on first use. LN_EXT_CPU_ISA=generic in the
-// environment forces the generic build (tests compare the two).
+// Whether LN_EXT_CPU_ISA in the environment caps the CPU builds at `isa` ("generic",
+// "avx2"): tests run the builds this CPU would not pick. Every family's choice reads it.
+bool cpu_isa_capped_at(const char* isa);
+
+// The best table for this CPU, chosen on first use; LN_EXT_CPU_ISA=generic forces the
+// generic build.
 const RowKernels& row_kernels();
 
 }  // namespace ln_ext::cpu

@@ -348,9 +348,9 @@ constexpr acc_t kNegligibleShift = 16 * std::numeric_limits<acc_t>::epsilon();
 // sum(g xhat) = rstd (sum(g d) - c sum(g)). Pass 2: dx from that xhat (plus dh, the
 // gradient that reaches h = x + residual from outside the norm, when given).
 // The block's partial dweight/dbias: a single row (R = 1: rows below 3072 elements, in
-// L1, and the odd last row of a range of longer ones) adds them in pass 1 from d * rstd, as the only pass when dx is not asked for, and
-// pass 2 takes dy * c * rstd back out of dweight for a row whose shift c * rstd exceeds
-// kNegligibleShift; a pair adds them in pass 2 from xhat (in pass 1 its twelve sums and
+// L1, and the odd last row of a range of longer ones) adds them in pass 1 from d * rstd,
+// as the only pass when dx is not asked for, and pass 2 takes dy * c * rstd back out of
+// dweight for a row whose shift c * rstd exceeds kNegligibleShift; a pair adds them in pass 2 from xhat (in pass 1 its twelve sums and
 // the partials would not fit the registers). Two rows at once load w and the partials,
 // and store the partials, once per pair: rows of a few thousand floats no longer stay in
 // L1 from one pass to the next, and that saves a quarter of the passes' L2 traffic.
@@ -509,8 +509,9 @@ void bwd_rows(const BwdCall& a, void* dw_part, void* db_part, int64_t begin, int
   auto* dw = static_cast<acc_t*>(dw_part);
   auto* db = static_cast<acc_t*>(db_part);
   // Pairs from kPairedRowsMinCols columns on (1 thread of an AMD EPYC, float32, 2^21
-  // elements: N = 4096 0.90 -> 0.82 ms, 16384 0.99 -> 0.80; below it the pair's eight
-  // vector sums no longer fit the registers: N = 1024 0.49 -> 0.69 ms).
+  // elements: N = 4096 0.90 -> 0.82 ms, 16384 0.99 -> 0.80; below it the pair's vector
+  // sums no longer fit the registers: N = 1024 0.49 -> 0.69 ms, measured with the
+  // backward before the mean's residual).
   constexpr int64_t kPairedRowsMinCols = 3072;
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(a.n);
   int64_t r = begin;
