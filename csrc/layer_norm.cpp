@@ -52,6 +52,12 @@ void check_params(const char* op, const std::optional<at::Tensor>& weight, const
               ": weight and bias must share a dtype, got ", weight->scalar_type(), " and ", bias->scalar_type());
 }
 
+// The gain is weight_offset + weight: an offset has nothing to shift without a weight.
+void check_weight_offset(const char* op, double weight_offset, const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK(weight_offset == 0 || defined(weight), op, ": weight_offset=", weight_offset,
+              " needs a weight (the gain is weight_offset + weight)");
+}
+
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return defined(t) ? t->contiguous() : at::Tensor();
 }
@@ -95,10 +101,11 @@ NormFwdArgs norm_fwd_impl(const char* op, const at::Tensor& x, const std::option
                           at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias, double eps,
                           std::optional<at::ScalarType> out_dtype, std::optional<at::ScalarType> residual_dtype,
-                          bool centered, NormFwdKernel kernel) {
+                          double weight_offset, bool centered, NormFwdKernel kernel) {
   check_input_dtype(op, x, "input");
   const auto [rows, cols] = rows_and_cols(op, x, normalized_shape);
   check_params(op, weight, bias, x, normalized_shape);
+  check_weight_offset(op, weight_offset, weight);
   const auto y_dtype = out_dtype.value_or(x.scalar_type());
   TORCH_CHECK(dtype_matches(y_dtype, x.scalar_type()), op, ": out_dtype must be the input's dtype or, for a "
               "float16/bfloat16 input, float32; got ", y_dtype);
@@ -111,6 +118,7 @@ NormFwdArgs norm_fwd_impl(const char* op, const at::Tensor& x, const std::option
   a.rows = rows;
   a.cols = cols;
   a.eps = eps;
+  a.weight_offset = weight_offset;
   a.y = at::empty(x.sizes(), x.options().dtype(y_dtype));
   if (residual.has_value()) {
     a.residual = residual_as_h(op, *residual, x, residual_dtype);
@@ -133,7 +141,7 @@ std::array<at::Tensor, 3> norm_bwd_impl(const char* op, const at::Tensor& dy, co
                                         const std::optional<at::Tensor>& mean, const at::Tensor& rstd,
                                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                                         std::array<bool, 3> output_mask, const std::optional<at::Tensor>& grad_h,
-                                        bool centered, NormBwdKernel kernel) {
+                                        double weight_offset, bool centered, NormBwdKernel kernel) {
   check_input_dtype(op, x, "input");
   check_input_dtype(op, dy, "grad_output");
   check_same_device(op, dy, x, "grad_output");
@@ -162,9 +170,11 @@ std::array<at::Tensor, 3> norm_bwd_impl(const char* op, const at::Tensor& dy, co
   const auto normalized_shape = x.sizes().slice(x.dim() - k);
   const auto [rows, cols] = rows_and_cols(op, x, normalized_shape);
   check_params(op, weight, bias, x, normalized_shape);
+  check_weight_offset(op, weight_offset, weight);
 
   NormBwdArgs a;
   a.centered = centered;
+  a.weight_offset = weight_offset;
   a.dy = dy.contiguous();
   a.x = x.contiguous();
   if (centered) a.mean = mean->contiguous();
@@ -198,41 +208,42 @@ auto op_handle(const char* name) {
 }  // namespace
 
 Tensor3 call_layer_norm_fwd(const at::Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
-                            const OptTensor& bias, double eps, OptDtype out_dtype) {
+                            const OptTensor& bias, double eps, OptDtype out_dtype, double weight_offset) {
   static const auto op = op_handle<decltype(call_layer_norm_fwd)>("ln_ext::layer_norm_fwd");
-  return op.call(x, normalized_shape, weight, bias, eps, out_dtype);
+  return op.call(x, normalized_shape, weight, bias, eps, out_dtype, weight_offset);
 }
 
 Tensor3 call_layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                             const OptTensor& weight, const OptTensor& bias, std::array<bool, 3> output_mask,
-                            const OptTensor& grad_h) {
+                            const OptTensor& grad_h, double weight_offset) {
   static const auto op = op_handle<decltype(call_layer_norm_bwd)>("ln_ext::layer_norm_bwd");
-  return op.call(dy, x, mean, rstd, weight, bias, output_mask, grad_h);
+  return op.call(dy, x, mean, rstd, weight, bias, output_mask, grad_h, weight_offset);
 }
 
 Tensor2 call_rms_norm_fwd(const at::Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, double eps,
-                          OptDtype out_dtype) {
+                          OptDtype out_dtype, double weight_offset) {
   static const auto op = op_handle<decltype(call_rms_norm_fwd)>("ln_ext::rms_norm_fwd");
-  return op.call(x, normalized_shape, weight, eps, out_dtype);
+  return op.call(x, normalized_shape, weight, eps, out_dtype, weight_offset);
 }
 
 Tensor2 call_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd, const OptTensor& weight,
-                          std::array<bool, 2> output_mask, const OptTensor& grad_h) {
+                          std::array<bool, 2> output_mask, const OptTensor& grad_h, double weight_offset) {
   static const auto op = op_handle<decltype(call_rms_norm_bwd)>("ln_ext::rms_norm_bwd");
-  return op.call(dy, x, rstd, weight, output_mask, grad_h);
+  return op.call(dy, x, rstd, weight, output_mask, grad_h, weight_offset);
 }
 
 Tensor4 call_add_layer_norm_fwd(const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
                                 const OptTensor& weight, const OptTensor& bias, double eps, OptDtype residual_dtype,
-                                OptDtype out_dtype) {
+                                OptDtype out_dtype, double weight_offset) {
   static const auto op = op_handle<decltype(call_add_layer_norm_fwd)>("ln_ext::add_layer_norm_fwd");
-  return op.call(x, residual, normalized_shape, weight, bias, eps, residual_dtype, out_dtype);
+  return op.call(x, residual, normalized_shape, weight, bias, eps, residual_dtype, out_dtype, weight_offset);
 }
 
 Tensor3 call_add_rms_norm_fwd(const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
-                              const OptTensor& weight, double eps, OptDtype residual_dtype, OptDtype out_dtype) {
+                              const OptTensor& weight, double eps, OptDtype residual_dtype, OptDtype out_dtype,
+                              double weight_offset) {
   static const auto op = op_handle<decltype(call_add_rms_norm_fwd)>("ln_ext::add_rms_norm_fwd");
-  return op.call(x, residual, normalized_shape, weight, eps, residual_dtype, out_dtype);
+  return op.call(x, residual, normalized_shape, weight, eps, residual_dtype, out_dtype, weight_offset);
 }
 
 }  // namespace ln_ext

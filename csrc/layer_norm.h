@@ -23,7 +23,8 @@ struct NormFwdArgs {
   at::Tensor y, h, mean, rstd;           // y, h: [M, N], mean/rstd: [M]; h only with a residual
   int64_t rows = 0, cols = 0;
   double eps = 0;
-  bool centered = true;  // LayerNorm; false: RMSNorm (no mean, no bias)
+  double weight_offset = 0;  // gain = weight_offset + weight (0 unless weight is given)
+  bool centered = true;      // LayerNorm; false: RMSNorm (no mean, no bias)
 };
 
 // Contiguous operands of one backward call; an output not asked for is undefined.
@@ -31,6 +32,7 @@ struct NormBwdArgs {
   at::Tensor dy, x, mean, rstd, weight, dh;  // dy, x, dh: [M, N]; x is the norm's input
   at::Tensor dx, dweight, dbias;              // dx: [M, N] (+ dh), dweight/dbias: [N]
   int64_t rows = 0, cols = 0;
+  double weight_offset = 0;  // as NormFwdArgs'
   bool centered = true;
 };
 
@@ -44,12 +46,12 @@ NormFwdArgs norm_fwd_impl(const char* op, const at::Tensor& x, const std::option
                           at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias, double eps,
                           std::optional<at::ScalarType> out_dtype, std::optional<at::ScalarType> residual_dtype,
-                          bool centered, NormFwdKernel kernel);
+                          double weight_offset, bool centered, NormFwdKernel kernel);
 std::array<at::Tensor, 3> norm_bwd_impl(const char* op, const at::Tensor& dy, const at::Tensor& x,
                                         const std::optional<at::Tensor>& mean, const at::Tensor& rstd,
                                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                                         std::array<bool, 3> output_mask, const std::optional<at::Tensor>& grad_h,
-                                        bool centered, NormBwdKernel kernel);
+                                        double weight_offset, bool centered, NormBwdKernel kernel);
 
 using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -61,45 +63,47 @@ using OptDtype = std::optional<at::ScalarType>;
 // that device's kernels. Schemas in csrc/registration.cpp.
 template <NormFwdKernel K>
 Tensor3 layer_norm_fwd_op(const at::Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
-                          const OptTensor& bias, double eps, OptDtype out_dtype) {
+                          const OptTensor& bias, double eps, OptDtype out_dtype, double weight_offset) {
   auto a = norm_fwd_impl("ln_ext.layer_norm", x, std::nullopt, normalized_shape, weight, bias, eps, out_dtype,
-                         std::nullopt, true, K);
+                         std::nullopt, weight_offset, true, K);
   return {a.y, a.mean, a.rstd};
 }
 template <NormFwdKernel K>
 Tensor2 rms_norm_fwd_op(const at::Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, double eps,
-                        OptDtype out_dtype) {
+                        OptDtype out_dtype, double weight_offset) {
   auto a = norm_fwd_impl("ln_ext.rms_norm", x, std::nullopt, normalized_shape, weight, std::nullopt, eps, out_dtype,
-                         std::nullopt, false, K);
+                         std::nullopt, weight_offset, false, K);
   return {a.y, a.rstd};
 }
 template <NormFwdKernel K>
 Tensor4 add_layer_norm_fwd_op(const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
                               const OptTensor& weight, const OptTensor& bias, double eps, OptDtype residual_dtype,
-                              OptDtype out_dtype) {
+                              OptDtype out_dtype, double weight_offset) {
   auto a = norm_fwd_impl("ln_ext.add_layer_norm", x, residual, normalized_shape, weight, bias, eps, out_dtype,
-                         residual_dtype, true, K);
+                         residual_dtype, weight_offset, true, K);
   return {a.y, a.h, a.mean, a.rstd};
 }
 template <NormFwdKernel K>
 Tensor3 add_rms_norm_fwd_op(const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
-                            const OptTensor& weight, double eps, OptDtype residual_dtype, OptDtype out_dtype) {
+                            const OptTensor& weight, double eps, OptDtype residual_dtype, OptDtype out_dtype,
+                            double weight_offset) {
   auto a = norm_fwd_impl("ln_ext.add_rms_norm", x, residual, normalized_shape, weight, std::nullopt, eps, out_dtype,
-                         residual_dtype, false, K);
+                         residual_dtype, weight_offset, false, K);
   return {a.y, a.h, a.rstd};
 }
 template <NormBwdKernel K>
 Tensor3 layer_norm_bwd_op(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                           const OptTensor& weight, const OptTensor& bias, std::array<bool, 3> output_mask,
-                          const OptTensor& grad_h) {
-  auto g = norm_bwd_impl("ln_ext.layer_norm", dy, x, mean, rstd, weight, bias, output_mask, grad_h, true, K);
+                          const OptTensor& grad_h, double weight_offset) {
+  auto g = norm_bwd_impl("ln_ext.layer_norm", dy, x, mean, rstd, weight, bias, output_mask, grad_h, weight_offset,
+                         true, K);
   return {g[0], g[1], g[2]};
 }
 template <NormBwdKernel K>
 Tensor2 rms_norm_bwd_op(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd, const OptTensor& weight,
-                        std::array<bool, 2> output_mask, const OptTensor& grad_h) {
+                        std::array<bool, 2> output_mask, const OptTensor& grad_h, double weight_offset) {
   auto g = norm_bwd_impl("ln_ext.rms_norm", dy, x, std::nullopt, rstd, weight, std::nullopt,
-                         {output_mask[0], output_mask[1], false}, grad_h, false, K);
+                         {output_mask[0], output_mask[1], false}, grad_h, weight_offset, false, K);
   return {g[0], g[1]};
 }
 
@@ -117,19 +121,20 @@ void register_norm_ops(torch::Library& m) {
 // The ops through the dispatcher (autograd, autocast, device and fake kernels
 // included), for C++ callers: the autograd backward and the Python fast paths.
 Tensor3 call_layer_norm_fwd(const at::Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
-                            const OptTensor& bias, double eps, OptDtype out_dtype);
+                            const OptTensor& bias, double eps, OptDtype out_dtype, double weight_offset);
 Tensor3 call_layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                             const OptTensor& weight, const OptTensor& bias, std::array<bool, 3> output_mask,
-                            const OptTensor& grad_h);
+                            const OptTensor& grad_h, double weight_offset);
 Tensor2 call_rms_norm_fwd(const at::Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, double eps,
-                          OptDtype out_dtype);
+                          OptDtype out_dtype, double weight_offset);
 Tensor2 call_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd, const OptTensor& weight,
-                          std::array<bool, 2> output_mask, const OptTensor& grad_h);
+                          std::array<bool, 2> output_mask, const OptTensor& grad_h, double weight_offset);
 Tensor4 call_add_layer_norm_fwd(const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
                                 const OptTensor& weight, const OptTensor& bias, double eps, OptDtype residual_dtype,
-                                OptDtype out_dtype);
+                                OptDtype out_dtype, double weight_offset);
 Tensor3 call_add_rms_norm_fwd(const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
-                              const OptTensor& weight, double eps, OptDtype residual_dtype, OptDtype out_dtype);
+                              const OptTensor& weight, double eps, OptDtype residual_dtype, OptDtype out_dtype,
+                              double weight_offset);
 
 // Kernel entry points.
 void norm_fwd_cpu_kernel(const NormFwdArgs& args);

@@ -20,8 +20,8 @@ std::optional<Tensor> defined_or_none(const Tensor& t) {
 // (dx, dweight, dbias) of the norm of x in differentiable ATen ops, computed in float32
 // or better. x: [..., normalized dims]; the last `k` dims are normalized. centered:
 // LayerNorm; else RMSNorm (no mean; dbias is not used).
-std::array<Tensor, 3> composite_grads(const Tensor& dy, const Tensor& x, const Tensor& weight, int64_t k,
-                                      double eps, bool centered) {
+std::array<Tensor, 3> composite_grads(const Tensor& dy, const Tensor& x, const Tensor& weight, double weight_offset,
+                                      int64_t k, double eps, bool centered) {
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Tensor xa = x.to(acc), dya = dy.to(acc);
   std::vector<int64_t> dims, row_dims;
@@ -29,7 +29,7 @@ std::array<Tensor, 3> composite_grads(const Tensor& dy, const Tensor& x, const T
   const Tensor centered_x = centered ? xa - xa.mean(dims, /*keepdim=*/true) : xa;
   const Tensor rstd = (centered_x.square().mean(dims, true) + eps).rsqrt();
   const Tensor xhat = centered_x * rstd;
-  const Tensor g = weight.defined() ? dya * weight.to(acc) : dya;
+  const Tensor g = weight.defined() ? dya * (weight.to(acc) + weight_offset) : dya;
   const Tensor g_c = centered ? g - g.mean(dims, true) : g;
   const Tensor dx = rstd * (g_c - xhat * (g * xhat).mean(dims, true));
   // sum over no dims must stay a no-op (at::sum with an empty list sums everything).
@@ -48,7 +48,8 @@ Tensor for_kernel(const Tensor& t, const Tensor& x) {
 
 // Autograd of every forward op of the norm family: LayerNorm or RMSNorm (centered) of x,
 // or of h = x + residual (residual given), returning y, h (add + norm), mean (LayerNorm)
-// and rstd, in that order: only the outputs the op has (autograd takes no undefined ones). First derivatives call the backward ops (the fused
+// and rstd, in that order: only the outputs the op has (autograd takes no undefined ones).
+// The gain is weight_offset + weight. First derivatives call the backward ops (the fused
 // kernels); with create_graph=True the backward is written with differentiable ATen ops,
 // so second derivatives (as nn.LayerNorm supports) come from autograd.
 class NormFunction : public torch::autograd::Function<NormFunction> {
@@ -57,7 +58,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
                                at::IntArrayRef normalized_shape, const std::optional<Tensor>& weight,
                                const std::optional<Tensor>& bias, double eps,
                                std::optional<at::ScalarType> residual_dtype,
-                               std::optional<at::ScalarType> out_dtype, bool centered) {
+                               std::optional<at::ScalarType> out_dtype, double weight_offset, bool centered) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     // mean/rstd never get gradients: don't have autograd build zero tensors for them.
     ctx->set_materialize_grads(false);
@@ -66,18 +67,19 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const bool add = residual.defined();
     if (add && centered) {
       std::tie(y, h, mean, rstd) = call_add_layer_norm_fwd(x, residual, normalized_shape, weight, bias, eps,
-                                                           residual_dtype, out_dtype);
+                                                           residual_dtype, out_dtype, weight_offset);
     } else if (add) {
       std::tie(y, h, rstd) = call_add_rms_norm_fwd(x, residual, normalized_shape, weight, eps, residual_dtype,
-                                                   out_dtype);
+                                                   out_dtype, weight_offset);
     } else if (centered) {
-      std::tie(y, mean, rstd) = call_layer_norm_fwd(x, normalized_shape, weight, bias, eps, out_dtype);
+      std::tie(y, mean, rstd) = call_layer_norm_fwd(x, normalized_shape, weight, bias, eps, out_dtype, weight_offset);
     } else {
-      std::tie(y, rstd) = call_rms_norm_fwd(x, normalized_shape, weight, eps, out_dtype);
+      std::tie(y, rstd) = call_rms_norm_fwd(x, normalized_shape, weight, eps, out_dtype, weight_offset);
     }
     const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
     ctx->save_for_backward({add ? h : x, mean, rstd, w, b});
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["weight_offset"] = weight_offset;
     ctx->saved_data["k"] = static_cast<int64_t>(normalized_shape.size());
     ctx->saved_data["centered"] = centered;
     ctx->saved_data["add"] = add;
@@ -105,9 +107,11 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const bool need_residual = ctx->saved_data["need_residual"].toBool();
     const bool need_w = ctx->saved_data["need_w"].toBool();
     const bool need_b = ctx->saved_data["need_b"].toBool();
+    const double weight_offset = ctx->saved_data["weight_offset"].toDouble();
     Tensor d_in, dw, db;  // d_in: the gradient of the norm's input, x or h
     if (dy.defined() && torch::autograd::GradMode::is_enabled()) {  // create_graph=True
-      auto g = composite_grads(dy, in, w, ctx->saved_data["k"].toInt(), ctx->saved_data["eps"].toDouble(), centered);
+      auto g = composite_grads(dy, in, w, weight_offset, ctx->saved_data["k"].toInt(),
+                               ctx->saved_data["eps"].toDouble(), centered);
       d_in = g[0].to(in.scalar_type());
       if (dh.defined()) d_in = d_in + dh;
       if (need_w) dw = g[1].to(w.scalar_type());
@@ -117,10 +121,10 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       const bool want_in = need_x || need_residual;
       if (centered) {
         std::tie(d_in, dw, db) = call_layer_norm_bwd(dy_k, in, mean, rstd, defined_or_none(w_k), defined_or_none(b_k),
-                                                     {want_in, need_w, need_b}, defined_or_none(dh));
+                                                     {want_in, need_w, need_b}, defined_or_none(dh), weight_offset);
       } else {
         std::tie(d_in, dw) = call_rms_norm_bwd(dy_k, in, rstd, defined_or_none(w_k), {want_in, need_w},
-                                               defined_or_none(dh));
+                                               defined_or_none(dh), weight_offset);
       }
       if (need_w) dw = dw.to(w.scalar_type());
       if (need_b) db = db.to(b.scalar_type());
@@ -131,36 +135,39 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       return d_in.defined() ? d_in.to(ctx->saved_data[key].toScalarType()) : Tensor();
     };
     // One gradient per forward argument: x, residual, normalized_shape, weight, bias, eps,
-    // residual_dtype, out_dtype, centered.
+    // residual_dtype, out_dtype, weight_offset, centered.
     return {need_x ? as("x_dtype") : Tensor(), need_residual ? as("residual_dtype") : Tensor(), Tensor(),
-            need_w ? dw : Tensor(), need_b ? db : Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+            need_w ? dw : Tensor(), need_b ? db : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 Tensor3 layer_norm_fwd_autograd(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
-                                const OptTensor& bias, double eps, OptDtype out_dtype) {
-  auto o = NormFunction::apply(x, std::nullopt, normalized_shape, weight, bias, eps, std::nullopt, out_dtype, true);
+                                const OptTensor& bias, double eps, OptDtype out_dtype, double weight_offset) {
+  auto o = NormFunction::apply(x, std::nullopt, normalized_shape, weight, bias, eps, std::nullopt, out_dtype,
+                               weight_offset, true);
   return {o[0], o[1], o[2]};
 }
 
 Tensor2 rms_norm_fwd_autograd(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, double eps,
-                              OptDtype out_dtype) {
+                              OptDtype out_dtype, double weight_offset) {
   auto o = NormFunction::apply(x, std::nullopt, normalized_shape, weight, std::nullopt, eps, std::nullopt,
-                               out_dtype, false);
+                               out_dtype, weight_offset, false);
   return {o[0], o[1]};
 }
 
 Tensor4 add_layer_norm_fwd_autograd(const Tensor& x, const Tensor& residual, at::IntArrayRef normalized_shape,
                                     const OptTensor& weight, const OptTensor& bias, double eps, OptDtype residual_dtype,
-                                    OptDtype out_dtype) {
-  auto o = NormFunction::apply(x, residual, normalized_shape, weight, bias, eps, residual_dtype, out_dtype, true);
+                                    OptDtype out_dtype, double weight_offset) {
+  auto o = NormFunction::apply(x, residual, normalized_shape, weight, bias, eps, residual_dtype, out_dtype,
+                               weight_offset, true);
   return {o[0], o[1], o[2], o[3]};
 }
 
 Tensor3 add_rms_norm_fwd_autograd(const Tensor& x, const Tensor& residual, at::IntArrayRef normalized_shape,
-                                  const OptTensor& weight, double eps, OptDtype residual_dtype, OptDtype out_dtype) {
+                                  const OptTensor& weight, double eps, OptDtype residual_dtype, OptDtype out_dtype,
+                                  double weight_offset) {
   auto o = NormFunction::apply(x, residual, normalized_shape, weight, std::nullopt, eps, residual_dtype, out_dtype,
-                               false);
+                               weight_offset, false);
   return {o[0], o[1], o[2]};
 }
 

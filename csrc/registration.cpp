@@ -15,29 +15,32 @@
 
 TORCH_LIBRARY(ln_ext, m) {
   // ---- the norm family (csrc/layer_norm.h) ----
+  // Every op of the family takes weight_offset (default 0): the gain is weight_offset +
+  // weight (a zero-centered gain, Gemma's 1 + w), read by the kernels as a scalar; the
+  // gradient goes to weight. A nonzero offset needs a weight.
   // LayerNorm over the trailing dims named by normalized_shape (DESIGN §2).
   // mean/rstd: x.shape[:-len(normalized_shape)], float32 (float64 for double x).
   // out_dtype: y's dtype; float32 is accepted for float16/bfloat16 x (autocast).
   m.def(
       "layer_norm_fwd(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, "
-      "float eps, ScalarType? out_dtype=None) -> (Tensor y, Tensor mean, Tensor rstd)");
+      "float eps, ScalarType? out_dtype=None, float weight_offset=0.) -> (Tensor y, Tensor mean, Tensor rstd)");
   // Gradients of layer_norm_fwd. Outputs not asked for in output_mask, or whose
   // parameter is None, come back as empty [0] tensors. grad_h (x's shape and dtype):
   // a gradient of the norm's input from elsewhere, added to dx (add + norm, where x is
   // h = x + residual, which the forward also returned).
   m.def(
       "layer_norm_bwd(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
-      "Tensor? bias, bool[3] output_mask, Tensor? grad_h=None) -> (Tensor dx, Tensor dweight, "
+      "Tensor? bias, bool[3] output_mask, Tensor? grad_h=None, float weight_offset=0.) -> (Tensor dx, Tensor dweight, "
       "Tensor dbias)");
 
   // RMSNorm over the trailing dims: y = x * rstd * weight, rstd = 1 / sqrt(mean(x^2) + eps)
   // (no mean, no bias); rstd as layer_norm_fwd's. Same kernels, not centered.
   m.def(
       "rms_norm_fwd(Tensor x, int[] normalized_shape, Tensor? weight, float eps, "
-      "ScalarType? out_dtype=None) -> (Tensor y, Tensor rstd)");
+      "ScalarType? out_dtype=None, float weight_offset=0.) -> (Tensor y, Tensor rstd)");
   m.def(
       "rms_norm_bwd(Tensor dy, Tensor x, Tensor rstd, Tensor? weight, bool[2] output_mask, "
-      "Tensor? grad_h=None) -> (Tensor dx, Tensor dweight)");
+      "Tensor? grad_h=None, float weight_offset=0.) -> (Tensor dx, Tensor dweight)");
 
   // Add + norm in one pass: h = x + residual in the residual stream's dtype (residual_dtype,
   // default the residual's: x's or, beside a 16-bit x, float32), y = norm(h) in x's dtype
@@ -45,11 +48,11 @@ TORCH_LIBRARY(ln_ext, m) {
   // from outside as grad_h.
   m.def(
       "add_layer_norm_fwd(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight, "
-      "Tensor? bias, float eps, ScalarType? residual_dtype=None, ScalarType? out_dtype=None) "
+      "Tensor? bias, float eps, ScalarType? residual_dtype=None, ScalarType? out_dtype=None, float weight_offset=0.) "
       "-> (Tensor y, Tensor h, Tensor mean, Tensor rstd)");
   m.def(
       "add_rms_norm_fwd(Tensor x, Tensor residual, int[] normalized_shape, Tensor? weight, "
-      "float eps, ScalarType? residual_dtype=None, ScalarType? out_dtype=None) "
+      "float eps, ScalarType? residual_dtype=None, ScalarType? out_dtype=None, float weight_offset=0.) "
       "-> (Tensor y, Tensor h, Tensor rstd)");
 
   // ---- LN-RNN cells (issue 4; csrc/rnn.h has the equations and shapes) ----
@@ -144,32 +147,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def(
       "layer_norm",
       [](const at::Tensor& x, std::vector<int64_t> normalized_shape, const OptTensor& weight,
-         const OptTensor& bias, double eps, OptDtype out_dtype) {
-        return std::get<0>(ln_ext::call_layer_norm_fwd(x, normalized_shape, weight, bias, eps, out_dtype));
+         const OptTensor& bias, double eps, OptDtype out_dtype, double weight_offset) {
+        return std::get<0>(
+            ln_ext::call_layer_norm_fwd(x, normalized_shape, weight, bias, eps, out_dtype, weight_offset));
       },
       "y of torch.ops.ln_ext.layer_norm_fwd (eager fast path of ln_ext.layer_norm)");
   module.def(
       "rms_norm",
       [](const at::Tensor& x, std::vector<int64_t> normalized_shape, const OptTensor& weight, double eps,
-         OptDtype out_dtype) {
-        return std::get<0>(ln_ext::call_rms_norm_fwd(x, normalized_shape, weight, eps, out_dtype));
+         OptDtype out_dtype, double weight_offset) {
+        return std::get<0>(ln_ext::call_rms_norm_fwd(x, normalized_shape, weight, eps, out_dtype, weight_offset));
       },
       "y of torch.ops.ln_ext.rms_norm_fwd (eager fast path of ln_ext.rms_norm)");
   module.def(
       "add_layer_norm",
       [](const at::Tensor& x, const at::Tensor& residual, std::vector<int64_t> normalized_shape,
-         const OptTensor& weight, const OptTensor& bias, double eps, OptDtype residual_dtype, OptDtype out_dtype) {
+         const OptTensor& weight, const OptTensor& bias, double eps, OptDtype residual_dtype, OptDtype out_dtype,
+         double weight_offset) {
         auto [y, h, mean, rstd] = ln_ext::call_add_layer_norm_fwd(x, residual, normalized_shape, weight, bias, eps,
-                                                                  residual_dtype, out_dtype);
+                                                                  residual_dtype, out_dtype, weight_offset);
         return std::make_tuple(y, h);
       },
       "(y, h) of torch.ops.ln_ext.add_layer_norm_fwd (eager fast path of ln_ext.add_layer_norm)");
   module.def(
       "add_rms_norm",
       [](const at::Tensor& x, const at::Tensor& residual, std::vector<int64_t> normalized_shape,
-         const OptTensor& weight, double eps, OptDtype residual_dtype, OptDtype out_dtype) {
-        auto [y, h, rstd] =
-            ln_ext::call_add_rms_norm_fwd(x, residual, normalized_shape, weight, eps, residual_dtype, out_dtype);
+         const OptTensor& weight, double eps, OptDtype residual_dtype, OptDtype out_dtype, double weight_offset) {
+        auto [y, h, rstd] = ln_ext::call_add_rms_norm_fwd(x, residual, normalized_shape, weight, eps, residual_dtype,
+                                                          out_dtype, weight_offset);
         return std::make_tuple(y, h);
       },
       "(y, h) of torch.ops.ln_ext.add_rms_norm_fwd (eager fast path of ln_ext.add_rms_norm)");

@@ -48,6 +48,11 @@ def _stats_shape(op: str, x, normalized_shape):
     return x.shape[: x.dim() - k]
 
 
+def _check_weight_offset(op, weight_offset, weight):
+    torch._check(weight_offset == 0 or weight is not None,
+                 lambda: f"ln_ext.{op}: weight_offset={weight_offset} needs a weight (the gain is weight_offset + weight)")
+
+
 def _residual_dtype(x, residual, residual_dtype):
     """The dtype of h = x + residual (the fake kernels' view of csrc/layer_norm.cpp)."""
     h_dtype = residual_dtype or residual.dtype
@@ -57,30 +62,36 @@ def _residual_dtype(x, residual, residual_dtype):
 
 
 @torch.library.register_fake("ln_ext::layer_norm_fwd")
-def _layer_norm_fwd_fake(x, normalized_shape, weight, bias, eps, out_dtype=None):
+def _layer_norm_fwd_fake(x, normalized_shape, weight, bias, eps, out_dtype=None, weight_offset=0.0):
     check_same_device("layer_norm", "input", x, weight=weight, bias=bias)
+    _check_weight_offset("layer_norm", weight_offset, weight)
     mean = x.new_empty(_stats_shape("layer_norm", x, normalized_shape), dtype=_stats_dtype(x))
     return x.new_empty(x.shape, dtype=out_dtype or x.dtype), mean, torch.empty_like(mean)
 
 
 @torch.library.register_fake("ln_ext::rms_norm_fwd")
-def _rms_norm_fwd_fake(x, normalized_shape, weight, eps, out_dtype=None):
+def _rms_norm_fwd_fake(x, normalized_shape, weight, eps, out_dtype=None, weight_offset=0.0):
     check_same_device("rms_norm", "input", x, weight=weight)
+    _check_weight_offset("rms_norm", weight_offset, weight)
     rstd = x.new_empty(_stats_shape("rms_norm", x, normalized_shape), dtype=_stats_dtype(x))
     return x.new_empty(x.shape, dtype=out_dtype or x.dtype), rstd
 
 
 @torch.library.register_fake("ln_ext::add_layer_norm_fwd")
-def _add_layer_norm_fwd_fake(x, residual, normalized_shape, weight, bias, eps, residual_dtype=None, out_dtype=None):
+def _add_layer_norm_fwd_fake(x, residual, normalized_shape, weight, bias, eps, residual_dtype=None, out_dtype=None,
+                             weight_offset=0.0):
     check_same_device("add_layer_norm", "input", x, residual=residual, weight=weight, bias=bias)
+    _check_weight_offset("add_layer_norm", weight_offset, weight)
     h = x.new_empty(x.shape, dtype=_residual_dtype(x, residual, residual_dtype))
     mean = x.new_empty(_stats_shape("add_layer_norm", x, normalized_shape), dtype=_stats_dtype(x))
     return x.new_empty(x.shape, dtype=out_dtype or x.dtype), h, mean, torch.empty_like(mean)
 
 
 @torch.library.register_fake("ln_ext::add_rms_norm_fwd")
-def _add_rms_norm_fwd_fake(x, residual, normalized_shape, weight, eps, residual_dtype=None, out_dtype=None):
+def _add_rms_norm_fwd_fake(x, residual, normalized_shape, weight, eps, residual_dtype=None, out_dtype=None,
+                           weight_offset=0.0):
     check_same_device("add_rms_norm", "input", x, residual=residual, weight=weight)
+    _check_weight_offset("add_rms_norm", weight_offset, weight)
     h = x.new_empty(x.shape, dtype=_residual_dtype(x, residual, residual_dtype))
     rstd = x.new_empty(_stats_shape("add_rms_norm", x, normalized_shape), dtype=_stats_dtype(x))
     return x.new_empty(x.shape, dtype=out_dtype or x.dtype), h, rstd
@@ -98,14 +109,14 @@ def _bwd_outputs(x, params, output_mask):
 
 
 @torch.library.register_fake("ln_ext::layer_norm_bwd")
-def _layer_norm_bwd_fake(dy, x, mean, rstd, weight, bias, output_mask, grad_h=None):
+def _layer_norm_bwd_fake(dy, x, mean, rstd, weight, bias, output_mask, grad_h=None, weight_offset=0.0):
     check_same_device("layer_norm", "input", x, grad_output=dy, mean=mean, rstd=rstd, weight=weight, bias=bias,
                       grad_h=grad_h)
     return _bwd_outputs(x, (weight, bias), output_mask)
 
 
 @torch.library.register_fake("ln_ext::rms_norm_bwd")
-def _rms_norm_bwd_fake(dy, x, rstd, weight, output_mask, grad_h=None):
+def _rms_norm_bwd_fake(dy, x, rstd, weight, output_mask, grad_h=None, weight_offset=0.0):
     check_same_device("rms_norm", "input", x, grad_output=dy, rstd=rstd, weight=weight, grad_h=grad_h)
     return _bwd_outputs(x, (weight,), output_mask)
 
@@ -160,14 +171,23 @@ def layer_norm(
     weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
+    *,
+    weight_offset: float = 0.0,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """Same signature and results as `torch.nn.functional.layer_norm`."""
+    """Same signature and results as `torch.nn.functional.layer_norm`.
+
+    weight_offset: the gain is weight_offset + weight (a zero-centered gain: Gemma's
+    1 + w), read by the kernels; the gradient goes to weight. out_dtype: the result's
+    dtype, the input's (default) or float32 beside a float16/bfloat16 input, written by
+    the kernel (no extra pass); given, it also turns off the CUDA autocast policy."""
     shape = _shape(normalized_shape)
     _check_cuda_build(input, "layer_norm")
-    out_dtype, weight, bias = _autocast_args(input, weight, bias)
+    if out_dtype is None:
+        out_dtype, weight, bias = _autocast_args(input, weight, bias)
     if _eager(input):
-        return _C.layer_norm(input, shape, weight, bias, eps, out_dtype)
-    return torch.ops.ln_ext.layer_norm_fwd(input, shape, weight, bias, eps, out_dtype)[0]
+        return _C.layer_norm(input, shape, weight, bias, eps, out_dtype, weight_offset)
+    return torch.ops.ln_ext.layer_norm_fwd(input, shape, weight, bias, eps, out_dtype, weight_offset)[0]
 
 
 def rms_norm(
@@ -175,16 +195,21 @@ def rms_norm(
     normalized_shape: Union[int, Sequence[int]],
     weight: Optional[torch.Tensor] = None,
     eps: Optional[float] = None,
+    *,
+    weight_offset: float = 0.0,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Same signature and results as `torch.nn.functional.rms_norm`: y = x / sqrt(mean(x^2)
-    + eps) * weight over the trailing dims; eps=None is torch.finfo(input.dtype).eps."""
+    + eps) * weight over the trailing dims; eps=None is torch.finfo(input.dtype).eps.
+    weight_offset and out_dtype as layer_norm's."""
     shape = _shape(normalized_shape)
     _check_cuda_build(input, "rms_norm")
-    out_dtype, weight = _autocast_args(input, weight)
+    if out_dtype is None:
+        out_dtype, weight = _autocast_args(input, weight)
     eps = _rms_eps(eps, input)
     if _eager(input):
-        return _C.rms_norm(input, shape, weight, eps, out_dtype)
-    return torch.ops.ln_ext.rms_norm_fwd(input, shape, weight, eps, out_dtype)[0]
+        return _C.rms_norm(input, shape, weight, eps, out_dtype, weight_offset)
+    return torch.ops.ln_ext.rms_norm_fwd(input, shape, weight, eps, out_dtype, weight_offset)[0]
 
 
 def add_layer_norm(
@@ -195,18 +220,24 @@ def add_layer_norm(
     bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
     residual_dtype: Optional[torch.dtype] = None,
+    *,
+    weight_offset: float = 0.0,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h = x + residual and y = layer_norm(h) in one pass; returns (y, h).
 
     h is computed and returned in `residual_dtype` (default: the residual's dtype; x's, or
     float32 beside a 16-bit x: a float32 residual stream); y has x's dtype (float32 under
-    CUDA autocast, as layer_norm). Gradients reach x and residual."""
+    CUDA autocast, as layer_norm). Gradients reach x and residual. weight_offset and
+    out_dtype as layer_norm's."""
     shape = _shape(normalized_shape)
     _check_cuda_build(x, "add_layer_norm")
-    out_dtype, weight, bias = _autocast_args(x, weight, bias)
+    if out_dtype is None:
+        out_dtype, weight, bias = _autocast_args(x, weight, bias)
     if _eager(x, residual):
-        return _C.add_layer_norm(x, residual, shape, weight, bias, eps, residual_dtype, out_dtype)
-    y, h, _, _ = torch.ops.ln_ext.add_layer_norm_fwd(x, residual, shape, weight, bias, eps, residual_dtype, out_dtype)
+        return _C.add_layer_norm(x, residual, shape, weight, bias, eps, residual_dtype, out_dtype, weight_offset)
+    y, h, _, _ = torch.ops.ln_ext.add_layer_norm_fwd(x, residual, shape, weight, bias, eps, residual_dtype, out_dtype,
+                                                     weight_offset)
     return y, h
 
 
@@ -217,14 +248,20 @@ def add_rms_norm(
     weight: Optional[torch.Tensor] = None,
     eps: Optional[float] = None,
     residual_dtype: Optional[torch.dtype] = None,
+    *,
+    weight_offset: float = 0.0,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h = x + residual and y = rms_norm(h) in one pass; returns (y, h), dtypes as
-    add_layer_norm (eps=None: torch.finfo(x.dtype).eps, as rms_norm)."""
+    add_layer_norm (eps=None: torch.finfo(x.dtype).eps, as rms_norm); weight_offset and
+    out_dtype as layer_norm's."""
     shape = _shape(normalized_shape)
     _check_cuda_build(x, "add_rms_norm")
-    out_dtype, weight = _autocast_args(x, weight)
+    if out_dtype is None:
+        out_dtype, weight = _autocast_args(x, weight)
     eps = _rms_eps(eps, x)
     if _eager(x, residual):
-        return _C.add_rms_norm(x, residual, shape, weight, eps, residual_dtype, out_dtype)
-    y, h, _ = torch.ops.ln_ext.add_rms_norm_fwd(x, residual, shape, weight, eps, residual_dtype, out_dtype)
+        return _C.add_rms_norm(x, residual, shape, weight, eps, residual_dtype, out_dtype, weight_offset)
+    y, h, _ = torch.ops.ln_ext.add_rms_norm_fwd(x, residual, shape, weight, eps, residual_dtype, out_dtype,
+                                                weight_offset)
     return y, h

@@ -98,6 +98,7 @@ void norm_fwd_cpu_kernel(const NormFwdArgs& a) {
   call.residual = a.residual.defined() ? a.residual.const_data_ptr() : nullptr;
   call.h = a.h.defined() ? a.h.mutable_data_ptr() : nullptr;
   call.w = w.const_data_ptr();
+  call.weight_offset = a.weight_offset;
   call.b = b.defined() ? b.const_data_ptr() : nullptr;
   call.y = a.y.mutable_data_ptr();
   call.mean = a.mean.defined() ? a.mean.mutable_data_ptr() : nullptr;
@@ -122,6 +123,7 @@ void norm_bwd_cpu_kernel(const NormBwdArgs& a) {
   call.dy = a.dy.const_data_ptr();
   call.dh = a.dh.defined() ? a.dh.const_data_ptr() : nullptr;
   call.w = w.const_data_ptr();
+  call.weight_offset = a.weight_offset;
   call.mean = a.mean.defined() ? a.mean.const_data_ptr() : nullptr;
   call.rstd = a.rstd.const_data_ptr();
   call.dx = a.dx.defined() ? a.dx.mutable_data_ptr() : nullptr;

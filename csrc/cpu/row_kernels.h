@@ -26,6 +26,7 @@ struct FwdCall {
   const void* residual;    // [rows, n] of h_t, or null: no add
   void* h;                 // [rows, n] of h_t: x + residual (with a residual)
   const void* w;           // acc_t [n] (ones when absent)
+  double weight_offset;    // the gain is weight_offset + w
   const void* b;           // acc_t [n] (zeros when absent); unused by RMSNorm
   void* y;                 // [rows, n] of y_t
   void* mean;              // acc_t [rows]; unused by RMSNorm
@@ -42,6 +43,7 @@ struct BwdCall {
   const void* dy;          // [rows, n]
   const void* dh;          // [rows, n] of x_t, or null: a gradient of h added to dx
   const void* w;           // acc_t [n] (ones when absent)
+  double weight_offset;    // the gain is weight_offset + w
   const void* mean;        // acc_t [rows]; unused by RMSNorm
   const void* rstd;        // acc_t [rows]
   void* dx;                // [rows, n] of x_t, or null: not asked for
@@ -50,11 +52,12 @@ struct BwdCall {
 
 struct RowKernels {
   const char* isa;
-  // Rows [begin, end) of y = xhat * w + b (LayerNorm; RMSNorm: xhat * w), statistics in
+  // Rows [begin, end) of y = xhat * gain + b (LayerNorm; RMSNorm: xhat * gain), gain =
+  // weight_offset + w, statistics in
   // two passes (the corrected two-pass algorithm) or one (RMSNorm's sum of squares).
   void (*fwd)(const FwdCall& call, int64_t begin, int64_t end);
   // Rows [begin, end): dx = rstd / n * (n g - sum(g) - xhat sum(g * xhat)) (+ dh), g = dy *
-  // w, when dx is not null; dw_part += sum over the rows of dy * xhat and db_part += sum
+  // gain, when dx is not null; dw_part += sum over the rows of dy * xhat and db_part += sum
   // of dy (LayerNorm), when dw_part is not null.
   void (*bwd)(const BwdCall& call, void* dw_part, void* db_part, int64_t begin, int64_t end);
 };

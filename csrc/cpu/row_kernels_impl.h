@@ -238,10 +238,11 @@ inline acc_t row_sum_squares(const T* __restrict x, int64_t n) {
   return sq[0];
 }
 
-// One row of the forward: y = xhat * w + b (LayerNorm, kCentered) or y = xhat * w
-// (RMSNorm: xhat = x * rstd, no mean, no bias); mean (LayerNorm only) and rstd stored.
+// One row of the forward: y = xhat * (w + w_off) + b (LayerNorm, kCentered) or y = xhat *
+// (w + w_off) (RMSNorm: xhat = x * rstd, no mean, no bias); mean (LayerNorm only) and rstd
+// stored.
 template <typename T, typename Y, typename acc_t, bool kCentered>
-inline void norm_row(const T* __restrict xr, const acc_t* __restrict w, const acc_t* __restrict b,
+inline void norm_row(const T* __restrict xr, const acc_t* __restrict w, acc_t w_off, const acc_t* __restrict b,
                      Y* __restrict yr, acc_t* mean, acc_t* rstd, int64_t n, acc_t inv_n, acc_t eps) {
   constexpr int W = Vec<acc_t>::width;
   const int64_t body = n - n % W;
@@ -259,16 +260,16 @@ inline void norm_row(const T* __restrict xr, const acc_t* __restrict w, const ac
   *rstd = rs;
   for (int64_t i = 0; i < body; i += W) {
     if constexpr (kCentered) {
-      vstore(yr + i, ((vload(xr + i) - k) - c) * rs * vload(w + i) + vload(b + i));
+      vstore(yr + i, ((vload(xr + i) - k) - c) * rs * (vload(w + i) + w_off) + vload(b + i));
     } else {
-      vstore(yr + i, vload(xr + i) * rs * vload(w + i));
+      vstore(yr + i, vload(xr + i) * rs * (vload(w + i) + w_off));
     }
   }
   for (int64_t i = body; i < n; ++i) {
     if constexpr (kCentered) {
-      store(yr + i, ((to_acc(xr[i]) - k) - c) * rs * w[i] + b[i]);
+      store(yr + i, ((to_acc(xr[i]) - k) - c) * rs * (w[i] + w_off) + b[i]);
     } else {
-      store(yr + i, to_acc(xr[i]) * rs * w[i]);
+      store(yr + i, to_acc(xr[i]) * rs * (w[i] + w_off));
     }
   }
 }
@@ -293,6 +294,7 @@ void fwd_rows(const FwdCall& a, int64_t begin, int64_t end) {
   const auto* res = static_cast<const H*>(a.residual);
   auto* h = static_cast<H*>(a.h);
   const auto* w = static_cast<const acc_t*>(a.w);
+  const auto w_off = static_cast<acc_t>(a.weight_offset);
   const auto* b = static_cast<const acc_t*>(a.b);
   auto* y = static_cast<Y*>(a.y);
   auto* mean = static_cast<acc_t*>(a.mean);
@@ -304,9 +306,9 @@ void fwd_rows(const FwdCall& a, int64_t begin, int64_t end) {
     acc_t* mean_r = kCentered ? mean + r : nullptr;
     if (res != nullptr) {
       add_row(x + r * n, res + r * n, h + r * n, n);
-      norm_row<H, Y, acc_t, kCentered>(h + r * n, w, b, y + r * n, mean_r, rstd + r, n, inv_n, eps);
+      norm_row<H, Y, acc_t, kCentered>(h + r * n, w, w_off, b, y + r * n, mean_r, rstd + r, n, inv_n, eps);
     } else if constexpr (std::is_same_v<T, H>) {
-      norm_row<T, Y, acc_t, kCentered>(x + r * n, w, b, y + r * n, mean_r, rstd + r, n, inv_n, eps);
+      norm_row<T, Y, acc_t, kCentered>(x + r * n, w, w_off, b, y + r * n, mean_r, rstd + r, n, inv_n, eps);
     }
   }
 }
@@ -340,7 +342,7 @@ struct DxRow {
 template <typename acc_t>
 constexpr acc_t kNegligibleShift = 16 * std::numeric_limits<acc_t>::epsilon();
 
-// Backward of R consecutive rows from `r` (R = 1 or 2), g = dy * w.
+// Backward of R consecutive rows from `r` (R = 1 or 2), g = dy * gain, gain = w + weight_offset.
 // Pass 1, LayerNorm: per row sum(d), sum(g) and sum(g * d), d = x - mean (RMSNorm: d = x,
 // only sum(g * x)). d carries the rounding error of the stored float mean (up to half an
 // ulp of a mean that may be far larger than the row's spread) as a shift of every
@@ -364,6 +366,7 @@ inline void bwd_row_group(const BwdCall& a, const acc_t* __restrict w, acc_t* __
   const int64_t n = a.n;
   const int64_t body = n - n % W;
   const acc_t nf = static_cast<acc_t>(n);
+  const auto w_off = static_cast<acc_t>(a.weight_offset);
   const T* xr[R];
   const D* dyr[R];
   acc_t mu[R], rs[R];
@@ -377,7 +380,7 @@ inline void bwd_row_group(const BwdCall& a, const acc_t* __restrict w, acc_t* __
   row_sums<kSums * R, acc_t>(
       n,
       [=](int64_t i, V (&s)[kSums * R]) {  // by value: stores through dw must not reload mu, rs...
-        const V wv = vload(w + i);
+        const V wv = vload(w + i) + w_off;
         V dw_i, db_i;
         if constexpr (kParamsInPass1) {
           dw_i = vload(dw + i);
@@ -407,7 +410,7 @@ inline void bwd_row_group(const BwdCall& a, const acc_t* __restrict w, acc_t* __
       [=](int64_t i, acc_t (&t)[kSums * R]) {
         for (int k = 0; k < R; ++k) {
           const acc_t dy = to_acc(dyr[k][i]);
-          const acc_t g = dy * w[i];
+          const acc_t g = dy * (w[i] + w_off);
           const acc_t d = to_acc(xr[k][i]) - mu[k];
           if constexpr (kCentered) {
             t[3 * k] += d;
@@ -454,7 +457,7 @@ inline void bwd_row_group(const BwdCall& a, const acc_t* __restrict w, acc_t* __
   const auto pass2 = [&](auto partials) {
     constexpr Partials p = decltype(partials)::value;
     for (int64_t i = 0; i < body; i += W) {
-      const V wv = vload(w + i);
+      const V wv = vload(w + i) + w_off;
       V dw_i, db_i;
       if constexpr (p != kNone) dw_i = vload(dw + i);
       if constexpr (p == kAdd && kCentered) db_i = vload(db + i);
@@ -480,7 +483,7 @@ inline void bwd_row_group(const BwdCall& a, const acc_t* __restrict w, acc_t* __
         const acc_t dy = to_acc(dyr[k][i]);
         const acc_t d = to_acc(xr[k][i]) - mu[k];
         if (dxr[k] != nullptr) {
-          acc_t out = dx_row[k](dy * w[i], d);
+          acc_t out = dx_row[k](dy * (w[i] + w_off), d);
           if (dhr[k] != nullptr) out += to_acc(dhr[k][i]);
           store(dxr[k] + i, out);
         }

@@ -233,6 +233,7 @@ void launch_bwd(const NormBwdArgs& a) {
   p.mean = const_ptr<A>(a.mean);
   p.rstd = const_ptr<A>(a.rstd);
   p.weight = const_ptr<P>(a.weight);
+  p.weight_offset = static_cast<A>(a.weight_offset);
   p.dx = mut_ptr<T>(a.dx);
   p.partials = nullptr;
   p.residual = nullptr;

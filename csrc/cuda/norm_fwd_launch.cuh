@@ -54,6 +54,7 @@ void launch_fwd(const NormFwdArgs& a) {
   p.rows = a.rows;
   p.cols = static_cast<int>(a.cols);
   p.eps = static_cast<A>(a.eps);
+  p.weight_offset = static_cast<A>(a.weight_offset);
   p.vec_ok = aligned16(p.x) && aligned16(p.y) && aligned16(p.residual) && aligned16(p.h);
   p.params_vec_ok = aligned16(p.weight) && aligned16(p.bias);
   p.lean_cluster_sum = lean_cluster_sum();

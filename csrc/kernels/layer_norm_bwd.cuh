@@ -2,7 +2,8 @@
 //
 // Backward kernels of the norm family: the gradient of the norm's input x (for an add +
 // norm, x is h = x + residual, and the gradient of h from outside, dh, is added to dx).
-// With g = dy * weight (weight absent: g = dy) and xhat from the stored mean and rstd:
+// With g = dy * gain, gain = weight_offset + weight (weight absent: g = dy), and xhat from
+// the stored mean and rstd:
 //   LayerNorm: dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   per row (layer_norm_dx)
 //              dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy
 //   RMSNorm (kCentered false): xhat = x * rstd, dx = rstd * (g - xhat * mean(g * xhat)),
@@ -69,6 +70,7 @@ struct BwdParams {
   const acc_t<T>* mean;   // [M]; RMSNorm: nullptr
   const acc_t<T>* rstd;   // [M]
   const P* weight;        // [N] or nullptr (acts as 1)
+  acc_t<T> weight_offset = 0;  // g = dy * (weight_offset + weight)
   T* dx;                  // [M, N] or nullptr (not requested)
   acc_t<T>* partials;     // [gridDim.x, 2, N] or nullptr (dweight/dbias not fused)
   acc_t<T>* residual;     // [M] or nullptr: each row's c, for the param_cols kernel
@@ -177,7 +179,8 @@ __global__ void __launch_bounds__(512)
       const int col0 = s * V - rc.head;
       A w[V];
       if (s < rc.count) {
-        load_param_chunk(p.weight, chunk_is_full<V>(p.vec_ok, col0, n) && p.weight_vec_ok, col0, n, A(1), w);
+        load_gain_chunk(p.weight, A(p.weight_offset), chunk_is_full<V>(p.vec_ok, col0, n) && p.weight_vec_ok, col0, n,
+                        w);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           xhat[k][i] = in_row(col0 + i, n) ? (xhat[k][i] - st.residual) * rstd : A(0);
@@ -320,7 +323,7 @@ __global__ void __launch_bounds__(1024)
         A d[V], dy[V], w[V];
         load_chunk(xs, full, col0, n, A(0), d);
         load_chunk(dys, full, col0, n, A(0), dy);
-        load_param_chunk(p.weight, full && p.weight_vec_ok, col0, n, A(1), w);
+        load_gain_chunk(p.weight, A(p.weight_offset), full && p.weight_vec_ok, col0, n, w);
 #pragma unroll
         for (int i = 0; i < V; ++i) d[i] = in_row(col0 + i, n) ? d[i] - mean : A(0);
         f(s, col0, full, d, dy, w);
@@ -443,7 +446,7 @@ __global__ void __launch_bounds__(1024)
         A d[V], dy[V], w[V];
         load_chunk(x_cache + (s - begin) * V, full, col0, n, A(0), d);
         load_chunk(dy_cache + (s - begin) * V, full, col0, n, A(0), dy);
-        load_param_chunk(p.weight, full && p.weight_vec_ok, col0, n, A(1), w);
+        load_gain_chunk(p.weight, A(p.weight_offset), full && p.weight_vec_ok, col0, n, w);
 #pragma unroll
         for (int i = 0; i < V; ++i) d[i] = in_row(col0 + i, n) ? d[i] - mean : A(0);
         f(s, col0, full, d, dy, w);

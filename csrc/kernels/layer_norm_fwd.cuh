@@ -7,8 +7,9 @@
 //   over the on-chip row:
 //     m0 = sum(u) / N;  c = sum(u - m0) / N,  var = (sum((u - m0)^2) - N c^2) / N
 //     mean = m0 + c,  rstd = 1 / sqrt(var + eps)            (correctly rounded)
-//     y    = ((u - m0) - c) * rstd * weight + bias          (weight/bias optional)
-//   RMSNorm: rstd = 1 / sqrt(sum(u^2) / N + eps), y = u * rstd * weight (no mean, no bias)
+//     y    = ((u - m0) - c) * rstd * gain + bias            (weight/bias optional)
+//   RMSNorm: rstd = 1 / sqrt(sum(u^2) / N + eps), y = u * rstd * gain (no mean, no bias)
+//   gain = weight_offset + weight (a zero-centered weight; the offset is 0 without one)
 // accumulating in acc_t<T> (float, or double for double x). mean/rstd: [M]. Reductions per
 // row: LayerNorm two (the second adds two values at once), RMSNorm one.
 //
@@ -55,6 +56,7 @@ struct FwdParams {
   R* h;               // [M, N]: x + residual, the rows normalized (with a residual)
   const P* weight;    // [N] or nullptr (acts as 1)
   const P* bias;      // [N] or nullptr (acts as 0); RMSNorm: nullptr
+  acc_t<T> weight_offset = 0;  // the gain is weight_offset + weight
   Y* y;               // [M, N]
   acc_t<T>* mean;     // [M]; RMSNorm: nullptr
   acc_t<T>* rstd;     // [M]
@@ -87,7 +89,7 @@ __device__ __forceinline__ void fwd_write_chunk(const FwdParams<T, P, Y, R>& p, 
                                                 bool full, bool params_vec, int col0,
                                                 const A (&u)[V], const RowStats<A>& st) {
   A w[V], b[V], out[V];
-  load_param_chunk(p.weight, params_vec, col0, p.cols, A(1), w);
+  load_gain_chunk(p.weight, A(p.weight_offset), params_vec, col0, p.cols, w);
   load_param_chunk(p.bias, params_vec, col0, p.cols, A(0), b);
 #pragma unroll
   for (int i = 0; i < V; ++i) out[i] = st.xhat(u[i]) * w[i] + b[i];
