@@ -1,6 +1,7 @@
 """ln_ext: Layer Normalization (Ba, Kiros & Hinton, 2016) as fused C++/CUDA PyTorch ops."""
 from . import distributed as _distributed  # noqa: F401  (registers the DTensor sharding rules)
-from .modules import LayerNorm, RMSNorm, convert_layer_norm
+from .convert import convert_layer_norm
+from .modules import LayerNorm, RMSNorm
 from .ops import add_layer_norm, add_rms_norm, has_cuda_kernels, layer_norm, rms_norm
 from .rnn import (
     LayerNormGRU,
