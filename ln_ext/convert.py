@@ -293,14 +293,13 @@ TABLE: dict[str, str] = {
 }
 
 
-def _class_path(module: nn.Module) -> str:
-    cls = type(module)
+def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def form_of(module: nn.Module) -> Optional[str]:
     """The FORMS name of a module's exact class, or None."""
-    return TABLE.get(_class_path(module))
+    return TABLE.get(_class_path(type(module)))
 
 
 def _result_dtype(form: NormForm, x: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.dtype:
@@ -391,7 +390,9 @@ _NORM_LIKE_NAME = re.compile(r"(LayerNorm|RMSNorm|RmsNorm|L2Norm)(2d|Act|Act2d|F
 
 
 def _looks_like_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or bool(_NORM_LIKE_NAME.search(type(module).__name__))
+    """A LayerNorm/RMSNorm subclass, a subclass of a class in TABLE, or a class named like a norm."""
+    return (isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or bool(_NORM_LIKE_NAME.search(type(module).__name__))
+            or any(_class_path(cls) in TABLE for cls in type(module).__mro__))
 
 
 def _convert(module: nn.Module, rms_norm: bool, left: list, prefix: str) -> nn.Module:
@@ -405,7 +406,7 @@ def _convert(module: nn.Module, rms_norm: bool, left: list, prefix: str) -> nn.M
             module.forward = functools.partial(_converted_forward, module, name)
         return module
     if _looks_like_norm(module) and not isinstance(module, (LayerNorm, RMSNorm)) and converted_form(module) is None:
-        left.append(f"{prefix or '(root)'}: {_class_path(module)}")
+        left.append(f"{prefix or '(root)'}: {_class_path(type(module))}")
     for child_name, child in module.named_children():
         new_child = _convert(child, rms_norm, left, f"{prefix}.{child_name}" if prefix else child_name)
         if new_child is not child:
