@@ -70,7 +70,6 @@ struct BwdParams {
   const acc_t<T>* mean;   // [M]; RMSNorm: nullptr
   const acc_t<T>* rstd;   // [M]
   const P* weight;        // [N] or nullptr (acts as 1)
-  acc_t<T> weight_offset = 0;  // g = dy * (weight_offset + weight)
   T* dx;                  // [M, N] or nullptr (not requested)
   acc_t<T>* partials;     // [gridDim.x, 2, N] or nullptr (dweight/dbias not fused)
   acc_t<T>* residual;     // [M] or nullptr: each row's c, for the param_cols kernel
@@ -79,6 +78,7 @@ struct BwdParams {
   bool vec_ok;         // x, dy and dx 16-byte aligned
   bool weight_vec_ok;  // weight (if present) 16-byte aligned
   bool lean_cluster_sum = false;  // cluster kernel: how ClusterSum meets (cluster.cuh)
+  acc_t<T> weight_offset = 0;     // g = dy * (weight_offset + weight)
 };
 
 // out += the chunk's dh (the gradient of h from outside the norm), when there is one.

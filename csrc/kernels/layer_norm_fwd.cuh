@@ -56,7 +56,6 @@ struct FwdParams {
   R* h;               // [M, N]: x + residual, the rows normalized (with a residual)
   const P* weight;    // [N] or nullptr (acts as 1)
   const P* bias;      // [N] or nullptr (acts as 0); RMSNorm: nullptr
-  acc_t<T> weight_offset = 0;  // the gain is weight_offset + weight
   Y* y;               // [M, N]
   acc_t<T>* mean;     // [M]; RMSNorm: nullptr
   acc_t<T>* rstd;     // [M]
@@ -66,6 +65,7 @@ struct FwdParams {
   bool vec_ok;         // x, y, residual and h 16-byte aligned: full chunks may use vector access
   bool params_vec_ok;  // weight and bias (those present) 16-byte aligned
   bool lean_cluster_sum = false;  // cluster kernel: how ClusterSum meets (cluster.cuh)
+  acc_t<T> weight_offset = 0;     // the gain is weight_offset + weight
 };
 
 // Chunk s of the row as the norm's input u (acc), zero outside the row: x, or, with a

@@ -78,6 +78,8 @@ template <typename A> constexpr Dist ill_conditioned() { return std::is_same_v<A
 
 int failures = 0;
 bool mode_big = false;
+// The LayerNorm suites' weight offset (the gain is weight_offset + weight; Gemma's 1).
+double weight_offset = 0;
 // Seconds since the previous call (each suite prints its own).
 double lap() {
   static auto last = std::chrono::steady_clock::now();
@@ -135,6 +137,7 @@ void test_fwd(int64_t M, int N, int offset, bool has_w, bool has_b, int grid_cap
                           reinterpret_cast<uintptr_t>(x.p) % 16 == 0 && reinterpret_cast<uintptr_t>(y.p) % 16 == 0 &&
                               reinterpret_cast<uintptr_t>(res.p) % 16 == 0 && reinterpret_cast<uintptr_t>(h.p) % 16 == 0,
                           true};
+  p.weight_offset = has_w ? (A)weight_offset : A(0);
   const int chunks = max_chunks_per_row(N, V);
   Cfg c = choose(chunks, 4, 512);
   if (force_long_block) c.k = 0;
@@ -156,7 +159,7 @@ void test_fwd(int64_t M, int N, int offset, bool has_w, bool has_b, int grid_cap
     int grid = (int)std::max<int64_t>(1, std::min<int64_t>(M, grid_cap));
     emu_launch({(unsigned)grid}, {(unsigned)block}, (size_t)cached * V * sizeof(R), [&] { layer_norm_fwd_long_kernel<T, P, Y, R, kCentered>(p, cached); });
   }
-  const std::string tag = std::string(kCentered ? "fwd" : "rms fwd") + (add ? " add" : "") + " M=" + std::to_string(M) + " N=" + std::to_string(N) + " off=" + std::to_string(offset) + " k=" + std::to_string(c.k) + " cluster=" + std::to_string(cluster) + (p.lean_cluster_sum ? " lean" : "") + " T=" + std::to_string(sizeof(T)) + " P=" + std::to_string(sizeof(P)) + " Y=" + std::to_string(sizeof(Y)) + " R=" + std::to_string(sizeof(R)) + " w=" + std::to_string(has_w) + " b=" + std::to_string(has_b) + " mean/spread=" + num(dist.offset / dist.scale);
+  const std::string tag = std::string(kCentered ? "fwd" : "rms fwd") + (add ? " add" : "") + " M=" + std::to_string(M) + " N=" + std::to_string(N) + " off=" + std::to_string(offset) + " k=" + std::to_string(c.k) + " cluster=" + std::to_string(cluster) + (p.lean_cluster_sum ? " lean" : "") + " T=" + std::to_string(sizeof(T)) + " P=" + std::to_string(sizeof(P)) + " Y=" + std::to_string(sizeof(Y)) + " R=" + std::to_string(sizeof(R)) + " w=" + std::to_string(has_w) + " woff=" + num(weight_offset) + " b=" + std::to_string(has_b) + " mean/spread=" + num(dist.offset / dist.scale);
   std::vector<double> u(N);  // the row the norm reads: x, or h = x + residual rounded to R
   for (int64_t r = 0; r < M; ++r) {
     for (int j = 0; j < N; ++j) {
@@ -173,7 +176,7 @@ void test_fwd(int64_t M, int N, int offset, bool has_w, bool has_b, int grid_cap
     if (!mean_ok || !rstd_ok) { fail(tag + " stats row " + std::to_string(r) + ": mean " + num(mean[r]) + " want " + num(mu) + ", rstd " + num(rstd[r]) + " want " + num(rs)); return; }
     for (int j = 0; j < N; ++j) {
       const double bias = has_b ? to_d(b.p[j]) : 0.0;
-      const double ref = (double)(st.xhat(u[j]) * (has_w ? to_d(w.p[j]) : 1.0) + bias);
+      const double ref = (double)(st.xhat(u[j]) * (has_w ? to_d(w.p[j]) + weight_offset : 1.0) + bias);
       const double got = to_d(y.p[r * N + j]);
       const double t = dist.strict ? 16 * ulp<Y>() * (1 + std::abs(ref))
                                    : std::max(tol<Y>(), 2e-5 * (std::is_same_v<A, double> ? 0 : 1)) * (1 + std::abs(ref)) * 4;
@@ -203,6 +206,7 @@ void test_bwd(int64_t M, int N, int offset, bool has_w, bool want_dx, bool want_
                         reinterpret_cast<uintptr_t>(x.p) % 16 == 0 && reinterpret_cast<uintptr_t>(dy.p) % 16 == 0 &&
                             reinterpret_cast<uintptr_t>(dx.p) % 16 == 0 && reinterpret_cast<uintptr_t>(dh.p) % 16 == 0,
                         true};
+  p.weight_offset = has_w ? (A)weight_offset : A(0);
   const int chunks = max_chunks_per_row(N, V);
   Cfg c = choose(chunks, 2, 512);
   if (force_long_block) c.k = 0;
@@ -264,14 +268,14 @@ void test_bwd(int64_t M, int N, int offset, bool has_w, bool want_dx, bool want_
       layer_norm_bwd_param_reduce_kernel<A, P>(partials.data(), partial_blocks, N, dw.data(), kCentered ? db.data() : nullptr);
     });
   }
-  const std::string tag = std::string(kCentered ? "bwd" : "rms bwd") + (with_dh ? " +dh" : "") + " M=" + std::to_string(M) + " N=" + std::to_string(N) + " off=" + std::to_string(offset) + " k=" + std::to_string(c.k) + " cluster=" + std::to_string(cluster) + (p.lean_cluster_sum ? " lean" : "") + " fuse=" + std::to_string(fuse) + std::to_string(fuse_long) + " T=" + std::to_string(sizeof(T)) + " DY=" + std::to_string(sizeof(DY)) + " P=" + std::to_string(sizeof(P)) + " w=" + std::to_string(has_w) + " dx=" + std::to_string(want_dx) + " params=" + std::to_string(want_params) + " mean/spread=" + num(dist.offset / dist.scale);
+  const std::string tag = std::string(kCentered ? "bwd" : "rms bwd") + (with_dh ? " +dh" : "") + " M=" + std::to_string(M) + " N=" + std::to_string(N) + " off=" + std::to_string(offset) + " k=" + std::to_string(c.k) + " cluster=" + std::to_string(cluster) + (p.lean_cluster_sum ? " lean" : "") + " fuse=" + std::to_string(fuse) + std::to_string(fuse_long) + " T=" + std::to_string(sizeof(T)) + " DY=" + std::to_string(sizeof(DY)) + " P=" + std::to_string(sizeof(P)) + " w=" + std::to_string(has_w) + " woff=" + num(weight_offset) + " dx=" + std::to_string(want_dx) + " params=" + std::to_string(want_params) + " mean/spread=" + num(dist.offset / dist.scale);
   // Reference from the exact statistics, not the rounded ones the kernels were given.
   std::vector<ld> rdw(N, 0), rdb(N, 0);
   ld max_dw_term = 0;
   for (int64_t r = 0; r < M; ++r) {
     ld sg = 0, sgx = 0, max_g = 0;
     for (int j = 0; j < N; ++j) {
-      const ld xh = st[r].xhat(to_d(x.p[r * N + j])), d = to_d(dy.p[r * N + j]), g = d * (has_w ? to_d(w.p[j]) : 1.0);
+      const ld xh = st[r].xhat(to_d(x.p[r * N + j])), d = to_d(dy.p[r * N + j]), g = d * (has_w ? to_d(w.p[j]) + weight_offset : 1.0);
       sg += g; sgx += g * xh; rdw[j] += d * xh; rdb[j] += d;
       max_g = std::max(max_g, std::abs(g)); max_dw_term = std::max(max_dw_term, std::abs(d * xh) + std::abs(d));
     }
@@ -279,7 +283,7 @@ void test_bwd(int64_t M, int N, int offset, bool has_w, bool want_dx, bool want_
     sgx /= N;
     if (!want_dx) continue;
     for (int j = 0; j < N; ++j) {
-      const ld xh = st[r].xhat(to_d(x.p[r * N + j])), g = to_d(dy.p[r * N + j]) * (has_w ? to_d(w.p[j]) : 1.0);
+      const ld xh = st[r].xhat(to_d(x.p[r * N + j])), g = to_d(dy.p[r * N + j]) * (has_w ? to_d(w.p[j]) + weight_offset : 1.0);
       const double extra = with_dh ? to_d(dh.p[r * N + j]) : 0.0;
       const double ref = (double)(st[r].rs * (g - sg - xh * sgx)) + extra, got = to_d(dx.p[r * N + j]);
       // strict: the norm's part within ulps of its terms, and the rounding of adding dh.
@@ -571,6 +575,13 @@ int main(int argc, char** argv) {
   layer_norm_suite<__nv_bfloat16, float, __nv_bfloat16, float>(ns16, ms, kOrdinary);
   layer_norm_suite<float, float, float, float>(ill_ns, ms, ill_conditioned<float>());
   layer_norm_suite<double, double, double, double>(ill_ns, ms, ill_conditioned<double>());
+  // A zero-centered gain (Gemma's 1 + w) on a few shapes of every kernel shape.
+  weight_offset = 1.0;
+  const std::vector<int> offset_ns = {1, 7, 33, 1025};
+  layer_norm_suite<float, float, float, float>(offset_ns, {3}, kOrdinary);
+  layer_norm_suite<__nv_bfloat16, float, __nv_bfloat16, float>(offset_ns, {3}, kOrdinary);
+  weight_offset = 0;
+  std::printf("weight_offset = 1: failures so far %d (%.0f s)\n", failures, lap());
   if (!hs.empty()) {
     cell_suite<float>(hs, bs);
     cell_suite<double>(hs, bs);
