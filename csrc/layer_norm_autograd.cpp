@@ -46,6 +46,25 @@ Tensor for_kernel(const Tensor& t, const Tensor& x) {
   return (t_reduced && x.scalar_type() == at::kFloat) ? t.to(at::kFloat) : t;
 }
 
+// What a backward needs to know of its forward call besides the saved tensors, packed in one
+// integer of the context's saved_data (a map of strings: each entry costs an allocation
+// and a hash, on every training step).
+struct CallFacts {
+  bool centered, add, need_x, need_residual, need_w, need_b;
+  at::ScalarType x_dtype, residual_dtype;
+  int64_t k;  // len(normalized_shape)
+
+  int64_t pack() const {
+    const int64_t bits = centered | add << 1 | need_x << 2 | need_residual << 3 | need_w << 4 | need_b << 5;
+    return bits | static_cast<int64_t>(x_dtype) << 8 | static_cast<int64_t>(residual_dtype) << 16 | k << 24;
+  }
+  static CallFacts unpack(int64_t v) {
+    const auto bit = [v](int i) { return ((v >> i) & 1) != 0; };
+    return {bit(0), bit(1), bit(2), bit(3), bit(4), bit(5), static_cast<at::ScalarType>((v >> 8) & 0xff),
+            static_cast<at::ScalarType>((v >> 16) & 0xff), v >> 24};
+  }
+};
+
 // Autograd of every forward op of the norm family: LayerNorm or RMSNorm (centered) of x,
 // or of h = x + residual (residual given), returning y, h (add + norm), mean (LayerNorm)
 // and rstd, in that order: only the outputs the op has (autograd takes no undefined ones).
@@ -80,15 +99,16 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     ctx->save_for_backward({add ? h : x, mean, rstd, w, b});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["weight_offset"] = weight_offset;
-    ctx->saved_data["k"] = static_cast<int64_t>(normalized_shape.size());
-    ctx->saved_data["centered"] = centered;
-    ctx->saved_data["add"] = add;
-    ctx->saved_data["x_dtype"] = x.scalar_type();
-    ctx->saved_data["residual_dtype"] = add ? residual.scalar_type() : x.scalar_type();
-    ctx->saved_data["need_x"] = x.requires_grad();
-    ctx->saved_data["need_residual"] = add && residual.requires_grad();
-    ctx->saved_data["need_w"] = w.defined() && w.requires_grad();
-    ctx->saved_data["need_b"] = b.defined() && b.requires_grad();
+    ctx->saved_data["facts"] = CallFacts{centered,
+                                         add,
+                                         x.requires_grad(),
+                                         add && residual.requires_grad(),
+                                         w.defined() && w.requires_grad(),
+                                         b.defined() && b.requires_grad(),
+                                         x.scalar_type(),
+                                         add ? residual.scalar_type() : x.scalar_type(),
+                                         static_cast<int64_t>(normalized_shape.size())}
+                                   .pack();
     variable_list outputs{y};
     if (add) outputs.push_back(h);
     if (centered) outputs.push_back(mean);
@@ -101,22 +121,22 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const auto saved = ctx->get_saved_variables();
     const Tensor &in = saved[0], &mean = saved[1], &rstd = saved[2], &w = saved[3], &b = saved[4];
     const Tensor& dy = grads[0];
-    const Tensor dh = ctx->saved_data["add"].toBool() ? grads[1] : Tensor();  // the gradient of h
-    const bool centered = ctx->saved_data["centered"].toBool();
-    const bool need_x = ctx->saved_data["need_x"].toBool();
-    const bool need_residual = ctx->saved_data["need_residual"].toBool();
-    const bool need_w = ctx->saved_data["need_w"].toBool();
-    const bool need_b = ctx->saved_data["need_b"].toBool();
+    const CallFacts facts = CallFacts::unpack(ctx->saved_data["facts"].toInt());
+    const Tensor dh = facts.add ? grads[1] : Tensor();  // the gradient of h
+    const bool centered = facts.centered, need_x = facts.need_x, need_residual = facts.need_residual;
+    const bool need_w = facts.need_w, need_b = facts.need_b;
     const double weight_offset = ctx->saved_data["weight_offset"].toDouble();
     Tensor d_in, dw, db;  // d_in: the gradient of the norm's input, x or h
     if (dy.defined() && torch::autograd::GradMode::is_enabled()) {  // create_graph=True
-      auto g = composite_grads(dy, in, w, weight_offset, ctx->saved_data["k"].toInt(),
-                               ctx->saved_data["eps"].toDouble(), centered);
+      auto g = composite_grads(dy, in, w, weight_offset, facts.k, ctx->saved_data["eps"].toDouble(), centered);
       d_in = g[0].to(in.scalar_type());
       if (dh.defined()) d_in = d_in + dh;
       if (need_w) dw = g[1].to(w.scalar_type());
       if (need_b) db = g[2].to(b.scalar_type());
     } else if (dy.defined()) {
+      // Straight to the device kernel: the backward op has no autograd of its own, and the
+      // dispatcher's autograd fallback would check every argument again.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       const Tensor dy_k = for_kernel(dy, in), w_k = for_kernel(w, in), b_k = for_kernel(b, in);
       const bool want_in = need_x || need_residual;
       if (centered) {
@@ -131,18 +151,30 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     } else if (dh.defined()) {  // only h is used downstream: the norm passes nothing back
       d_in = dh;
     }
-    const auto as = [&](const char* key) {
-      return d_in.defined() ? d_in.to(ctx->saved_data[key].toScalarType()) : Tensor();
-    };
+    const auto as = [&](at::ScalarType dtype) { return d_in.defined() ? d_in.to(dtype) : Tensor(); };
     // One gradient per forward argument: x, residual, normalized_shape, weight, bias, eps,
     // residual_dtype, out_dtype, weight_offset, centered.
-    return {need_x ? as("x_dtype") : Tensor(), need_residual ? as("residual_dtype") : Tensor(), Tensor(),
+    return {need_x ? as(facts.x_dtype) : Tensor(), need_residual ? as(facts.residual_dtype) : Tensor(), Tensor(),
             need_w ? dw : Tensor(), need_b ? db : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
+// Whether a call must record a graph node: grad mode on and an input that requires grad.
+// Otherwise the Autograd kernels go straight to the device kernel (no node, no saved
+// tensors: an autograd::Function's apply costs about a microsecond even when it records
+// nothing, a quarter of a small LayerNorm's whole call).
+bool records_graph(const Tensor& x, const OptTensor& a, const OptTensor& b, const OptTensor& c = std::nullopt) {
+  if (!torch::autograd::GradMode::is_enabled()) return false;
+  const auto wants = [](const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); };
+  return x.requires_grad() || wants(a) || wants(b) || wants(c);
+}
+
 Tensor3 layer_norm_fwd_autograd(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
                                 const OptTensor& bias, double eps, OptDtype out_dtype, double weight_offset) {
+  if (!records_graph(x, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_layer_norm_fwd(x, normalized_shape, weight, bias, eps, out_dtype, weight_offset);
+  }
   auto o = NormFunction::apply(x, std::nullopt, normalized_shape, weight, bias, eps, std::nullopt, out_dtype,
                                weight_offset, true);
   return {o[0], o[1], o[2]};
@@ -150,6 +182,10 @@ Tensor3 layer_norm_fwd_autograd(const Tensor& x, at::IntArrayRef normalized_shap
 
 Tensor2 rms_norm_fwd_autograd(const Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, double eps,
                               OptDtype out_dtype, double weight_offset) {
+  if (!records_graph(x, weight, std::nullopt)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_rms_norm_fwd(x, normalized_shape, weight, eps, out_dtype, weight_offset);
+  }
   auto o = NormFunction::apply(x, std::nullopt, normalized_shape, weight, std::nullopt, eps, std::nullopt,
                                out_dtype, weight_offset, false);
   return {o[0], o[1]};
@@ -158,6 +194,11 @@ Tensor2 rms_norm_fwd_autograd(const Tensor& x, at::IntArrayRef normalized_shape,
 Tensor4 add_layer_norm_fwd_autograd(const Tensor& x, const Tensor& residual, at::IntArrayRef normalized_shape,
                                     const OptTensor& weight, const OptTensor& bias, double eps, OptDtype residual_dtype,
                                     OptDtype out_dtype, double weight_offset) {
+  if (!records_graph(x, residual, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_add_layer_norm_fwd(x, residual, normalized_shape, weight, bias, eps, residual_dtype, out_dtype,
+                                   weight_offset);
+  }
   auto o = NormFunction::apply(x, residual, normalized_shape, weight, bias, eps, residual_dtype, out_dtype,
                                weight_offset, true);
   return {o[0], o[1], o[2], o[3]};
@@ -166,6 +207,11 @@ Tensor4 add_layer_norm_fwd_autograd(const Tensor& x, const Tensor& residual, at:
 Tensor3 add_rms_norm_fwd_autograd(const Tensor& x, const Tensor& residual, at::IntArrayRef normalized_shape,
                                   const OptTensor& weight, double eps, OptDtype residual_dtype, OptDtype out_dtype,
                                   double weight_offset) {
+  if (!records_graph(x, residual, weight)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_add_rms_norm_fwd(x, residual, normalized_shape, weight, eps, residual_dtype, out_dtype,
+                                 weight_offset);
+  }
   auto o = NormFunction::apply(x, residual, normalized_shape, weight, std::nullopt, eps, residual_dtype, out_dtype,
                                weight_offset, false);
   return {o[0], o[1], o[2]};

@@ -139,8 +139,14 @@ def _autocast_args(input, *params):
     return (out_dtype, *(up(p) for p in params))
 
 
-def _shape(normalized_shape) -> list:
-    return [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+def _shape(normalized_shape):
+    """An int as [int]; a sequence as it is (the C++ and torch.ops calls take any)."""
+    return [normalized_shape] if isinstance(normalized_shape, int) else normalized_shape
+
+
+# Whether dynamo is tracing: then the ops go through torch.ops (a C++ function bound with
+# pybind11 is opaque to it). Eager, they are called from C++ (saves ~3 us a call).
+_is_compiling = torch.compiler.is_compiling
 
 
 def _check_cuda_build(input: torch.Tensor, name: str) -> None:
@@ -181,11 +187,12 @@ def layer_norm(
     1 + w), read by the kernels; the gradient goes to weight. out_dtype: the result's
     dtype, the input's (default) or float32 beside a float16/bfloat16 input, written by
     the kernel (no extra pass); given, it also turns off the CUDA autocast policy."""
+    if input.is_cuda:
+        _check_cuda_build(input, "layer_norm")
+        if out_dtype is None:
+            out_dtype, weight, bias = _autocast_args(input, weight, bias)
     shape = _shape(normalized_shape)
-    _check_cuda_build(input, "layer_norm")
-    if out_dtype is None:
-        out_dtype, weight, bias = _autocast_args(input, weight, bias)
-    if _eager(input):
+    if type(input) is torch.Tensor and not _is_compiling():
         return _C.layer_norm(input, shape, weight, bias, eps, out_dtype, weight_offset)
     return torch.ops.ln_ext.layer_norm_fwd(input, shape, weight, bias, eps, out_dtype, weight_offset)[0]
 
@@ -202,12 +209,14 @@ def rms_norm(
     """Same signature and results as `torch.nn.functional.rms_norm`: y = x / sqrt(mean(x^2)
     + eps) * weight over the trailing dims; eps=None is torch.finfo(input.dtype).eps.
     weight_offset and out_dtype as layer_norm's."""
+    if input.is_cuda:
+        _check_cuda_build(input, "rms_norm")
+        if out_dtype is None:
+            out_dtype, weight = _autocast_args(input, weight)
     shape = _shape(normalized_shape)
-    _check_cuda_build(input, "rms_norm")
-    if out_dtype is None:
-        out_dtype, weight = _autocast_args(input, weight)
-    eps = _rms_eps(eps, input)
-    if _eager(input):
+    if eps is None:
+        eps = _rms_eps(eps, input)
+    if type(input) is torch.Tensor and not _is_compiling():
         return _C.rms_norm(input, shape, weight, eps, out_dtype, weight_offset)
     return torch.ops.ln_ext.rms_norm_fwd(input, shape, weight, eps, out_dtype, weight_offset)[0]
 
@@ -230,11 +239,12 @@ def add_layer_norm(
     float32 beside a 16-bit x: a float32 residual stream); y has x's dtype (float32 under
     CUDA autocast, as layer_norm). Gradients reach x and residual. weight_offset and
     out_dtype as layer_norm's."""
+    if x.is_cuda:
+        _check_cuda_build(x, "add_layer_norm")
+        if out_dtype is None:
+            out_dtype, weight, bias = _autocast_args(x, weight, bias)
     shape = _shape(normalized_shape)
-    _check_cuda_build(x, "add_layer_norm")
-    if out_dtype is None:
-        out_dtype, weight, bias = _autocast_args(x, weight, bias)
-    if _eager(x, residual):
+    if type(x) is torch.Tensor and type(residual) is torch.Tensor and not _is_compiling():
         return _C.add_layer_norm(x, residual, shape, weight, bias, eps, residual_dtype, out_dtype, weight_offset)
     y, h, _, _ = torch.ops.ln_ext.add_layer_norm_fwd(x, residual, shape, weight, bias, eps, residual_dtype, out_dtype,
                                                      weight_offset)
@@ -255,12 +265,14 @@ def add_rms_norm(
     """h = x + residual and y = rms_norm(h) in one pass; returns (y, h), dtypes as
     add_layer_norm (eps=None: torch.finfo(x.dtype).eps, as rms_norm); weight_offset and
     out_dtype as layer_norm's."""
+    if x.is_cuda:
+        _check_cuda_build(x, "add_rms_norm")
+        if out_dtype is None:
+            out_dtype, weight = _autocast_args(x, weight)
     shape = _shape(normalized_shape)
-    _check_cuda_build(x, "add_rms_norm")
-    if out_dtype is None:
-        out_dtype, weight = _autocast_args(x, weight)
-    eps = _rms_eps(eps, x)
-    if _eager(x, residual):
+    if eps is None:
+        eps = _rms_eps(eps, x)
+    if type(x) is torch.Tensor and type(residual) is torch.Tensor and not _is_compiling():
         return _C.add_rms_norm(x, residual, shape, weight, eps, residual_dtype, out_dtype, weight_offset)
     y, h, _ = torch.ops.ln_ext.add_rms_norm_fwd(x, residual, shape, weight, eps, residual_dtype, out_dtype,
                                                 weight_offset)
