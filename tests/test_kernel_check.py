@@ -25,6 +25,7 @@ def _run(cmd, timeout):
     return proc.returncode, proc.stdout + proc.stderr
 
 
+@pytest.mark.check
 def test_index_model():
     rc, log = _run([sys.executable, str(CHECK / "index_model.py")], timeout=300)
     assert rc == 0 and "OK" in log, log
@@ -36,6 +37,15 @@ needs_emulation = pytest.mark.skipif(
 
 
 @needs_emulation
+def test_host_emulation_smoke():
+    """`make test`'s run of the device code: every kernel family once (rows, long, cluster;
+    the LN-RNN cells), float and bf16, under AddressSanitizer."""
+    rc, log = _run(["bash", str(CHECK / "run_host_emulation.sh"), "t"], timeout=1500)
+    assert rc == 0 and "OK: 0 failures" in log, log[-4000:]
+
+
+@pytest.mark.check
+@needs_emulation
 def test_host_emulation_quick():
     """Every LayerNorm kernel family (rows, long, cluster with both ways its blocks meet;
     fused and column dweight/dbias) on a few shapes in all six dtype combinations and on
@@ -44,6 +54,7 @@ def test_host_emulation_quick():
     assert rc == 0 and "OK: 0 failures" in log, log[-4000:]
 
 
+@pytest.mark.check
 @needs_emulation
 def test_host_emulation_finds_no_races():
     """Every kernel family once under ThreadSanitizer: a shared-memory access by one

@@ -22,10 +22,20 @@ if [[ "${1:-}" == "--tsan" ]]; then
   sanitizer=thread
   shift
 fi
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-g++ -std=c++20 -O1 -g -w -fsanitize="$sanitizer" -DLN_EXT_HOST_EMULATION \
-    -I"${CUDA_HOME:-/usr/local/cuda}/include" -I"$here" -I"$root/csrc" \
-    "$here/test_emu.cpp" -o "$work/test_emu" -lpthread
+# The binary is cached under build/kernel_check by the hash of everything it is built from
+# (the emulation, the device code it includes, the compiler and its flags): a second run,
+# or the ASan and TSan runs of one `make check`, skip the minute of compiling.
+flags=(-std=c++20 -O1 -g -w -fsanitize="$sanitizer" -DLN_EXT_HOST_EMULATION
+       -I"${CUDA_HOME:-/usr/local/cuda}/include" -I"$here" -I"$root/csrc")
+key=$( { cat "$here"/test_emu.cpp "$here"/emu_runtime.h "$root"/csrc/kernels/*.cuh; g++ --version; echo "${flags[*]}"; } \
+      | sha256sum | cut -c1-16)
+cache="$root/build/kernel_check"
+binary="$cache/test_emu-$sanitizer-$key"
+if [[ ! -x "$binary" ]]; then
+  mkdir -p "$cache"
+  rm -f "$cache/test_emu-$sanitizer-"*  # older builds of this sanitizer
+  g++ "${flags[@]}" "$here/test_emu.cpp" -o "$binary.tmp.$$" -lpthread
+  mv "$binary.tmp.$$" "$binary"
+fi
 # TSan: report every race (not only the first per location pair) and fail on any.
-TSAN_OPTIONS="halt_on_error=0 exitcode=66 ${TSAN_OPTIONS:-}" "$work/test_emu" "$@"
+TSAN_OPTIONS="halt_on_error=0 exitcode=66 ${TSAN_OPTIONS:-}" "$binary" "$@"
