@@ -165,6 +165,7 @@ int main(int argc, char** argv) {  // argv: package, input tensor file, ln_ext l
 """
 
 
+@pytest.mark.check
 def test_cpp_deployment(aoti_package, model, tmp_path):
     """The README's C++ recipe: a program linked against libtorch (plus libtorch_python and
     libpython, which ln_ext's library, a Python extension module, needs) dlopens the
