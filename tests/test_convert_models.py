@@ -16,6 +16,7 @@ import ast
 import copy
 import glob
 import importlib
+import io
 import os
 
 import pytest
@@ -173,7 +174,7 @@ def test_save_load_round_trips_into_an_unconverted_model(tmp_path):
     converted.load_state_dict(model.state_dict(), strict=True)
 
 
-def test_deepcopy_generate_and_training_flag():
+def test_deepcopy_pickle_generate_and_training_flag():
     model = make_model("llama")
     converted = ln_ext.convert_layer_norm(copy.deepcopy(model))
     twin = copy.deepcopy(converted)
@@ -184,6 +185,14 @@ def test_deepcopy_generate_and_training_flag():
     assert torch.equal(out, model.generate(ids, max_new_tokens=4, do_sample=False))
     converted.train()
     assert converted.model.norm.training and not model.model.norm.training
+    # A whole-model pickle (torch.save) finds the forward by name.
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False).eval()
+    assert convert.converted_form(restored.model.norm) == "llama_rms"
+    with torch.no_grad():
+        assert torch.equal(restored(ids).logits, converted.eval()(ids).logits)
 
 
 def test_compile_fullgraph_of_a_converted_model():
