@@ -129,6 +129,7 @@ def build_ext_class():
 
 setup(
     packages=find_packages(include=["ln_ext", "ln_ext.*"]),
+    package_data={"ln_ext.hub_kernel": ["metadata.json"]},  # ln_ext.hub's kernel repository
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_class()},
 )
