@@ -162,7 +162,8 @@ def test_kernel_mapping_arguments():
     assert set(mapping) == {"RMSNorm", "RMSNormZeroCentered"}
     (repo,) = mapping["RMSNorm"]["cpu"].values()
     assert repo.layer_name == "RMSNorm" and list(mapping["RMSNorm"]["cpu"]) == [Mode.INFERENCE]
-    default = ln_ext.hub.kernel_mapping()
+    default = ln_ext.hub.kernel_mapping()  # every mode: the repository itself, kernels' Mode.FALLBACK
+    assert isinstance(default["RMSNorm"]["cpu"], kernels.LocalLayerRepository)
     assert set(default["RMSNorm"]) == ({"cpu", "cuda"} if ln_ext.has_cuda_kernels() else {"cpu"})
     with pytest.raises(ValueError, match="RMSNormGated"):
         ln_ext.hub.kernel_mapping(layers=["RMSNormGated"])
@@ -202,6 +203,7 @@ def test_each_class_keeps_its_own_math(decorated):
     reference = copy.deepcopy(model)
     with use_kernel_mapping(ln_ext.hub.kernel_mapping(), inherit_mapping=False):
         kernelize(model, mode=Mode.INFERENCE, device="cpu")
+    assert model["sub"].forward.__func__ is layers.RMSNorm.forward  # swapped, and falls back inside
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     for name in model:
         got, counts = ln_ext_events(lambda: model[name](x))
@@ -218,10 +220,12 @@ def test_torch_compile_mode(decorated):
         kernelize(model, mode=Mode.TRAINING | Mode.TORCH_COMPILE, device="cpu")
     assert model.forward.__func__ is layers.RMSNorm.forward
     x = torch.randn(4, 64, requires_grad=True)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    got = compiled(x)
-    got.sum().backward()
-    torch.testing.assert_close(got, reference(x))
+    got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    (dx,) = torch.autograd.grad(got.square().sum(), x)
+    expected = reference(x)
+    (expected_dx,) = torch.autograd.grad(expected.square().sum(), x)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(dx, expected_dx)
 
 
 @pytest.mark.skipif(not TRANSFORMERS_TAKES_KERNELS,
