@@ -53,13 +53,11 @@ cpu::Elem elem_of(at::ScalarType t) {
   }
 }
 
-// weight/bias as N contiguous acc_t (its shape is normalized_shape); an absent one
-// becomes `fill` (1 for weight, 0 for bias). Already acc_t and contiguous: p itself.
-at::Tensor param_as_acc(const at::Tensor& p, int64_t n, double fill, const at::Tensor& x,
-                        at::ScalarType acc) {
-  if (!p.defined()) return at::full({n}, fill, x.options().dtype(acc));
-  if (p.scalar_type() == acc && p.is_contiguous()) return p;
-  return p.to(acc).contiguous();
+// A parameter for the row kernels, which read weight and bias in one dtype: p itself (the
+// op made it contiguous), or, absent, `fill` (1 for weight, 0 for bias) in `dtype`, the
+// other parameter's (exact in any) or the accumulation type.
+at::Tensor param_or_fill(const at::Tensor& p, int64_t n, double fill, const at::Tensor& x, at::ScalarType dtype) {
+  return p.defined() ? p : at::full({n}, fill, x.options().dtype(dtype));
 }
 
 at::ScalarType acc_type(at::ScalarType x) { return x == at::kDouble ? at::kDouble : at::kFloat; }
@@ -87,10 +85,12 @@ constexpr int64_t kGrainElements = 32768;
 void norm_fwd_cpu_kernel(const NormFwdArgs& a) {
   const int64_t N = a.cols;
   const auto acc = acc_type(a.x.scalar_type());
-  const at::Tensor w = param_as_acc(a.weight, N, 1.0, a.x, acc);
-  const at::Tensor b = a.centered ? param_as_acc(a.bias, N, 0.0, a.x, acc) : at::Tensor();
+  const auto p_dtype = a.weight.defined() ? a.weight.scalar_type() : a.bias.defined() ? a.bias.scalar_type() : acc;
+  const at::Tensor w = param_or_fill(a.weight, N, 1.0, a.x, p_dtype);
+  const at::Tensor b = a.centered ? param_or_fill(a.bias, N, 0.0, a.x, p_dtype) : at::Tensor();
   cpu::FwdCall call;
   call.x_t = elem_of(a.x.scalar_type());
+  call.p_t = elem_of(p_dtype);
   call.y_t = elem_of(a.y.scalar_type());
   call.h_t = a.h.defined() ? elem_of(a.h.scalar_type()) : call.x_t;
   call.centered = a.centered;
@@ -113,10 +113,11 @@ void norm_fwd_cpu_kernel(const NormFwdArgs& a) {
 void norm_bwd_cpu_kernel(const NormBwdArgs& a) {
   const int64_t M = a.rows, N = a.cols;
   const auto acc = acc_type(a.x.scalar_type());
-  const at::Tensor w = param_as_acc(a.weight, N, 1.0, a.x, acc);
+  const at::Tensor w = param_or_fill(a.weight, N, 1.0, a.x, acc);
   const auto& k = cpu::row_kernels();
   cpu::BwdCall call;
   call.x_t = elem_of(a.x.scalar_type());
+  call.p_t = elem_of(w.scalar_type());
   call.dy_t = elem_of(a.dy.scalar_type());
   call.centered = a.centered;
   call.x = a.x.const_data_ptr();

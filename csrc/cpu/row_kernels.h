@@ -7,8 +7,8 @@
 // AVX2 build cannot leak AVX2 copies of shared inline functions into the generic path.
 //
 // Shapes: x, residual, h, y, dy, dh, dx: [rows, n] row-major (rows [begin, end) of them);
-// w, b, dw_part, db_part: [n]; mean, rstd: [rows]. acc_t, the type of w, b, mean,
-// rstd and the partials, is double for f64 input and float otherwise.
+// w, b (x's dtype, or float32 beside 16-bit x), dw_part, db_part: [n]; mean, rstd: [rows].
+// acc_t, the type of mean, rstd and the partials, is double for f64 input and float otherwise.
 #pragma once
 
 #include <cstdint>
@@ -21,13 +21,14 @@ enum class Elem : int { f32, f64, f16, bf16 };
 // residual, of h = x + residual (add + norm), which is written out.
 struct FwdCall {
   Elem x_t, y_t, h_t;      // h_t: residual and h (x's dtype, or float32 for a 16-bit x)
+  Elem p_t;                // w and b: x's dtype, or float32 for a 16-bit x
   bool centered;           // LayerNorm: mean and bias; false: RMSNorm (no mean, no bias)
   const void* x;           // [rows, n]
   const void* residual;    // [rows, n] of h_t, or null: no add
   void* h;                 // [rows, n] of h_t: x + residual (with a residual)
-  const void* w;           // acc_t [n] (ones when absent)
+  const void* w;           // [n] of p_t (ones when absent)
   double weight_offset;    // the gain is weight_offset + w
-  const void* b;           // acc_t [n] (zeros when absent); unused by RMSNorm
+  const void* b;           // [n] of p_t (zeros when absent); unused by RMSNorm
   void* y;                 // [rows, n] of y_t
   void* mean;              // acc_t [rows]; unused by RMSNorm
   void* rstd;              // acc_t [rows]
@@ -37,12 +38,12 @@ struct FwdCall {
 
 // One backward call: the gradient of the norm's input (x, or h of add + norm).
 struct BwdCall {
-  Elem x_t, dy_t;
+  Elem x_t, dy_t, p_t;     // p_t: w's (x's dtype, or float32 for a 16-bit x)
   bool centered;
   const void* x;           // [rows, n]: the norm's input
   const void* dy;          // [rows, n]
   const void* dh;          // [rows, n] of x_t, or null: a gradient of h added to dx
-  const void* w;           // acc_t [n] (ones when absent)
+  const void* w;           // [n] of p_t (ones when absent)
   double weight_offset;    // the gain is weight_offset + w
   const void* mean;        // acc_t [rows]; unused by RMSNorm
   const void* rstd;        // acc_t [rows]

@@ -241,8 +241,8 @@ inline acc_t row_sum_squares(const T* __restrict x, int64_t n) {
 // One row of the forward: y = xhat * (w + w_off) + b (LayerNorm, kCentered) or y = xhat *
 // (w + w_off) (RMSNorm: xhat = x * rstd, no mean, no bias); mean (LayerNorm only) and rstd
 // stored.
-template <typename T, typename Y, typename acc_t, bool kCentered>
-inline void norm_row(const T* __restrict xr, const acc_t* __restrict w, acc_t w_off, const acc_t* __restrict b,
+template <typename T, typename Y, typename P, typename acc_t, bool kCentered>
+inline void norm_row(const T* __restrict xr, const P* __restrict w, acc_t w_off, const P* __restrict b,
                      Y* __restrict yr, acc_t* mean, acc_t* rstd, int64_t n, acc_t inv_n, acc_t eps) {
   constexpr int W = Vec<acc_t>::width;
   const int64_t body = n - n % W;
@@ -267,9 +267,9 @@ inline void norm_row(const T* __restrict xr, const acc_t* __restrict w, acc_t w_
   }
   for (int64_t i = body; i < n; ++i) {
     if constexpr (kCentered) {
-      store(yr + i, ((to_acc(xr[i]) - k) - c) * rs * (w[i] + w_off) + b[i]);
+      store(yr + i, ((to_acc(xr[i]) - k) - c) * rs * (to_acc(w[i]) + w_off) + to_acc(b[i]));
     } else {
-      store(yr + i, to_acc(xr[i]) * rs * (w[i] + w_off));
+      store(yr + i, to_acc(xr[i]) * rs * (to_acc(w[i]) + w_off));
     }
   }
 }
@@ -287,15 +287,15 @@ inline void add_row(const T* __restrict xr, const H* __restrict rr, H* __restric
 
 // Rows [begin, end): with a residual, h = x + residual first (written out, then
 // normalized from cache), else x itself.
-template <typename T, typename H, typename Y, bool kCentered>
+template <typename T, typename H, typename Y, typename P, bool kCentered>
 void fwd_rows(const FwdCall& a, int64_t begin, int64_t end) {
   using acc_t = std::conditional_t<std::is_same_v<H, double>, double, float>;
   const auto* x = static_cast<const T*>(a.x);
   const auto* res = static_cast<const H*>(a.residual);
   auto* h = static_cast<H*>(a.h);
-  const auto* w = static_cast<const acc_t*>(a.w);
+  const auto* w = static_cast<const P*>(a.w);
   const auto w_off = static_cast<acc_t>(a.weight_offset);
-  const auto* b = static_cast<const acc_t*>(a.b);
+  const auto* b = static_cast<const P*>(a.b);
   auto* y = static_cast<Y*>(a.y);
   auto* mean = static_cast<acc_t*>(a.mean);
   auto* rstd = static_cast<acc_t*>(a.rstd);
@@ -306,9 +306,9 @@ void fwd_rows(const FwdCall& a, int64_t begin, int64_t end) {
     acc_t* mean_r = kCentered ? mean + r : nullptr;
     if (res != nullptr) {
       add_row(x + r * n, res + r * n, h + r * n, n);
-      norm_row<H, Y, acc_t, kCentered>(h + r * n, w, w_off, b, y + r * n, mean_r, rstd + r, n, inv_n, eps);
+      norm_row<H, Y, P, acc_t, kCentered>(h + r * n, w, w_off, b, y + r * n, mean_r, rstd + r, n, inv_n, eps);
     } else if constexpr (std::is_same_v<T, H>) {
-      norm_row<T, Y, acc_t, kCentered>(x + r * n, w, w_off, b, y + r * n, mean_r, rstd + r, n, inv_n, eps);
+      norm_row<T, Y, P, acc_t, kCentered>(x + r * n, w, w_off, b, y + r * n, mean_r, rstd + r, n, inv_n, eps);
     }
   }
 }
@@ -356,8 +356,8 @@ constexpr acc_t kNegligibleShift = 16 * std::numeric_limits<acc_t>::epsilon();
 // the partials would not fit the registers). Two rows at once load w and the partials,
 // and store the partials, once per pair: rows of a few thousand floats no longer stay in
 // L1 from one pass to the next, and that saves a quarter of the passes' L2 traffic.
-template <int R, typename T, typename D, typename acc_t, bool kParams, bool kCentered>
-inline void bwd_row_group(const BwdCall& a, const acc_t* __restrict w, acc_t* __restrict dw,
+template <int R, typename T, typename D, typename P, typename acc_t, bool kParams, bool kCentered>
+inline void bwd_row_group(const BwdCall& a, const P* __restrict w, acc_t* __restrict dw,
                           acc_t* __restrict db, int64_t r, acc_t inv_n) {
   using V = typename Vec<acc_t>::type;
   constexpr int W = Vec<acc_t>::width;
@@ -410,7 +410,7 @@ inline void bwd_row_group(const BwdCall& a, const acc_t* __restrict w, acc_t* __
       [=](int64_t i, acc_t (&t)[kSums * R]) {
         for (int k = 0; k < R; ++k) {
           const acc_t dy = to_acc(dyr[k][i]);
-          const acc_t g = dy * (w[i] + w_off);
+          const acc_t g = dy * (to_acc(w[i]) + w_off);
           const acc_t d = to_acc(xr[k][i]) - mu[k];
           if constexpr (kCentered) {
             t[3 * k] += d;
@@ -483,7 +483,7 @@ inline void bwd_row_group(const BwdCall& a, const acc_t* __restrict w, acc_t* __
         const acc_t dy = to_acc(dyr[k][i]);
         const acc_t d = to_acc(xr[k][i]) - mu[k];
         if (dxr[k] != nullptr) {
-          acc_t out = dx_row[k](dy * (w[i] + w_off), d);
+          acc_t out = dx_row[k](dy * (to_acc(w[i]) + w_off), d);
           if (dhr[k] != nullptr) out += to_acc(dhr[k][i]);
           store(dxr[k] + i, out);
         }
@@ -505,10 +505,10 @@ inline void bwd_row_group(const BwdCall& a, const acc_t* __restrict w, acc_t* __
   }
 }
 
-template <typename T, typename D, bool kParams, bool kCentered>
+template <typename T, typename D, typename P, bool kParams, bool kCentered>
 void bwd_rows(const BwdCall& a, void* dw_part, void* db_part, int64_t begin, int64_t end) {
   using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  const auto* w = static_cast<const acc_t*>(a.w);
+  const auto* w = static_cast<const P*>(a.w);
   auto* dw = static_cast<acc_t*>(dw_part);
   auto* db = static_cast<acc_t*>(db_part);
   // Pairs from kPairedRowsMinCols columns on (1 thread of an AMD EPYC, float32, 2^21
@@ -519,9 +519,9 @@ void bwd_rows(const BwdCall& a, void* dw_part, void* db_part, int64_t begin, int
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(a.n);
   int64_t r = begin;
   if (a.n >= kPairedRowsMinCols) {
-    for (; r + 2 <= end; r += 2) bwd_row_group<2, T, D, acc_t, kParams, kCentered>(a, w, dw, db, r, inv_n);
+    for (; r + 2 <= end; r += 2) bwd_row_group<2, T, D, P, acc_t, kParams, kCentered>(a, w, dw, db, r, inv_n);
   }
-  for (; r < end; ++r) bwd_row_group<1, T, D, acc_t, kParams, kCentered>(a, w, dw, db, r, inv_n);
+  for (; r < end; ++r) bwd_row_group<1, T, D, P, acc_t, kParams, kCentered>(a, w, dw, db, r, inv_n);
 }
 
 // ---------------------------------------------------------------- dtype dispatch
@@ -541,13 +541,26 @@ inline void with_elem(Elem e, F&& f) {
   }
 }
 
+// f(P{}) for the parameters' element type: x's, or float32 beside a 16-bit x (read as they
+// are: converting them to float32 first cost a 16-bit call of a few rows a quarter of its time).
+template <typename T, typename F>
+inline void with_param_elem(Elem p_t, F&& f) {
+  if constexpr (kReduced<T>) {
+    if (p_t == Elem::f32) return f(float{});
+  }
+  f(T{});
+}
+
 template <typename T, typename H, bool kCentered>
 void fwd_as(const FwdCall& a, int64_t begin, int64_t end) {
-  // y: x's dtype, or float32 for a 16-bit x (autocast).
-  if constexpr (kReduced<T>) {
-    if (a.y_t == Elem::f32) return fwd_rows<T, H, float, kCentered>(a, begin, end);
-  }
-  fwd_rows<T, H, T, kCentered>(a, begin, end);
+  with_param_elem<T>(a.p_t, [&](auto p_tag) {
+    using P = decltype(p_tag);
+    // y: x's dtype, or float32 for a 16-bit x (autocast).
+    if constexpr (kReduced<T>) {
+      if (a.y_t == Elem::f32) return fwd_rows<T, H, float, P, kCentered>(a, begin, end);
+    }
+    fwd_rows<T, H, T, P, kCentered>(a, begin, end);
+  });
 }
 
 template <bool kCentered>
@@ -572,8 +585,11 @@ void bwd_centered(const BwdCall& a, void* dw_part, void* db_part, int64_t begin,
     using T = decltype(x_tag);
     auto run = [&](auto dy_tag) {
       using D = decltype(dy_tag);
-      if (dw_part != nullptr) return bwd_rows<T, D, true, kCentered>(a, dw_part, db_part, begin, end);
-      bwd_rows<T, D, false, kCentered>(a, nullptr, nullptr, begin, end);
+      with_param_elem<T>(a.p_t, [&](auto p_tag) {
+        using P = decltype(p_tag);
+        if (dw_part != nullptr) return bwd_rows<T, D, P, true, kCentered>(a, dw_part, db_part, begin, end);
+        bwd_rows<T, D, P, false, kCentered>(a, nullptr, nullptr, begin, end);
+      });
     };
     // dy: x's dtype, or float32 for a 16-bit x (autocast).
     if constexpr (kReduced<T>) {
