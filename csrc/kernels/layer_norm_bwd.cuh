@@ -561,8 +561,9 @@ __global__ void __launch_bounds__(kColTile* kColRowLanes)
   if (col < n) {
     for (int b = threadIdx.y; b < blocks; b += kColRowLanes) {
       const A* block_partial = partials + static_cast<int64_t>(b) * 2 * n;
-      dw += block_partial[col];
-      db += block_partial[n + col];
+      // Only the sums asked for: RMSNorm's kernels write no dbias partials (initcheck).
+      if (dweight != nullptr) dw += block_partial[col];
+      if (dbias != nullptr) db += block_partial[n + col];
     }
   }
   part[0][threadIdx.y][threadIdx.x] = dw;
