@@ -9,7 +9,7 @@ TORCH_SPEC  ?= torch==2.14.1
 DEPS        ?= numpy pytest ninja setuptools wheel matplotlib tqdm scikit-learn $(MODEL_DEPS)
 # The model libraries whose norms convert_layer_norm converts (tests build tiny models from
 # configs; nothing is downloaded). timm needs torchvision, pinned to TORCH_SPEC's.
-MODEL_DEPS  ?= transformers==5.23.0 timm==1.0.31 kernels==0.17.2 torchvision==0.29.1
+MODEL_DEPS  ?= transformers==5.23.0 timm==1.0.31 kernels==0.18.3 torchvision==0.29.1
 # The CUDA toolkit, when this machine has one (auto-detection finds /usr/local and fails).
 CUDA_HOME   ?= $(firstword $(wildcard /usr/local/cuda))
 MAX_JOBS    ?= $(shell nproc)
