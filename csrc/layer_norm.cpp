@@ -8,7 +8,6 @@
 #include <c10/util/irange.h>
 
 namespace ln_ext {
-namespace {
 
 bool is_reduced_float(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16;
@@ -62,6 +61,12 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return defined(t) ? t->contiguous() : at::Tensor();
 }
 
+at::ScalarType stats_dtype(at::ScalarType x_dtype) {
+  return x_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+namespace {
+
 // Checks that normalized_shape names the trailing dims of x; returns (M, N).
 std::pair<int64_t, int64_t> rows_and_cols(const char* op, const at::Tensor& x, at::IntArrayRef normalized_shape) {
   const int64_t k = static_cast<int64_t>(normalized_shape.size());
@@ -73,10 +78,6 @@ std::pair<int64_t, int64_t> rows_and_cols(const char* op, const at::Tensor& x, a
   int64_t rows = 1;
   for (const auto i : c10::irange(x.dim() - k)) rows *= x.size(i);
   return {rows, cols};
-}
-
-at::ScalarType stats_dtype(at::ScalarType x_dtype) {
-  return x_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // The residual of an add + norm, in the dtype of h = x + residual (residual_dtype,

@@ -36,6 +36,22 @@ struct NormBwdArgs {
   bool centered = true;
 };
 
+// Argument checks shared by every op of the family (errors name `op` and the argument).
+bool is_reduced_float(at::ScalarType t);
+// x's dtype is a float type the kernels take.
+void check_input_dtype(const char* op, const at::Tensor& x, const char* name);
+// got is x_dtype or, beside a 16-bit x, float32.
+bool dtype_matches(at::ScalarType got, at::ScalarType x_dtype);
+void check_same_device(const char* op, const at::Tensor& t, const at::Tensor& x, const char* name);
+bool defined(const std::optional<at::Tensor>& t);
+// weight and bias (each optional) of shape `shape`, x's device and a dtype the kernels take.
+void check_params(const char* op, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& x, at::IntArrayRef shape);
+void check_weight_offset(const char* op, double weight_offset, const std::optional<at::Tensor>& weight);
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t);
+// mean/rstd: float32, float64 for double x.
+at::ScalarType stats_dtype(at::ScalarType x_dtype);
+
 using NormFwdKernel = void (*)(const NormFwdArgs&);
 using NormBwdKernel = void (*)(const NormBwdArgs&);
 
@@ -136,7 +152,88 @@ Tensor3 call_add_rms_norm_fwd(const at::Tensor& x, const at::Tensor& residual, a
                               const OptTensor& weight, double eps, OptDtype residual_dtype, OptDtype out_dtype,
                               double weight_offset);
 
+// ---- Channels-first norms (csrc/channels_first.cpp): LayerNorm / RMSNorm over dim 1 of
+// x: [B, C, *spatial], viewed as [B, C, S]; one norm per (b, s) over the C channels, NCHW as
+// it is (no permute). weight/bias: [C]; mean/rstd: x.shape without dim 1 ([B, S]).
+struct ChannelNormFwdArgs {
+  at::Tensor x, weight, bias;  // contiguous
+  at::Tensor y, mean, rstd;    // mean: LayerNorm only
+  int64_t batch = 0, channels = 0, spatial = 0;
+  double eps = 0, weight_offset = 0;
+  bool centered = true;
+};
+struct ChannelNormBwdArgs {
+  at::Tensor dy, x, mean, rstd, weight;  // contiguous
+  at::Tensor dx, dweight, dbias;         // undefined: not asked for
+  int64_t batch = 0, channels = 0, spatial = 0;
+  double weight_offset = 0;
+  bool centered = true;
+};
+using ChannelNormFwdKernel = void (*)(const ChannelNormFwdArgs&);
+using ChannelNormBwdKernel = void (*)(const ChannelNormBwdArgs&);
+
+ChannelNormFwdArgs channel_norm_fwd_impl(const char* op, const at::Tensor& x, const OptTensor& weight,
+                                         const OptTensor& bias, double eps, double weight_offset, OptDtype out_dtype,
+                                         bool centered, ChannelNormFwdKernel kernel);
+std::array<at::Tensor, 3> channel_norm_bwd_impl(const char* op, const at::Tensor& dy, const at::Tensor& x,
+                                                const OptTensor& mean, const at::Tensor& rstd, const OptTensor& weight,
+                                                const OptTensor& bias, std::array<bool, 3> output_mask,
+                                                double weight_offset, bool centered, ChannelNormBwdKernel kernel);
+
+template <ChannelNormFwdKernel K>
+Tensor3 channels_first_layer_norm_fwd_op(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                                         double eps, double weight_offset, OptDtype out_dtype) {
+  auto a = channel_norm_fwd_impl("ln_ext.layer_norm_channels_first", x, weight, bias, eps, weight_offset, out_dtype,
+                                 true, K);
+  return {a.y, a.mean, a.rstd};
+}
+template <ChannelNormFwdKernel K>
+Tensor2 channels_first_rms_norm_fwd_op(const at::Tensor& x, const OptTensor& weight, double eps, double weight_offset,
+                                       OptDtype out_dtype) {
+  auto a = channel_norm_fwd_impl("ln_ext.rms_norm_channels_first", x, weight, std::nullopt, eps, weight_offset,
+                                 out_dtype, false, K);
+  return {a.y, a.rstd};
+}
+template <ChannelNormBwdKernel K>
+Tensor3 channels_first_layer_norm_bwd_op(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                         const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
+                                         std::array<bool, 3> output_mask, double weight_offset) {
+  auto g = channel_norm_bwd_impl("ln_ext.layer_norm_channels_first", dy, x, mean, rstd, weight, bias, output_mask,
+                                 weight_offset, true, K);
+  return {g[0], g[1], g[2]};
+}
+template <ChannelNormBwdKernel K>
+Tensor2 channels_first_rms_norm_bwd_op(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd,
+                                       const OptTensor& weight, std::array<bool, 2> output_mask, double weight_offset) {
+  auto g = channel_norm_bwd_impl("ln_ext.rms_norm_channels_first", dy, x, std::nullopt, rstd, weight, std::nullopt,
+                                 {output_mask[0], output_mask[1], false}, weight_offset, false, K);
+  return {g[0], g[1]};
+}
+template <ChannelNormFwdKernel Fwd, ChannelNormBwdKernel Bwd>
+void register_channel_norm_ops(torch::Library& m) {
+  m.impl("channels_first_layer_norm_fwd", &channels_first_layer_norm_fwd_op<Fwd>);
+  m.impl("channels_first_rms_norm_fwd", &channels_first_rms_norm_fwd_op<Fwd>);
+  m.impl("channels_first_layer_norm_bwd", &channels_first_layer_norm_bwd_op<Bwd>);
+  m.impl("channels_first_rms_norm_bwd", &channels_first_rms_norm_bwd_op<Bwd>);
+}
+Tensor3 call_channels_first_layer_norm_fwd(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                                           double eps, double weight_offset, OptDtype out_dtype);
+Tensor2 call_channels_first_rms_norm_fwd(const at::Tensor& x, const OptTensor& weight, double eps,
+                                         double weight_offset, OptDtype out_dtype);
+Tensor3 call_channels_first_layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                           const at::Tensor& rstd, const OptTensor& weight, const OptTensor& bias,
+                                           std::array<bool, 3> output_mask, double weight_offset);
+Tensor2 call_channels_first_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd,
+                                         const OptTensor& weight, std::array<bool, 2> output_mask,
+                                         double weight_offset);
+
 // Kernel entry points.
+void channel_norm_fwd_cpu_kernel(const ChannelNormFwdArgs& args);
+void channel_norm_bwd_cpu_kernel(const ChannelNormBwdArgs& args);
+#ifdef LN_EXT_WITH_CUDA
+void channel_norm_fwd_cuda_kernel(const ChannelNormFwdArgs& args);
+void channel_norm_bwd_cuda_kernel(const ChannelNormBwdArgs& args);
+#endif
 void norm_fwd_cpu_kernel(const NormFwdArgs& args);
 void norm_bwd_cpu_kernel(const NormBwdArgs& args);
 #ifdef LN_EXT_WITH_CUDA

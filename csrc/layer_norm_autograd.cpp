@@ -18,14 +18,24 @@ std::optional<Tensor> defined_or_none(const Tensor& t) {
 }
 
 // (dx, dweight, dbias) of the norm of x in differentiable ATen ops, computed in float32
-// or better. x: [..., normalized dims]; the last `k` dims are normalized. centered:
-// LayerNorm; else RMSNorm (no mean; dbias is not used).
-std::array<Tensor, 3> composite_grads(const Tensor& dy, const Tensor& x, const Tensor& weight, double weight_offset,
-                                      int64_t k, double eps, bool centered) {
+// or better. The last `k` dims of x are normalized or, channels_first, dim 1 (weight: [C]).
+// centered: LayerNorm; else RMSNorm (no mean; dbias is not used).
+std::array<Tensor, 3> composite_grads(const Tensor& dy, const Tensor& x, const Tensor& weight_in,
+                                      double weight_offset, int64_t k, bool channels_first, double eps,
+                                      bool centered) {
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Tensor xa = x.to(acc), dya = dy.to(acc);
   std::vector<int64_t> dims, row_dims;
-  for (int64_t d = 0; d < x.dim(); ++d) (d < x.dim() - k ? row_dims : dims).push_back(d);
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    const bool normalized = channels_first ? d == 1 : d >= x.dim() - k;
+    (normalized ? dims : row_dims).push_back(d);
+  }
+  Tensor weight = weight_in;
+  if (channels_first && weight.defined()) {  // [C] -> [1, C, 1, ...]
+    std::vector<int64_t> shape(x.dim(), 1);
+    shape[1] = x.size(1);
+    weight = weight.reshape(shape);
+  }
   const Tensor centered_x = centered ? xa - xa.mean(dims, /*keepdim=*/true) : xa;
   const Tensor rstd = (centered_x.square().mean(dims, true) + eps).rsqrt();
   const Tensor xhat = centered_x * rstd;
@@ -34,6 +44,7 @@ std::array<Tensor, 3> composite_grads(const Tensor& dy, const Tensor& x, const T
   const Tensor dx = rstd * (g_c - xhat * (g * xhat).mean(dims, true));
   // sum over no dims must stay a no-op (at::sum with an empty list sums everything).
   const auto row_sum = [&](const Tensor& t) { return row_dims.empty() ? t : t.sum(row_dims); };
+  if (channels_first) return {dx, row_sum(dya * xhat), row_sum(dya)};  // [C]
   return {dx, row_sum(dya * xhat), row_sum(dya)};
 }
 
@@ -59,7 +70,7 @@ struct NormBackward : public torch::autograd::Node {
   torch::autograd::SavedVariable input, mean, rstd, weight, bias;  // input: x, or h (an output)
   double eps = 0, weight_offset = 0;
   int64_t k = 0;  // len(normalized_shape)
-  bool centered = true, add = false;
+  bool centered = true, add = false, channels_first = false;
   at::ScalarType x_dtype = at::kFloat, residual_dtype = at::kFloat;
 
   std::string name() const override { return centered ? "LnExtLayerNormBackward" : "LnExtRMSNormBackward"; }
@@ -79,7 +90,7 @@ struct NormBackward : public torch::autograd::Node {
     const bool need_b = b.defined() && task_should_compute_output(3);
     Tensor d_in, dw, db;  // d_in: the gradient of the norm's input, x or h
     if (dy.defined() && torch::autograd::GradMode::is_enabled()) {  // create_graph=True
-      auto g = composite_grads(dy, in, w, weight_offset, k, eps, centered);
+      auto g = composite_grads(dy, in, w, weight_offset, k, channels_first, eps, centered);
       d_in = g[0].to(in.scalar_type());
       if (dh.defined()) d_in = d_in + dh;
       if (need_w) dw = g[1].to(w.scalar_type());
@@ -90,7 +101,14 @@ struct NormBackward : public torch::autograd::Node {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       const Tensor dy_k = for_kernel(dy, in), w_k = for_kernel(w, in), b_k = for_kernel(b, in);
       const bool want_in = need_x || need_residual;
-      if (centered) {
+      if (channels_first && centered) {
+        std::tie(d_in, dw, db) = call_channels_first_layer_norm_bwd(dy_k, in, mu, rs, defined_or_none(w_k),
+                                                                    defined_or_none(b_k), {want_in, need_w, need_b},
+                                                                    weight_offset);
+      } else if (channels_first) {
+        std::tie(d_in, dw) = call_channels_first_rms_norm_bwd(dy_k, in, rs, defined_or_none(w_k), {want_in, need_w},
+                                                              weight_offset);
+      } else if (centered) {
         std::tie(d_in, dw, db) = call_layer_norm_bwd(dy_k, in, mu, rs, defined_or_none(w_k), defined_or_none(b_k),
                                                      {want_in, need_w, need_b}, defined_or_none(dh), weight_offset);
       } else {
@@ -129,15 +147,20 @@ bool records_graph(const Tensor& x, const OptTensor& a, const OptTensor& b, cons
 
 // A forward op's outputs (y, h when add, mean when centered, rstd), run below autograd, and,
 // when a graph is recorded, its NormBackward node with y (and h) as its differentiable outputs.
+// channels_first: the channels-first ops (normalized_shape unused; no residual).
 std::vector<Tensor> norm_forward(const Tensor& x, const OptTensor& residual, at::IntArrayRef normalized_shape,
                                  const OptTensor& weight, const OptTensor& bias, double eps, OptDtype residual_dtype,
-                                 OptDtype out_dtype, double weight_offset, bool centered) {
+                                 OptDtype out_dtype, double weight_offset, bool centered, bool channels_first = false) {
   const bool add = residual.has_value();
   const bool graph = records_graph(x, residual, weight, bias);
   Tensor y, h, mean, rstd;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    if (add && centered) {
+    if (channels_first && centered) {
+      std::tie(y, mean, rstd) = call_channels_first_layer_norm_fwd(x, weight, bias, eps, weight_offset, out_dtype);
+    } else if (channels_first) {
+      std::tie(y, rstd) = call_channels_first_rms_norm_fwd(x, weight, eps, weight_offset, out_dtype);
+    } else if (add && centered) {
       std::tie(y, h, mean, rstd) = call_add_layer_norm_fwd(x, *residual, normalized_shape, weight, bias, eps,
                                                            residual_dtype, out_dtype, weight_offset);
     } else if (add) {
@@ -166,6 +189,7 @@ std::vector<Tensor> norm_forward(const Tensor& x, const OptTensor& residual, at:
     node->k = static_cast<int64_t>(normalized_shape.size());
     node->centered = centered;
     node->add = add;
+    node->channels_first = channels_first;
     node->x_dtype = x.scalar_type();
     node->residual_dtype = add ? residual->scalar_type() : x.scalar_type();
   }
@@ -206,9 +230,24 @@ Tensor3 add_rms_norm_fwd_autograd(const Tensor& x, const Tensor& residual, at::I
   return {o[0], o[1], o[2]};
 }
 
+Tensor3 channels_first_layer_norm_fwd_autograd(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                                               double eps, double weight_offset, OptDtype out_dtype) {
+  auto o = norm_forward(x, std::nullopt, {}, weight, bias, eps, std::nullopt, out_dtype, weight_offset, true, true);
+  return {o[0], o[1], o[2]};
+}
+
+Tensor2 channels_first_rms_norm_fwd_autograd(const Tensor& x, const OptTensor& weight, double eps,
+                                             double weight_offset, OptDtype out_dtype) {
+  auto o = norm_forward(x, std::nullopt, {}, weight, std::nullopt, eps, std::nullopt, out_dtype, weight_offset, false,
+                        true);
+  return {o[0], o[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ln_ext, Autograd, m) {
+  m.impl("channels_first_layer_norm_fwd", &channels_first_layer_norm_fwd_autograd);
+  m.impl("channels_first_rms_norm_fwd", &channels_first_rms_norm_fwd_autograd);
   m.impl("layer_norm_fwd", &layer_norm_fwd_autograd);
   m.impl("rms_norm_fwd", &rms_norm_fwd_autograd);
   m.impl("add_layer_norm_fwd", &add_layer_norm_fwd_autograd);

@@ -55,6 +55,22 @@ TORCH_LIBRARY(ln_ext, m) {
       "float eps, ScalarType? residual_dtype=None, ScalarType? out_dtype=None, float weight_offset=0.) "
       "-> (Tensor y, Tensor h, Tensor rstd)");
 
+  // Channels-first LayerNorm / RMSNorm over dim 1 of x: [B, C, *spatial] (ConvNeXt's and
+  // timm's LayerNorm2d), NCHW read and written in place. weight/bias: [C]; mean/rstd: x's shape
+  // without dim 1; dtypes, out_dtype and weight_offset as the ops above.
+  m.def(
+      "channels_first_layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, "
+      "float weight_offset=0., ScalarType? out_dtype=None) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def(
+      "channels_first_rms_norm_fwd(Tensor x, Tensor? weight, float eps, float weight_offset=0., "
+      "ScalarType? out_dtype=None) -> (Tensor y, Tensor rstd)");
+  m.def(
+      "channels_first_layer_norm_bwd(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
+      "Tensor? bias, bool[3] output_mask, float weight_offset=0.) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def(
+      "channels_first_rms_norm_bwd(Tensor dy, Tensor x, Tensor rstd, Tensor? weight, bool[2] output_mask, "
+      "float weight_offset=0.) -> (Tensor dx, Tensor dweight)");
+
   // ---- LN-RNN cells (issue 4; csrc/rnn.h has the equations and shapes) ----
   // One fused element-wise step each: everything but the W_h h GEMM. B = batch,
   // H = hidden; io tensors share hproj's dtype and device; gates, stats and the
@@ -178,6 +194,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         return std::make_tuple(y, h);
       },
       "(y, h) of torch.ops.ln_ext.add_rms_norm_fwd (eager fast path of ln_ext.add_rms_norm)");
+  module.def(
+      "layer_norm_channels_first",
+      [](const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps, double weight_offset,
+         OptDtype out_dtype) {
+        return std::get<0>(ln_ext::call_channels_first_layer_norm_fwd(x, weight, bias, eps, weight_offset, out_dtype));
+      },
+      "y of torch.ops.ln_ext.channels_first_layer_norm_fwd (eager fast path)");
+  module.def(
+      "rms_norm_channels_first",
+      [](const at::Tensor& x, const OptTensor& weight, double eps, double weight_offset, OptDtype out_dtype) {
+        return std::get<0>(ln_ext::call_channels_first_rms_norm_fwd(x, weight, eps, weight_offset, out_dtype));
+      },
+      "y of torch.ops.ln_ext.channels_first_rms_norm_fwd (eager fast path)");
 #ifdef LN_EXT_WITH_CUDA
   // For tests/test_cuda_launch_host.py: the launchers' decision, testable without a GPU.
   module.def("_kernel_has_cluster_code", &ln_ext::cuda_launch::kernel_has_cluster_code,

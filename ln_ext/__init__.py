@@ -1,8 +1,9 @@
 """ln_ext: Layer Normalization (Ba, Kiros & Hinton, 2016) as fused C++/CUDA PyTorch ops."""
 from . import distributed as _distributed  # noqa: F401  (registers the DTensor sharding rules)
 from .convert import convert_layer_norm
-from .modules import LayerNorm, RMSNorm
-from .ops import add_layer_norm, add_rms_norm, has_cuda_kernels, layer_norm, rms_norm
+from .modules import LayerNorm, LayerNorm2d, RMSNorm
+from .ops import (add_layer_norm, add_rms_norm, has_cuda_kernels, layer_norm, layer_norm_channels_first, rms_norm,
+                  rms_norm_channels_first)
 from .rnn import (
     LayerNormGRU,
     LayerNormGRUCell,
@@ -14,11 +15,14 @@ from .rnn import (
 
 __all__ = [
     "LayerNorm",
+    "LayerNorm2d",
     "RMSNorm",
     "convert_layer_norm",
     "has_cuda_kernels",
     "layer_norm",
     "rms_norm",
+    "layer_norm_channels_first",
+    "rms_norm_channels_first",
     "add_layer_norm",
     "add_rms_norm",
     "LayerNormRNN",

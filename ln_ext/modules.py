@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ops import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from .ops import add_layer_norm, add_rms_norm, layer_norm, layer_norm_channels_first, rms_norm
 
 
 class _WeightOffset:
@@ -68,3 +68,25 @@ class RMSNorm(_WeightOffset, nn.RMSNorm):
             return rms_norm(input, self.normalized_shape, self.weight, self.eps, weight_offset=self.weight_offset)
         return add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps,
                             weight_offset=self.weight_offset)
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of an NCHW (or any [B, C, *spatial]) tensor, as timm's
+    LayerNorm2d and ConvNeXt use it, read in place by ln_ext's channels-first kernels (no
+    permute copies). Parameters `weight`, `bias` of shape [C]: the same state_dict as
+    timm.layers.LayerNorm2d."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.normalized_shape = (num_channels,)
+        self.eps = eps
+        self.elementwise_affine = affine
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(num_channels, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_channels, **factory)) if affine else None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return layer_norm_channels_first(input, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape[0]}, eps={self.eps}, affine={self.elementwise_affine}"

@@ -277,3 +277,86 @@ def add_rms_norm(
     y, h, _ = torch.ops.ln_ext.add_rms_norm_fwd(x, residual, shape, weight, eps, residual_dtype, out_dtype,
                                                 weight_offset)
     return y, h
+
+
+# ---------------------------------------------------------------- channels-first norms
+
+def _channels_first_stats_shape(op, x, weight, bias):
+    torch._check(x.dim() >= 2, lambda: f"ln_ext.{op}: input must be [batch, channels, *spatial] (at least 2 dims), "
+                 f"got shape {list(x.shape)}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        torch._check(p is None or tuple(p.shape) == (x.shape[1],),
+                     lambda: f"ln_ext.{op}: {name} must have shape normalized_shape=[{x.shape[1]}], got {list(p.shape)}")
+    return x.shape[:1] + x.shape[2:]
+
+
+@torch.library.register_fake("ln_ext::channels_first_layer_norm_fwd")
+def _channels_first_layer_norm_fwd_fake(x, weight, bias, eps, weight_offset=0.0, out_dtype=None):
+    op = "layer_norm_channels_first"
+    check_same_device(op, "input", x, weight=weight, bias=bias)
+    _check_weight_offset(op, weight_offset, weight)
+    mean = x.new_empty(_channels_first_stats_shape(op, x, weight, bias), dtype=_stats_dtype(x))
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), mean, torch.empty_like(mean)
+
+
+@torch.library.register_fake("ln_ext::channels_first_rms_norm_fwd")
+def _channels_first_rms_norm_fwd_fake(x, weight, eps, weight_offset=0.0, out_dtype=None):
+    op = "rms_norm_channels_first"
+    check_same_device(op, "input", x, weight=weight)
+    _check_weight_offset(op, weight_offset, weight)
+    rstd = x.new_empty(_channels_first_stats_shape(op, x, weight, None), dtype=_stats_dtype(x))
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), rstd
+
+
+@torch.library.register_fake("ln_ext::channels_first_layer_norm_bwd")
+def _channels_first_layer_norm_bwd_fake(dy, x, mean, rstd, weight, bias, output_mask, weight_offset=0.0):
+    check_same_device("layer_norm_channels_first", "input", x, grad_output=dy, mean=mean, rstd=rstd, weight=weight,
+                      bias=bias)
+    return _bwd_outputs(x, (weight, bias), output_mask)
+
+
+@torch.library.register_fake("ln_ext::channels_first_rms_norm_bwd")
+def _channels_first_rms_norm_bwd_fake(dy, x, rstd, weight, output_mask, weight_offset=0.0):
+    check_same_device("rms_norm_channels_first", "input", x, grad_output=dy, rstd=rstd, weight=weight)
+    return _bwd_outputs(x, (weight,), output_mask)
+
+
+def layer_norm_channels_first(
+    input: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    *,
+    weight_offset: float = 0.0,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """LayerNorm over dim 1 of input: [B, C, *spatial] (channels-first: ConvNeXt, timm's
+    LayerNorm2d), read and written as it is laid out (no permute copies); weight/bias: [C].
+    Equals F.layer_norm(input.movedim(1, -1), (C,), weight, bias, eps).movedim(-1, 1);
+    weight_offset and out_dtype as layer_norm's."""
+    if input.is_cuda:
+        _check_cuda_build(input, "layer_norm_channels_first")
+        if out_dtype is None:
+            out_dtype, weight, bias = _autocast_args(input, weight, bias)
+    if type(input) is torch.Tensor and not _is_compiling():
+        return _C.layer_norm_channels_first(input, weight, bias, eps, weight_offset, out_dtype)
+    return torch.ops.ln_ext.channels_first_layer_norm_fwd(input, weight, bias, eps, weight_offset, out_dtype)[0]
+
+
+def rms_norm_channels_first(
+    input: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    *,
+    weight_offset: float = 0.0,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """RMSNorm over dim 1 of input: [B, C, *spatial] (timm's RmsNorm2d), as
+    layer_norm_channels_first."""
+    if input.is_cuda:
+        _check_cuda_build(input, "rms_norm_channels_first")
+        if out_dtype is None:
+            out_dtype, weight = _autocast_args(input, weight)
+    if type(input) is torch.Tensor and not _is_compiling():
+        return _C.rms_norm_channels_first(input, weight, eps, weight_offset, out_dtype)
+    return torch.ops.ln_ext.channels_first_rms_norm_fwd(input, weight, eps, weight_offset, out_dtype)[0]

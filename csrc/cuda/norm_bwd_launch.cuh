@@ -58,17 +58,19 @@ inline Partials new_partials(const NormBwdArgs& a, int64_t blocks) {
           static_cast<int>(blocks)};
 }
 
-// dweight/dbias from the partials; O is the parameter dtype.
+// dweight/dbias [n] (each undefined when not asked for) from partials [blocks, 2, n], in
+// block order; O is the parameter dtype. Shared with the channels-first backward.
 template <typename A>
-void launch_param_reduce(const Partials& partials, const NormBwdArgs& a, cudaStream_t stream) {
-  const int n = static_cast<int>(a.cols);
-  const at::Tensor& any_grad = a.dweight.defined() ? a.dweight : a.dbias;
+void launch_param_reduce(const Partials& partials, int64_t cols, const at::Tensor& dweight, const at::Tensor& dbias,
+                         cudaStream_t stream) {
+  const int n = static_cast<int>(cols);
+  const at::Tensor& any_grad = dweight.defined() ? dweight : dbias;
   const dim3 block(kernels::kColTile, kernels::kColRowLanes);
   const dim3 grid(static_cast<unsigned>(ceil_div(n, kernels::kColTile)));
   auto run = [&](auto out_tag) {
     using O = decltype(out_tag);
     kernels::layer_norm_bwd_param_reduce_kernel<A, O><<<grid, block, 0, stream>>>(
-        const_ptr<A>(partials.tensor), partials.blocks, n, mut_ptr<O>(a.dweight), mut_ptr<O>(a.dbias));
+        const_ptr<A>(partials.tensor), partials.blocks, n, mut_ptr<O>(dweight), mut_ptr<O>(dbias));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if constexpr (std::is_same_v<A, double>) {
@@ -258,7 +260,7 @@ void launch_bwd(const NormBwdArgs& a) {
   }
   if (!want_params) return;
   if (!partials.tensor.defined()) partials = launch_param_cols<T, DY>(a, residual, stream);
-  launch_param_reduce<A>(partials, a, stream);
+  launch_param_reduce<A>(partials, a.cols, a.dweight, a.dbias, stream);
 }
 
 // Every backward of a norm input of type T: LayerNorm or RMSNorm; dy and weight each
