@@ -46,6 +46,7 @@ bench: build
 	$(PY) benchmarks/bench_layer_norm.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_rnn.py $(BENCH_ARGS)
 	$(PY) benchmarks/bench_norm_family.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_model_norms.py
 
 # The two examples of the README (GPU if present, else a small CPU configuration),
 # then the README's generated sections from their results and the benchmarks'.

@@ -130,3 +130,20 @@ def test_sanitizer_cases_pass_on_the_cpu_kernels():
 def test_gpu_check_script_parses():
     proc = subprocess.run(["bash", "-n", str(ROOT / "scripts/gpu_check.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_model_norms_benchmark_writes_reports(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("timm")
+    rc, log = run_script(ROOT / "benchmarks/bench_model_norms.py", "--device", "cpu", "--tiny", "--rep-ms", "1",
+                         "--dtypes", "fp32", "--out", tmp_path)
+    assert rc == 0, log
+    payload = json.loads((tmp_path / "model_norms.json").read_text())
+    rows = {r["form"]: r for r in payload["results"]}
+    assert set(rows) == {"llama", "gemma", "ln2d"}
+    for form, row in rows.items():
+        assert row["correct"], form  # the converted module's outputs and gradients are the original's
+        assert all(ms > 0 for ms in row["ms"].values()) and len(row["ms"]) == 8
+        assert row["saved_bytes"]["original"] > 0 and row["saved_bytes"]["ln_ext"] > 0
+    report = (tmp_path / "model_norms.md").read_text()
+    assert "### forward + backward" in report and "| gemma | 16x64 | fp32 |" in report

@@ -15,6 +15,7 @@
 #include "kernels/layer_norm_fwd.cuh"
 #include "kernels/layer_norm_bwd.cuh"
 #include "kernels/rnn_cells.cuh"
+#include "kernels/channels_first.cuh"
 
 #include <algorithm>
 #include <cfloat>
@@ -526,6 +527,87 @@ void cell_suite(const std::vector<int64_t>& hs, const std::vector<int64_t>& bs) 
   std::printf("cells T=%zu: %d shapes x 3 cells, failures so far %d (%.0f s)\n", sizeof(T), cases, failures, lap());
 }
 
+// ---------------------------------------------------------------- channels-first norms
+// x: [B, C, S], one norm per (b, s) over C channels S apart: forward, then the backward (dx,
+// and dweight/dbias through per-warp shared rows and the parameter reduction), against the
+// long double reference of each position's column; C = 1 exact (y = bias, dx = 0, dw = 0).
+template <typename T, typename P, bool kCentered>
+void test_channels_first(int64_t B, int C, int64_t S, int block, int grid_cap, Dist dist) {
+  using A = acc_t<T>;
+  const int64_t n = B * C * S, positions = B * S;
+  Buf<T> x(n, 0), dx(n, 0), dy(n, 0), y(n, 0); Buf<P> w(C, 0), b(C, 0);
+  std::vector<A> mean(positions), rstd(positions);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  for (int64_t i = 0; i < n; ++i) { x.p[i] = from_d<T>(dist.offset + dist.scale * nd(rng)); dy.p[i] = from_d<T>(nd(rng)); }
+  for (int c = 0; c < C; ++c) { w.p[c] = from_d<P>(0.5 + nd(rng)); b.p[c] = from_d<P>(nd(rng)); }
+  ChannelFwdParams<T, P, T> fp{x.p, w.p, kCentered ? b.p : nullptr, y.p, kCentered ? mean.data() : nullptr, rstd.data(),
+                               positions, S, C, (A)1e-5, (A)weight_offset};
+  const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(ceil_div(positions, block), grid_cap));
+  emu_launch({(unsigned)grid}, {(unsigned)block}, 0, [&] { channels_first_fwd_kernel<T, P, T, kCentered>(fp); });
+  const int warps = block / 32;
+  std::vector<A> partials((size_t)grid * 2 * C, (A)-777);
+  ChannelBwdParams<T, T, P> bp{dy.p, x.p, kCentered ? mean.data() : nullptr, rstd.data(), w.p, dx.p, partials.data(),
+                               positions, S, C, (A)weight_offset};
+  emu_launch({(unsigned)grid}, {(unsigned)block}, (size_t)warps * 2 * C * sizeof(A),
+             [&] { channels_first_bwd_kernel<T, T, P, kCentered>(bp); });
+  std::vector<P> dw(C), db(C);
+  emu_launch({(unsigned)ceil_div(C, kColTile)}, {kColTile, kColRowLanes}, 0, [&] {
+    layer_norm_bwd_param_reduce_kernel<A, P>(partials.data(), grid, C, dw.data(), kCentered ? db.data() : nullptr);
+  });
+  const std::string tag = std::string(kCentered ? "cf layer" : "cf rms") + " B=" + std::to_string(B) + " C=" + std::to_string(C) + " S=" + std::to_string(S) + " block=" + std::to_string(block) + " grid=" + std::to_string(grid) + " T=" + std::to_string(sizeof(T)) + " P=" + std::to_string(sizeof(P)) + " woff=" + num(weight_offset) + " mean/spread=" + num(dist.offset / dist.scale);
+  std::vector<double> col(C);
+  std::vector<ld> rdw(C, 0), rdb(C, 0);
+  for (int64_t pos = 0; pos < positions; ++pos) {
+    const int64_t base = pos / S * C * S + pos % S;
+    for (int c = 0; c < C; ++c) col[c] = to_d(x.p[base + c * S]);
+    const RefStats st = ref_norm_stats<kCentered>(col.data(), C);
+    if (std::abs(rstd[pos] - st.rs) > (dist.strict ? 64 * ulp<A>() : 1e-4) * st.rs) { fail(tag + " rstd at " + std::to_string(pos)); return; }
+    ld sg = 0, sgx = 0;
+    for (int c = 0; c < C; ++c) {
+      const ld xh = st.xhat(col[c]), d = to_d(dy.p[base + c * S]), g = d * (to_d(w.p[c]) + weight_offset);
+      sg += g; sgx += g * xh; rdw[c] += d * xh; rdb[c] += d;
+      const double want_y = (double)(xh * (to_d(w.p[c]) + weight_offset) + (kCentered ? to_d(b.p[c]) : 0.0));
+      const double got_y = to_d(y.p[base + c * S]);
+      const bool y_ok = kCentered && C == 1 ? got_y == to_d(from_d<T>(to_d(b.p[c]))) :
+                        std::abs(got_y - want_y) <= (dist.strict ? 32 * ulp<T>() : tol<T>() * 4) * (1 + std::abs(want_y));
+      if (!y_ok) { fail(tag + " y at " + std::to_string(pos) + "," + std::to_string(c) + " got " + num(got_y) + " want " + num(want_y)); return; }
+    }
+    sg = kCentered ? sg / C : 0;
+    sgx /= C;
+    for (int c = 0; c < C; ++c) {
+      const ld xh = st.xhat(col[c]), g = to_d(dy.p[base + c * S]) * (to_d(w.p[c]) + weight_offset);
+      const double want = (double)(st.rs * (g - sg - xh * sgx)), got = to_d(dx.p[base + c * S]);
+      const bool ok = kCentered && C == 1 ? got == 0.0 : std::abs(got - want) <= (dist.strict ? 64 * ulp<T>() : tol<T>() * 8) * (double)(st.rs * (1 + std::abs(g)) * 4);
+      if (!ok) { fail(tag + " dx at " + std::to_string(pos) + "," + std::to_string(c) + " got " + num(got) + " want " + num(want)); return; }
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    const double t = (tol<P>() * 4 + (std::is_same_v<A, double> ? 0 : 1e-5 * positions)) * (double)(1 + std::abs(rdw[c]) + std::sqrt((ld)positions));
+    const bool dw_ok = kCentered && C == 1 ? to_d(dw[c]) == 0.0 : std::abs(to_d(dw[c]) - rdw[c]) <= t;
+    const bool db_ok = !kCentered || std::abs(to_d(db[c]) - rdb[c]) <= t;
+    if (!dw_ok || !db_ok) { fail(tag + " dw/db[" + std::to_string(c) + "] got " + num(to_d(dw[c])) + "/" + num(to_d(db[c])) + " want " + num(rdw[c]) + "/" + num(rdb[c])); return; }
+  }
+}
+
+template <typename T, typename P>
+void channels_first_suite(const std::vector<int>& cs) {
+  int cases = 0;
+  for (int C : cs) {
+    for (const auto& [B, S] : std::vector<std::pair<int64_t, int64_t>>{{1, 5}, {2, 37}, {3, 64}}) {
+      const int block = 32 * (1 + (C + (int)S) % 4), grid_cap = 1 + (C + (int)B) % 3;
+      test_channels_first<T, P, true>(B, C, S, block, grid_cap, kOrdinary);
+      test_channels_first<T, P, false>(B, C, S, block, grid_cap, kOrdinary);
+      cases += 2;
+    }
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {  // 16-bit x cannot hold such rows
+      test_channels_first<T, P, true>(2, C, 9, 64, 2, ill_conditioned<acc_t<T>>());
+      cases++;
+    }
+  }
+  std::printf("channels-first T=%zu P=%zu woff=%g: %d cases, failures so far %d (%.0f s)\n", sizeof(T), sizeof(P),
+              weight_offset, cases, failures, lap());
+}
+
 // ---------------------------------------------------------------- main
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IONBF, 0);
@@ -547,6 +629,8 @@ int main(int argc, char** argv) {
     layer_norm_suite<float, float, float, float>(ns, ms, kOrdinary);
     layer_norm_suite<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16>(ns, ms, kOrdinary);
     cell_suite<float>({1, 33, 257}, {2});
+    channels_first_suite<float, float>({1, 7});
+    channels_first_suite<__nv_bfloat16, __nv_bfloat16>({3});
     std::printf("%s: %d failures\n", failures ? "FAILED" : "OK", failures);
     return failures != 0;
   } else if (mode == "big") {
@@ -580,8 +664,14 @@ int main(int argc, char** argv) {
   const std::vector<int> offset_ns = {1, 7, 33, 1025};
   layer_norm_suite<float, float, float, float>(offset_ns, {3}, kOrdinary);
   layer_norm_suite<__nv_bfloat16, float, __nv_bfloat16, float>(offset_ns, {3}, kOrdinary);
+  channels_first_suite<float, float>({1, 3});
   weight_offset = 0;
   std::printf("weight_offset = 1: failures so far %d (%.0f s)\n", failures, lap());
+  const std::vector<int> cf_cs = mode == "q" ? std::vector<int>{1, 2, 33} : std::vector<int>{1, 2, 3, 8, 33, 96};
+  channels_first_suite<float, float>(cf_cs);
+  channels_first_suite<double, double>(cf_cs);
+  channels_first_suite<__nv_bfloat16, __nv_bfloat16>(cf_cs);
+  channels_first_suite<__half, float>(cf_cs);
   if (!hs.empty()) {
     cell_suite<float>(hs, bs);
     cell_suite<double>(hs, bs);
