@@ -98,10 +98,15 @@ def check(original, converted, x) -> bool:
     ya.backward(dy)
     yb.backward(dy)
     pairs = [(yb, ya), (xb.grad, xa.grad)] + [(p.grad, q.grad) for p, q in zip(b.parameters(), a.parameters())]
-    return all(torch.allclose(u, v, rtol=1e-4, atol=1e-5) for u, v in pairs)
+    # Relative to each tensor's norm: dweight sums B * S terms, whose rounding both sides carry.
+    return all(float((u - v).detach().norm()) <= 1e-5 * float(v.detach().norm()) for u, v in pairs)
 
 
 def measure(form, shape, dtype_name, device, rep_ms) -> dict:
+    # Each row compiles afresh: the converted modules share one forward function, whose
+    # recompiles for new shapes and modules would otherwise reach dynamo's limit and fall back
+    # to eager in later rows.
+    torch._dynamo.reset()
     dtype, _ = DTYPES[dtype_name]  # (x, parameters): the modules hold x's dtype
     original = original_module(form, shape, dtype, device)
     if original is None:

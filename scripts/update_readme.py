@@ -56,6 +56,12 @@ SECTIONS = {
                               snippet=("examples/transformer_dropin.py", "dropin")),
     "snippet_ln_rnn": Section("the LN-RNN construction of examples/ln_rnn_stability.py",
                               snippet=("examples/ln_rnn_stability.py", "ln_rnn")),
+    "bench_model_norms": Section("the norms of transformers and timm as they are vs converted "
+                                 "(benchmarks/bench_model_norms.py)", ("benchmarks/results/**/*model_norms*.md",)),
+    "hf_llama": Section("a transformers Llama trained as it is and converted (examples/hf_llama.py)",
+                        ("examples/results/hf_llama_*.md",)),
+    "snippet_hf_llama": Section("the conversion line of examples/hf_llama.py",
+                                snippet=("examples/hf_llama.py", "hf_convert")),
 }
 
 MARKER = re.compile(

@@ -103,3 +103,15 @@ def test_update_readme_snippets_come_from_the_examples(tmp_path):
     readme = "<!-- BEGIN:snippet_dropin --><!-- END:snippet_dropin -->\n"
     updated = update_readme.update(readme, ROOT, ROOT, lambda m: None)
     assert "```python\n" in updated and "ln_ext.convert_layer_norm(" in updated
+
+
+def test_hf_llama_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    run_example("hf_llama.py", tmp_path)
+    results = json.loads((tmp_path / "hf_llama_cpu.json").read_text())
+    assert results["converted"] == {"llama_rms": 5}  # 2 layers x 2 norms + the final one
+    assert results["max_loss_gap"] < 1e-4  # same math, same steps: the same loss curve
+    assert results["losses"]["ln_ext"][-1] < results["losses"]["ln_ext"][0]
+    saved = results["saved_for_backward"]
+    assert saved["ln_ext"]["norms"] < saved["transformers"]["norms"]  # x and a float per row, not x in fp32 + x̂
+    assert "ln_ext / transformers" in (tmp_path / "hf_llama_cpu.md").read_text()
