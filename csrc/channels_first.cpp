@@ -107,10 +107,7 @@ std::array<at::Tensor, 3> channel_norm_bwd_impl(const char* op, const at::Tensor
   a.channels = channels;
   a.spatial = spatial;
   a.weight_offset = weight_offset;
-  const auto none = [&x] { return x.new_empty({0}); };
-  a.dx = output_mask[0] ? at::empty(x.sizes(), x.options()) : at::Tensor();
-  a.dweight = (output_mask[1] && defined(weight)) ? at::empty_like(*weight, at::MemoryFormat::Contiguous) : at::Tensor();
-  a.dbias = (output_mask[2] && defined(bias)) ? at::empty_like(*bias, at::MemoryFormat::Contiguous) : at::Tensor();
+  std::tie(a.dx, a.dweight, a.dbias) = std::tuple_cat(new_grads(x, weight, bias, output_mask));
   if (batch * spatial == 0 || channels == 0) {  // no position contributes
     if (a.dweight.defined()) a.dweight.zero_();
     if (a.dbias.defined()) a.dbias.zero_();
@@ -118,16 +115,8 @@ std::array<at::Tensor, 3> channel_norm_bwd_impl(const char* op, const at::Tensor
   } else if (a.dx.defined() || a.dweight.defined() || a.dbias.defined()) {
     kernel(a);
   }
-  return {a.dx.defined() ? a.dx : none(), a.dweight.defined() ? a.dweight : none(),
-          a.dbias.defined() ? a.dbias : none()};
+  return grads_as_outputs(x, {a.dx, a.dweight, a.dbias});
 }
-
-namespace {
-template <typename Fn>
-auto op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
-}  // namespace
 
 Tensor3 call_channels_first_layer_norm_fwd(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
                                            double eps, double weight_offset, OptDtype out_dtype) {

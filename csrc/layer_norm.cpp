@@ -184,12 +184,7 @@ std::array<at::Tensor, 3> norm_bwd_impl(const char* op, const at::Tensor& dy, co
   a.dh = contiguous_or_undefined(grad_h);
   a.rows = rows;
   a.cols = cols;
-  // Outputs not asked for (or without a parameter) come back as empty [0] tensors,
-  // each its own: outputs of an op must not alias one another.
-  const auto none = [&x] { return x.new_empty({0}); };
-  a.dx = output_mask[0] ? at::empty(x.sizes(), x.options()) : at::Tensor();
-  a.dweight = (output_mask[1] && defined(weight)) ? at::empty_like(*weight, at::MemoryFormat::Contiguous) : at::Tensor();
-  a.dbias = (output_mask[2] && defined(bias)) ? at::empty_like(*bias, at::MemoryFormat::Contiguous) : at::Tensor();
+  std::tie(a.dx, a.dweight, a.dbias) = std::tuple_cat(new_grads(x, weight, bias, output_mask));
   if (rows == 0 || cols == 0) {  // no row contributes: parameter grads are zero, dx is dh
     if (a.dweight.defined()) a.dweight.zero_();
     if (a.dbias.defined()) a.dbias.zero_();
@@ -197,16 +192,23 @@ std::array<at::Tensor, 3> norm_bwd_impl(const char* op, const at::Tensor& dy, co
   } else if (a.dx.defined() || a.dweight.defined() || a.dbias.defined()) {
     kernel(a);
   }
-  return {a.dx.defined() ? a.dx : none(), a.dweight.defined() ? a.dweight : none(),
-          a.dbias.defined() ? a.dbias : none()};
+  return grads_as_outputs(x, {a.dx, a.dweight, a.dbias});
 }
 
-namespace {
-template <typename Fn>
-auto op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+std::array<at::Tensor, 3> new_grads(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::Tensor>& bias, std::array<bool, 3> output_mask) {
+  const auto like = [](const std::optional<at::Tensor>& p, bool asked) {
+    return asked && defined(p) ? at::empty_like(*p, at::MemoryFormat::Contiguous) : at::Tensor();
+  };
+  return {output_mask[0] ? at::empty(x.sizes(), x.options()) : at::Tensor(), like(weight, output_mask[1]),
+          like(bias, output_mask[2])};
 }
-}  // namespace
+
+std::array<at::Tensor, 3> grads_as_outputs(const at::Tensor& x, const std::array<at::Tensor, 3>& grads) {
+  std::array<at::Tensor, 3> out;
+  for (size_t i = 0; i < grads.size(); ++i) out[i] = grads[i].defined() ? grads[i] : x.new_empty({0});
+  return out;
+}
 
 Tensor3 call_layer_norm_fwd(const at::Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight,
                             const OptTensor& bias, double eps, OptDtype out_dtype, double weight_offset) {

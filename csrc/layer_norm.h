@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <array>
@@ -49,6 +50,18 @@ void check_params(const char* op, const std::optional<at::Tensor>& weight, const
                   const at::Tensor& x, at::IntArrayRef shape);
 void check_weight_offset(const char* op, double weight_offset, const std::optional<at::Tensor>& weight);
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t);
+// A backward's outputs, allocated: dx (x's shape), dweight, dbias (their parameter's), each
+// undefined when not asked for in output_mask or its parameter is absent.
+std::array<at::Tensor, 3> new_grads(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::Tensor>& bias, std::array<bool, 3> output_mask);
+// What the op returns: each gradient, or a fresh empty [0] tensor where it is undefined
+// (outputs of an op must not alias one another).
+std::array<at::Tensor, 3> grads_as_outputs(const at::Tensor& x, const std::array<at::Tensor, 3>& grads);
+// The typed dispatcher handle of an op of ours ("ln_ext::..."), for the call_* functions.
+template <typename Fn>
+auto op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Fn>();
+}
 // mean/rstd: float32, float64 for double x.
 at::ScalarType stats_dtype(at::ScalarType x_dtype);
 
