@@ -33,6 +33,18 @@ def _norm_calls(device):
     yield ops.add_rms_norm_fwd.default, [s.x, residual, [12], s.weight, 1e-5], "input"
 
 
+def _channels_first_calls(device):
+    ops = torch.ops.ln_ext
+    x, dy = torch.randn(2, 6, 3, 4, device=device), torch.randn(2, 6, 3, 4, device=device)
+    w, b = torch.randn(6, device=device), torch.randn(6, device=device)
+    _, mean, rstd = ops.channels_first_layer_norm_fwd(x, w, b, 1e-6)
+    _, rms_rstd = ops.channels_first_rms_norm_fwd(x, w, 1e-6)
+    yield ops.channels_first_layer_norm_fwd.default, [x, w, b, 1e-6], "input"
+    yield ops.channels_first_layer_norm_bwd.default, [dy, x, mean, rstd, w, b, [True, True, True]], "input"
+    yield ops.channels_first_rms_norm_fwd.default, [x, w, 1e-6], "input"
+    yield ops.channels_first_rms_norm_bwd.default, [dy, x, rms_rstd, w, [True, True]], "input"
+
+
 def _cell_calls(device):
     for mode in MODES:
         yield getattr(torch.ops.ln_ext, FWD_OP[mode]).default, [*cell_op_inputs(mode, device=device, requires_grad=False), 1e-5], "hproj"
@@ -51,6 +63,7 @@ def _sequence_calls(device):
 def every_call(device="cpu"):
     """(op, arguments, name of the argument the others must match) for every ln_ext op."""
     yield from _norm_calls(device)
+    yield from _channels_first_calls(device)
     yield from _cell_calls(device)
     yield from _sequence_calls(device)
 
