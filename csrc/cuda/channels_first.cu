@@ -37,9 +37,16 @@ void with_t_or_float(at::ScalarType t, F&& f) {
   f(T{});
 }
 
+// The kernels count channels in int.
+void check_channels(int64_t channels) {
+  TORCH_CHECK(channels <= INT_MAX, "ln_ext (CUDA): a channels-first norm over ", channels,
+              " channels is more than the supported ", INT_MAX);
+}
+
 template <typename T>
 void launch_channels_fwd(const ChannelNormFwdArgs& a, cudaStream_t stream) {
   using A = kernels::acc_t<T>;
+  check_channels(a.channels);
   const auto p_dtype = a.weight.defined() ? a.weight.scalar_type()
                                           : a.bias.defined() ? a.bias.scalar_type() : a.x.scalar_type();
   with_t_or_float<T>(p_dtype, [&](auto p_tag) {
@@ -71,6 +78,7 @@ void launch_channels_fwd(const ChannelNormFwdArgs& a, cudaStream_t stream) {
 template <typename T>
 void launch_channels_bwd(const ChannelNormBwdArgs& a, cudaStream_t stream) {
   using A = kernels::acc_t<T>;
+  check_channels(a.channels);
   const bool want_params = a.dweight.defined() || a.dbias.defined();
   const int channels = static_cast<int>(a.channels);
   // The block's dweight/dbias sums: a row of 2 * C per warp, as many warps as fit.

@@ -296,12 +296,13 @@ __device__ __forceinline__ void load_param_chunk(const P* p, bool vec, int col0,
 }
 
 // A norm's gain at the chunk's columns: offset + weight (a zero-centered weight: Gemma's
-// 1 + w, the offset a kernel argument, not a tensor). An absent weight is a gain of 1 (its
-// offset is 0: the ops refuse an offset without a weight).
+// 1 + w, the offset a kernel argument, not a tensor). An absent weight is a gain of 1 whatever
+// the offset (as channels_first.cuh's channel_gain; the ops refuse an offset without a weight).
 template <typename A, int V, typename P>
 __device__ __forceinline__ void load_gain_chunk(const P* weight, A offset, bool vec, int col0, int n,
                                                 A (&out)[V]) {
   load_param_chunk(weight, vec, col0, n, A(1), out);
+  if (weight == nullptr) return;
 #pragma unroll
   for (int v = 0; v < V; ++v) out[v] += offset;
 }

@@ -531,8 +531,12 @@ void cell_suite(const std::vector<int64_t>& hs, const std::vector<int64_t>& bs) 
 // x: [B, C, S], one norm per (b, s) over C channels S apart: forward, then the backward (dx,
 // and dweight/dbias through per-warp shared rows and the parameter reduction), against the
 // long double reference of each position's column; C = 1 exact (y = bias, dx = 0, dw = 0).
+// has_w: a weight (else none, gain 1); want_dx / want_params: which backward outputs are asked
+// for (no partials: no shared memory, the kernel's early return).
 template <typename T, typename P, bool kCentered>
-void test_channels_first(int64_t B, int C, int64_t S, int block, int grid_cap, Dist dist) {
+void test_channels_first(int64_t B, int C, int64_t S, int block, int grid_cap, Dist dist, bool has_w = true,
+                         bool want_dx = true, bool want_params = true) {
+  const double offset = has_w ? weight_offset : 0.0;
   using A = acc_t<T>;
   const int64_t n = B * C * S, positions = B * S;
   Buf<T> x(n, 0), dx(n, 0), dy(n, 0), y(n, 0); Buf<P> w(C, 0), b(C, 0);
@@ -540,21 +544,25 @@ void test_channels_first(int64_t B, int C, int64_t S, int block, int grid_cap, D
   std::normal_distribution<double> nd(0.0, 1.0);
   for (int64_t i = 0; i < n; ++i) { x.p[i] = from_d<T>(dist.offset + dist.scale * nd(rng)); dy.p[i] = from_d<T>(nd(rng)); }
   for (int c = 0; c < C; ++c) { w.p[c] = from_d<P>(0.5 + nd(rng)); b.p[c] = from_d<P>(nd(rng)); }
-  ChannelFwdParams<T, P, T> fp{x.p, w.p, kCentered ? b.p : nullptr, y.p, kCentered ? mean.data() : nullptr, rstd.data(),
-                               positions, S, C, (A)1e-5, (A)weight_offset};
+  for (int c = 0; c < C && !has_w; ++c) w.p[c] = from_d<P>(1.0);  // the reference's gain of 1
+  ChannelFwdParams<T, P, T> fp{x.p, has_w ? w.p : nullptr, kCentered ? b.p : nullptr, y.p,
+                               kCentered ? mean.data() : nullptr, rstd.data(), positions, S, C, (A)1e-5, (A)offset};
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(ceil_div(positions, block), grid_cap));
   emu_launch({(unsigned)grid}, {(unsigned)block}, 0, [&] { channels_first_fwd_kernel<T, P, T, kCentered>(fp); });
   const int warps = block / 32;
   std::vector<A> partials((size_t)grid * 2 * C, (A)-777);
-  ChannelBwdParams<T, T, P> bp{dy.p, x.p, kCentered ? mean.data() : nullptr, rstd.data(), w.p, dx.p, partials.data(),
-                               positions, S, C, (A)weight_offset};
-  emu_launch({(unsigned)grid}, {(unsigned)block}, (size_t)warps * 2 * C * sizeof(A),
+  ChannelBwdParams<T, T, P> bp{dy.p, x.p, kCentered ? mean.data() : nullptr, rstd.data(), has_w ? w.p : nullptr,
+                               want_dx ? dx.p : nullptr, want_params ? partials.data() : nullptr, positions, S, C,
+                               (A)offset};
+  emu_launch({(unsigned)grid}, {(unsigned)block}, want_params ? (size_t)warps * 2 * C * sizeof(A) : 0,
              [&] { channels_first_bwd_kernel<T, T, P, kCentered>(bp); });
   std::vector<P> dw(C), db(C);
-  emu_launch({(unsigned)ceil_div(C, kColTile)}, {kColTile, kColRowLanes}, 0, [&] {
-    layer_norm_bwd_param_reduce_kernel<A, P>(partials.data(), grid, C, dw.data(), kCentered ? db.data() : nullptr);
-  });
-  const std::string tag = std::string(kCentered ? "cf layer" : "cf rms") + " B=" + std::to_string(B) + " C=" + std::to_string(C) + " S=" + std::to_string(S) + " block=" + std::to_string(block) + " grid=" + std::to_string(grid) + " T=" + std::to_string(sizeof(T)) + " P=" + std::to_string(sizeof(P)) + " woff=" + num(weight_offset) + " mean/spread=" + num(dist.offset / dist.scale);
+  if (want_params) {
+    emu_launch({(unsigned)ceil_div(C, kColTile)}, {kColTile, kColRowLanes}, 0, [&] {
+      layer_norm_bwd_param_reduce_kernel<A, P>(partials.data(), grid, C, dw.data(), kCentered ? db.data() : nullptr);
+    });
+  }
+  const std::string tag = std::string(kCentered ? "cf layer" : "cf rms") + " B=" + std::to_string(B) + " C=" + std::to_string(C) + " S=" + std::to_string(S) + " block=" + std::to_string(block) + " grid=" + std::to_string(grid) + " T=" + std::to_string(sizeof(T)) + " P=" + std::to_string(sizeof(P)) + " woff=" + num(offset) + " w=" + std::to_string(has_w) + " dx=" + std::to_string(want_dx) + " params=" + std::to_string(want_params) + " mean/spread=" + num(dist.offset / dist.scale);
   std::vector<double> col(C);
   std::vector<ld> rdw(C, 0), rdb(C, 0);
   for (int64_t pos = 0; pos < positions; ++pos) {
@@ -564,9 +572,9 @@ void test_channels_first(int64_t B, int C, int64_t S, int block, int grid_cap, D
     if (std::abs(rstd[pos] - st.rs) > (dist.strict ? 64 * ulp<A>() : 1e-4) * st.rs) { fail(tag + " rstd at " + std::to_string(pos)); return; }
     ld sg = 0, sgx = 0;
     for (int c = 0; c < C; ++c) {
-      const ld xh = st.xhat(col[c]), d = to_d(dy.p[base + c * S]), g = d * (to_d(w.p[c]) + weight_offset);
+      const ld xh = st.xhat(col[c]), d = to_d(dy.p[base + c * S]), g = d * (to_d(w.p[c]) + offset);
       sg += g; sgx += g * xh; rdw[c] += d * xh; rdb[c] += d;
-      const double want_y = (double)(xh * (to_d(w.p[c]) + weight_offset) + (kCentered ? to_d(b.p[c]) : 0.0));
+      const double want_y = (double)(xh * (to_d(w.p[c]) + offset) + (kCentered ? to_d(b.p[c]) : 0.0));
       const double got_y = to_d(y.p[base + c * S]);
       const bool y_ok = kCentered && C == 1 ? got_y == to_d(from_d<T>(to_d(b.p[c]))) :
                         std::abs(got_y - want_y) <= (dist.strict ? 32 * ulp<T>() : tol<T>() * 4) * (1 + std::abs(want_y));
@@ -574,14 +582,14 @@ void test_channels_first(int64_t B, int C, int64_t S, int block, int grid_cap, D
     }
     sg = kCentered ? sg / C : 0;
     sgx /= C;
-    for (int c = 0; c < C; ++c) {
-      const ld xh = st.xhat(col[c]), g = to_d(dy.p[base + c * S]) * (to_d(w.p[c]) + weight_offset);
+    for (int c = 0; c < C && want_dx; ++c) {
+      const ld xh = st.xhat(col[c]), g = to_d(dy.p[base + c * S]) * (to_d(w.p[c]) + offset);
       const double want = (double)(st.rs * (g - sg - xh * sgx)), got = to_d(dx.p[base + c * S]);
       const bool ok = kCentered && C == 1 ? got == 0.0 : std::abs(got - want) <= (dist.strict ? 64 * ulp<T>() : tol<T>() * 8) * (double)(st.rs * (1 + std::abs(g)) * 4);
       if (!ok) { fail(tag + " dx at " + std::to_string(pos) + "," + std::to_string(c) + " got " + num(got) + " want " + num(want)); return; }
     }
   }
-  for (int c = 0; c < C; ++c) {
+  for (int c = 0; c < C && want_params; ++c) {
     const double t = (tol<P>() * 4 + (std::is_same_v<A, double> ? 0 : 1e-5 * positions)) * (double)(1 + std::abs(rdw[c]) + std::sqrt((ld)positions));
     const bool dw_ok = kCentered && C == 1 ? to_d(dw[c]) == 0.0 : std::abs(to_d(dw[c]) - rdw[c]) <= t;
     const bool db_ok = !kCentered || std::abs(to_d(db[c]) - rdb[c]) <= t;
@@ -597,7 +605,10 @@ void channels_first_suite(const std::vector<int>& cs) {
       const int block = 32 * (1 + (C + (int)S) % 4), grid_cap = 1 + (C + (int)B) % 3;
       test_channels_first<T, P, true>(B, C, S, block, grid_cap, kOrdinary);
       test_channels_first<T, P, false>(B, C, S, block, grid_cap, kOrdinary);
-      cases += 2;
+      // No weight, and a backward without dx or without dweight/dbias (no shared memory).
+      test_channels_first<T, P, true>(B, C, S, block, grid_cap, kOrdinary, false, S % 2 == 0, S % 2 == 1);
+      test_channels_first<T, P, false>(B, C, S, block, grid_cap, kOrdinary, true, true, false);
+      cases += 4;
     }
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {  // 16-bit x cannot hold such rows
       test_channels_first<T, P, true>(2, C, 9, 64, 2, ill_conditioned<acc_t<T>>());
