@@ -76,14 +76,7 @@ std::array<at::Tensor, 3> channel_norm_bwd_impl(const char* op, const at::Tensor
                                                 const OptTensor& mean, const at::Tensor& rstd, const OptTensor& weight,
                                                 const OptTensor& bias, std::array<bool, 3> output_mask,
                                                 double weight_offset, bool centered, ChannelNormBwdKernel kernel) {
-  check_input_dtype(op, x, "input");
-  check_input_dtype(op, dy, "grad_output");
-  check_same_device(op, dy, x, "grad_output");
-  check_same_device(op, rstd, x, "rstd");
-  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": grad_output must have the input's shape ", x.sizes(), ", got ",
-              dy.sizes());
-  TORCH_CHECK(dtype_matches(dy.scalar_type(), x.scalar_type()), op, ": grad_output must have the input's dtype (",
-              x.scalar_type(), ") or float32, got ", dy.scalar_type());
+  check_backward_inputs(op, dy, x, rstd);
   const auto [batch, channels, spatial] = channel_dims(op, x);
   const auto want_stats = stats_shape(x);
   TORCH_CHECK(!centered || defined(mean), op, ": mean is required");

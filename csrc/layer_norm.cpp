@@ -51,6 +51,17 @@ void check_params(const char* op, const std::optional<at::Tensor>& weight, const
               ": weight and bias must share a dtype, got ", weight->scalar_type(), " and ", bias->scalar_type());
 }
 
+void check_backward_inputs(const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd) {
+  check_input_dtype(op, x, "input");
+  check_input_dtype(op, dy, "grad_output");
+  check_same_device(op, dy, x, "grad_output");
+  check_same_device(op, rstd, x, "rstd");
+  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": grad_output must have the input's shape ", x.sizes(), ", got ",
+              dy.sizes());
+  TORCH_CHECK(dtype_matches(dy.scalar_type(), x.scalar_type()), op, ": grad_output must have the input's dtype (",
+              x.scalar_type(), ") or float32, got ", dy.scalar_type());
+}
+
 // The gain is weight_offset + weight: an offset has nothing to shift without a weight.
 void check_weight_offset(const char* op, double weight_offset, const std::optional<at::Tensor>& weight) {
   TORCH_CHECK(weight_offset == 0 || defined(weight), op, ": weight_offset=", weight_offset,
@@ -143,14 +154,7 @@ std::array<at::Tensor, 3> norm_bwd_impl(const char* op, const at::Tensor& dy, co
                                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                                         std::array<bool, 3> output_mask, const std::optional<at::Tensor>& grad_h,
                                         double weight_offset, bool centered, NormBwdKernel kernel) {
-  check_input_dtype(op, x, "input");
-  check_input_dtype(op, dy, "grad_output");
-  check_same_device(op, dy, x, "grad_output");
-  check_same_device(op, rstd, x, "rstd");
-  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": grad_output must have the input's shape ", x.sizes(), ", got ",
-              dy.sizes());
-  TORCH_CHECK(dtype_matches(dy.scalar_type(), x.scalar_type()), op, ": grad_output must have the input's dtype (",
-              x.scalar_type(), ") or float32, got ", dy.scalar_type());
+  check_backward_inputs(op, dy, x, rstd);
   // The normalized dims are those rstd (and mean) leave out.
   const char* stats_name = centered ? "mean and rstd" : "rstd";
   TORCH_CHECK(!centered || mean.has_value(), op, ": mean is required");

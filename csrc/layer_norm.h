@@ -49,6 +49,9 @@ bool defined(const std::optional<at::Tensor>& t);
 void check_params(const char* op, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                   const at::Tensor& x, at::IntArrayRef shape);
 void check_weight_offset(const char* op, double weight_offset, const std::optional<at::Tensor>& weight);
+// A backward's x and dy (a float dtype; dy of x's shape, its dtype or float32 beside 16-bit x)
+// and rstd, all on x's device.
+void check_backward_inputs(const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd);
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t);
 // A backward's outputs, allocated: dx (x's shape), dweight, dbias (their parameter's), each
 // undefined when not asked for in output_mask or its parameter is absent.

@@ -158,11 +158,6 @@ def _check_cuda_build(input: torch.Tensor, name: str) -> None:
         )
 
 
-def _eager(*tensors) -> bool:
-    """Plain tensors outside torch.compile: the same op, called from C++ (saves ~3 us a call)."""
-    return not torch.compiler.is_compiling() and all(t is None or type(t) is torch.Tensor for t in tensors)
-
-
 def _rms_eps(eps, input):
     """eps=None: torch.finfo(input.dtype).eps, as torch's rms_norm (a non-float input is
     refused by the op itself, naming it)."""
