@@ -258,8 +258,10 @@ def test_cuda_kernel_by_shape(device):
         assert "fwd long rows=2 N=262144" in log and "bwd long rows=2 N=262144" in log, log
 
 
-def test_generic_cpu_build_matches_reference():
-    """The reference comparison again with the generic CPU row kernels forced."""
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_capped_cpu_build_matches_reference(isa):
+    """The reference comparison again with the CPU row kernels capped at `isa`: the generic
+    build, and on an AVX-512 CPU the AVX2 one (which the CPU would not pick)."""
     run_with_cpu_isa_cap(["test_layer_norm.py::test_matches_float64_reference",
                           "test_layer_norm.py::test_non_finite_row_stays_in_its_row",
-                          "test_layer_norm_autograd.py::test_gradients_independent_of_thread_count"])
+                          "test_layer_norm_autograd.py::test_gradients_independent_of_thread_count"], isa=isa)

@@ -379,7 +379,9 @@ def test_cuda_autocast_like_torch(device):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_generic_cpu_build_matches_reference():
-    """The family's reference comparisons again with the generic CPU row kernels forced."""
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_capped_cpu_build_matches_reference(isa):
+    """The family's reference comparisons again with the CPU row kernels capped at `isa`
+    (the generic build; the AVX2 one, which an AVX-512 CPU would not pick)."""
     run_with_cpu_isa_cap(["test_norm_family.py::test_rms_norm_matches_float64_reference",
-                          "test_norm_family.py::test_add_norm_matches_float64_reference"])
+                          "test_norm_family.py::test_add_norm_matches_float64_reference"], isa=isa)

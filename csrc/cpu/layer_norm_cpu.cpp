@@ -26,12 +26,21 @@ bool cpu_isa_capped_at(const char* isa) {
   return cap != nullptr && std::strcmp(cap, isa) == 0;
 }
 
+bool cpu_has_avx512() {
+#ifdef LN_EXT_CPU_AVX2
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
 const RowKernels& row_kernels() {
   static const RowKernels chosen = [] {
 #ifdef LN_EXT_CPU_AVX2
     if (!cpu_isa_capped_at("generic") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
         __builtin_cpu_supports("f16c")) {
-      return row_kernels_avx2();
+      return cpu_has_avx512() && !cpu_isa_capped_at("avx2") ? row_kernels_avx512() : row_kernels_avx2();
     }
 #endif
     return row_kernels_generic();

@@ -20,12 +20,9 @@ namespace cpu {
 const CellKernelSet& cell_kernels() {
   static const CellKernelSet chosen = [] {
 #ifdef LN_EXT_CPU_AVX2
-    if (std::strcmp(row_kernels().isa, "avx2") == 0) {
-      const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-      if (avx512 && !cpu_isa_capped_at("avx2")) return cell_kernels_avx512();
-      return cell_kernels_avx2();
-    }
+    // The row kernels' choice (AVX2 and above, or generic) is the cells' too.
+    if (std::strcmp(row_kernels().isa, "avx512") == 0) return cell_kernels_avx512();
+    if (std::strcmp(row_kernels().isa, "avx2") == 0) return cell_kernels_avx2();
 #endif
     return cell_kernels_generic();
   }();

@@ -1,12 +1,13 @@
 // The LayerNorm row kernels behind row_kernels.h, written once and compiled by
-// row_kernels_generic.cpp and row_kernels_avx2.cpp with different target ISAs.
+// row_kernels_generic.cpp, row_kernels_avx2.cpp and row_kernels_avx512.cpp with
+// different target ISAs.
 // Include it after every other header, inside nothing: everything here has
 // internal linkage, so the two builds never share a symbol.
 //
 // Work split: one call handles a range of rows; the caller spreads ranges over
 // threads. Vectors are GCC/Clang vector extensions of 32 bytes (one AVX2 register,
-// two SSE/NEON ones in the generic build); half/bfloat16 conversions use F16C/AVX2
-// intrinsics in the AVX2 build. Every row sum keeps 2 vectors of partial sums, folded
+// two SSE/NEON ones in the generic build) or 64 (AVX-512); half/bfloat16 conversions
+// use F16C/AVX2 or AVX-512 intrinsics in those builds. Every row sum keeps 2 vectors of partial sums, folded
 // into running totals every kChunk elements, then tree-summed: the order of additions
 // depends on n alone (never on the thread count), and the rounding error grows with
 // kChunk / 16 + n / kChunk rather than n.
@@ -61,41 +62,60 @@ inline void store(bf16_t* p, float v) {
 #if !defined(__FLT16_MAX__)
 #error "ln_ext's CPU kernels need the compiler's _Float16 (GCC >= 12 or Clang >= 15)"
 #endif
-// The compiler's IEEE half: F16C conversions in the AVX2 build.
+// The compiler's IEEE half: F16C conversions in the AVX2 and AVX-512 builds.
 using f16_t = _Float16;
 inline float to_acc(f16_t v) { return static_cast<float>(v); }
 inline void store(f16_t* p, float v) { *p = static_cast<f16_t>(v); }
 
-// Vectors of acc_t the compiler maps onto the target's registers (one AVX2
-// register; two SSE/NEON registers in the generic build).
+// Vectors of acc_t the compiler maps onto the target's registers: LN_EXT_VEC_BYTES wide
+// (32 by default: one AVX2 register, two SSE/NEON ones in the generic build; 64, one
+// AVX-512 register, in the AVX-512 build).
+#ifndef LN_EXT_VEC_BYTES
+#define LN_EXT_VEC_BYTES 32
+#endif
 template <typename acc_t>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
-  static constexpr int width = 8;
+struct Vec {
+  typedef acc_t type __attribute__((vector_size(LN_EXT_VEC_BYTES)));
+  static constexpr int width = LN_EXT_VEC_BYTES / sizeof(acc_t);
 };
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-  static constexpr int width = 4;
-};
-using v8f = Vec<float>::type;
-using v4d = Vec<double>::type;
-typedef uint16_t v8u16 __attribute__((vector_size(16)));
-typedef uint32_t v8u32 __attribute__((vector_size(32)));
+using vf = Vec<float>::type;
+using vd = Vec<double>::type;
+typedef uint16_t vu16 __attribute__((vector_size(LN_EXT_VEC_BYTES / 2)));
+typedef uint32_t vu32 __attribute__((vector_size(LN_EXT_VEC_BYTES)));
 
 // vload(p): p[0..width) as a Vec of acc_t; vstore(p, v) the reverse (rounding as store()).
-inline v8f vload(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
-inline v4d vload(const double* p) { v4d v; std::memcpy(&v, p, sizeof v); return v; }
-inline void vstore(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
-inline void vstore(double* p, v4d v) { std::memcpy(p, &v, sizeof v); }
-#ifdef LN_EXT_F16C  // the AVX2 build: the compiler's own widening/narrowing is slow here
-inline v8f vload(const bf16_t* p) {
-  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return reinterpret_cast<v8f>(_mm256_slli_epi32(u, 16));
+inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline vd vload(const double* p) { vd v; std::memcpy(&v, p, sizeof v); return v; }
+inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline void vstore(double* p, vd v) { std::memcpy(p, &v, sizeof v); }
+#if defined(LN_EXT_AVX512)  // the AVX2 build's conversions on 16 lanes
+inline vf vload(const bf16_t* p) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return reinterpret_cast<vf>(_mm512_slli_epi32(u, 16));
 }
-inline void vstore(bf16_t* p, v8f v) {
+inline void vstore(bf16_t* p, vf v) {
+  const __m512i u = reinterpret_cast<__m512i>(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __m512 f = reinterpret_cast<__m512>(v);
+  const __mmask16 is_nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+  const __m512i h32 = _mm512_mask_blend_epi32(is_nan, rounded, _mm512_set1_epi32(0x7fc0));
+  // Every 32-bit lane is below 2^16: narrowing keeps it whole.
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(h32));
+}
+inline vf vload(const f16_t* p) {
+  return reinterpret_cast<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+inline void vstore(f16_t* p, vf v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
+}
+#elif defined(LN_EXT_F16C)  // the AVX2 build: the compiler's own widening/narrowing is slow here
+inline vf vload(const bf16_t* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return reinterpret_cast<vf>(_mm256_slli_epi32(u, 16));
+}
+inline void vstore(bf16_t* p, vf v) {
   const __m256i u = reinterpret_cast<__m256i>(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
@@ -106,55 +126,49 @@ inline void vstore(bf16_t* p, v8f v) {
   const __m128i h16 = _mm_packus_epi32(_mm256_castsi256_si128(h32), _mm256_extracti128_si256(h32, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h16);
 }
-#else
-inline v8f vload(const bf16_t* p) {
-  v8u16 h;
-  std::memcpy(&h, p, sizeof h);
-  const v8u32 u = __builtin_convertvector(h, v8u32) << 16;
-  v8f f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline void vstore(bf16_t* p, v8f v) {
-  v8u32 u;
-  std::memcpy(&u, &v, sizeof u);
-  const v8u32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const v8u32 is_nan = (u & 0x7fffffffu) > 0x7f800000u;  // all ones where NaN
-  const v8u16 h = __builtin_convertvector((rounded & ~is_nan) | (is_nan & 0x7fc0u), v8u16);
-  std::memcpy(p, &h, sizeof h);
-}
-#endif
-#ifdef LN_EXT_F16C
 // The compiler does not vectorize _Float16 conversions by itself: F16C does it.
-inline v8f vload(const f16_t* p) {
-  return reinterpret_cast<v8f>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+inline vf vload(const f16_t* p) {
+  return reinterpret_cast<vf>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
-inline void vstore(f16_t* p, v8f v) {
+inline void vstore(f16_t* p, vf v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                    _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
 }
 #else
-inline v8f vload(const f16_t* p) {
-  v8f v;
-  for (int l = 0; l < 8; ++l) v[l] = static_cast<float>(p[l]);
+inline vf vload(const bf16_t* p) {
+  vu16 h;
+  std::memcpy(&h, p, sizeof h);
+  const vu32 u = __builtin_convertvector(h, vu32) << 16;
+  vf f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void vstore(bf16_t* p, vf v) {
+  vu32 u;
+  std::memcpy(&u, &v, sizeof u);
+  const vu32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const vu32 is_nan = (u & 0x7fffffffu) > 0x7f800000u;  // all ones where NaN
+  const vu16 h = __builtin_convertvector((rounded & ~is_nan) | (is_nan & 0x7fc0u), vu16);
+  std::memcpy(p, &h, sizeof h);
+}
+inline vf vload(const f16_t* p) {
+  vf v;
+  for (int l = 0; l < Vec<float>::width; ++l) v[l] = static_cast<float>(p[l]);
   return v;
 }
-inline void vstore(f16_t* p, v8f v) {
-  for (int l = 0; l < 8; ++l) p[l] = static_cast<f16_t>(v[l]);
+inline void vstore(f16_t* p, vf v) {
+  for (int l = 0; l < Vec<float>::width; ++l) p[l] = static_cast<f16_t>(v[l]);
 }
 #endif
 
+// A fixed tree over the lanes: halves added lane by lane until one is left.
 template <typename V>
-inline auto hsum(V v) {  // a fixed tree over the lanes
+inline auto hsum(V v) {
   constexpr int W = sizeof(V) / sizeof(v[0]);
-  auto s = v[0];
-  if constexpr (W == 8) {
-    const auto a = (v[0] + v[4]) + (v[2] + v[6]), b = (v[1] + v[5]) + (v[3] + v[7]);
-    s = a + b;
-  } else {
-    s = (v[0] + v[2]) + (v[1] + v[3]);
+  for (int half = W / 2; half >= 1; half /= 2) {
+    for (int l = 0; l < half; ++l) v[l] += v[l + half];
   }
-  return s;
+  return v[0];
 }
 
 constexpr int64_t kChunk = 1024;  // elements; a multiple of 2 * Vec width
