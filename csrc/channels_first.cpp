@@ -131,9 +131,9 @@ Tensor3 call_channels_first_layer_norm_bwd(const at::Tensor& dy, const at::Tenso
 }
 Tensor2 call_channels_first_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd,
                                          const OptTensor& weight, std::array<bool, 2> output_mask,
-                                         double weight_offset) {
+                                         double weight_offset, std::optional<double> eps) {
   static const auto op = op_handle<decltype(call_channels_first_rms_norm_bwd)>("ln_ext::channels_first_rms_norm_bwd");
-  return op.call(dy, x, rstd, weight, output_mask, weight_offset);
+  return op.call(dy, x, rstd, weight, output_mask, weight_offset, eps);
 }
 
 // ---------------------------------------------------------------- CPU kernels

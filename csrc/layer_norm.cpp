@@ -234,9 +234,24 @@ Tensor2 call_rms_norm_fwd(const at::Tensor& x, at::IntArrayRef normalized_shape,
 }
 
 Tensor2 call_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd, const OptTensor& weight,
-                          std::array<bool, 2> output_mask, const OptTensor& grad_h, double weight_offset) {
+                          std::array<bool, 2> output_mask, const OptTensor& grad_h, double weight_offset,
+                          std::optional<double> eps) {
   static const auto op = op_handle<decltype(call_rms_norm_bwd)>("ln_ext::rms_norm_bwd");
-  return op.call(dy, x, rstd, weight, output_mask, grad_h, weight_offset);
+  return op.call(dy, x, rstd, weight, output_mask, grad_h, weight_offset, eps);
+}
+
+at::Tensor single_element_rms_dx(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd_b,
+                                 const OptTensor& weight, double weight_offset, double eps, const OptTensor& grad_h) {
+  const auto acc = rstd_b.scalar_type();
+  // 1 - xhat^2, as itself where xhat^2 < 1/2 (no cancellation there, fewer roundings than
+  // eps * rstd^2) and as eps * rstd^2 above.
+  const at::Tensor xhat_sq = (x.to(acc) * rstd_b).square();
+  const at::Tensor one_minus_xhat_sq = at::where(xhat_sq < 0.5, 1 - xhat_sq, rstd_b * rstd_b * eps);
+  at::Tensor dx = dy.to(acc) * (rstd_b * one_minus_xhat_sq);
+  // An absent weight is a gain of 1 whatever the offset (as in the kernels).
+  if (defined(weight)) dx = dx * (weight->to(acc) + weight_offset);
+  if (defined(grad_h)) dx = dx + grad_h->to(acc);
+  return dx.to(x.scalar_type()).contiguous();
 }
 
 Tensor4 call_add_layer_norm_fwd(const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,

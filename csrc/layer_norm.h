@@ -15,6 +15,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace ln_ext {
 
@@ -123,6 +124,16 @@ Tensor3 add_rms_norm_fwd_op(const at::Tensor& x, const at::Tensor& residual, at:
                          residual_dtype, weight_offset, false, K);
   return {a.y, a.h, a.rstd};
 }
+// RMSNorm's rows of one element: x and rstd (valid ones, checked by the caller) have as many.
+inline bool single_element_rows(const at::Tensor& x, const at::Tensor& rstd) {
+  return x.numel() > 0 && x.numel() == rstd.numel();
+}
+// dx of RMSNorm over one element, rstd * g * (1 - xhat^2) (+ grad_h), g = dy * gain, in rstd's
+// precision, with 1 - xhat^2 = eps * rstd^2 where xhat^2 is near 1: the general formula forms
+// it by cancellation. rstd_b: rstd viewed to broadcast against x.
+at::Tensor single_element_rms_dx(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd_b,
+                                 const OptTensor& weight, double weight_offset, double eps, const OptTensor& grad_h);
+
 template <NormBwdKernel K>
 Tensor3 layer_norm_bwd_op(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
                           const OptTensor& weight, const OptTensor& bias, std::array<bool, 3> output_mask,
@@ -133,9 +144,16 @@ Tensor3 layer_norm_bwd_op(const at::Tensor& dy, const at::Tensor& x, const at::T
 }
 template <NormBwdKernel K>
 Tensor2 rms_norm_bwd_op(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd, const OptTensor& weight,
-                        std::array<bool, 2> output_mask, const OptTensor& grad_h, double weight_offset) {
+                        std::array<bool, 2> output_mask, const OptTensor& grad_h, double weight_offset,
+                        std::optional<double> eps) {
+  const bool exact_dx = output_mask[0] && eps && single_element_rows(x, rstd);
   auto g = norm_bwd_impl("ln_ext.rms_norm", dy, x, std::nullopt, rstd, weight, std::nullopt,
-                         {output_mask[0], output_mask[1], false}, grad_h, weight_offset, false, K);
+                         {output_mask[0] && !exact_dx, output_mask[1], false}, grad_h, weight_offset, false, K);
+  if (exact_dx) {
+    std::vector<int64_t> rows_of_one(rstd.sizes().begin(), rstd.sizes().end());
+    rows_of_one.resize(x.dim(), 1);
+    g[0] = single_element_rms_dx(dy, x, rstd.view(rows_of_one), weight, weight_offset, *eps, grad_h);
+  }
   return {g[0], g[1]};
 }
 
@@ -160,7 +178,8 @@ Tensor3 call_layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at:
 Tensor2 call_rms_norm_fwd(const at::Tensor& x, at::IntArrayRef normalized_shape, const OptTensor& weight, double eps,
                           OptDtype out_dtype, double weight_offset);
 Tensor2 call_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd, const OptTensor& weight,
-                          std::array<bool, 2> output_mask, const OptTensor& grad_h, double weight_offset);
+                          std::array<bool, 2> output_mask, const OptTensor& grad_h, double weight_offset,
+                          std::optional<double> eps);
 Tensor4 call_add_layer_norm_fwd(const at::Tensor& x, const at::Tensor& residual, at::IntArrayRef normalized_shape,
                                 const OptTensor& weight, const OptTensor& bias, double eps, OptDtype residual_dtype,
                                 OptDtype out_dtype, double weight_offset);
@@ -220,9 +239,12 @@ Tensor3 channels_first_layer_norm_bwd_op(const at::Tensor& dy, const at::Tensor&
 }
 template <ChannelNormBwdKernel K>
 Tensor2 channels_first_rms_norm_bwd_op(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd,
-                                       const OptTensor& weight, std::array<bool, 2> output_mask, double weight_offset) {
+                                       const OptTensor& weight, std::array<bool, 2> output_mask, double weight_offset,
+                                       std::optional<double> eps) {
+  const bool exact_dx = output_mask[0] && eps && single_element_rows(x, rstd);  // C = 1 (rms_norm_bwd_op)
   auto g = channel_norm_bwd_impl("ln_ext.rms_norm_channels_first", dy, x, std::nullopt, rstd, weight, std::nullopt,
-                                 {output_mask[0], output_mask[1], false}, weight_offset, false, K);
+                                 {output_mask[0] && !exact_dx, output_mask[1], false}, weight_offset, false, K);
+  if (exact_dx) g[0] = single_element_rms_dx(dy, x, rstd.unsqueeze(1), weight, weight_offset, *eps, std::nullopt);
   return {g[0], g[1]};
 }
 template <ChannelNormFwdKernel Fwd, ChannelNormBwdKernel Bwd>
@@ -241,7 +263,7 @@ Tensor3 call_channels_first_layer_norm_bwd(const at::Tensor& dy, const at::Tenso
                                            std::array<bool, 3> output_mask, double weight_offset);
 Tensor2 call_channels_first_rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd,
                                          const OptTensor& weight, std::array<bool, 2> output_mask,
-                                         double weight_offset);
+                                         double weight_offset, std::optional<double> eps);
 
 // Kernel entry points.
 void channel_norm_fwd_cpu_kernel(const ChannelNormFwdArgs& args);

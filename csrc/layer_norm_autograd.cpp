@@ -107,13 +107,13 @@ struct NormBackward : public torch::autograd::Node {
                                                                     weight_offset);
       } else if (channels_first) {
         std::tie(d_in, dw) = call_channels_first_rms_norm_bwd(dy_k, in, rs, defined_or_none(w_k), {want_in, need_w},
-                                                              weight_offset);
+                                                              weight_offset, eps);
       } else if (centered) {
         std::tie(d_in, dw, db) = call_layer_norm_bwd(dy_k, in, mu, rs, defined_or_none(w_k), defined_or_none(b_k),
                                                      {want_in, need_w, need_b}, defined_or_none(dh), weight_offset);
       } else {
         std::tie(d_in, dw) = call_rms_norm_bwd(dy_k, in, rs, defined_or_none(w_k), {want_in, need_w},
-                                               defined_or_none(dh), weight_offset);
+                                               defined_or_none(dh), weight_offset, eps);
       }
       if (need_w) dw = dw.to(w.scalar_type());
       if (need_b) db = db.to(b.scalar_type());

@@ -34,13 +34,15 @@ TORCH_LIBRARY(ln_ext, m) {
       "Tensor dbias)");
 
   // RMSNorm over the trailing dims: y = x * rstd * weight, rstd = 1 / sqrt(mean(x^2) + eps)
-  // (no mean, no bias); rstd as layer_norm_fwd's. Same kernels, not centered.
+  // (no mean, no bias); rstd as layer_norm_fwd's. Same kernels, not centered. The backward's
+  // eps (the forward's): with one normalized element, dx = dy * gain * eps * rstd^3 exactly,
+  // where the general rstd * g * (1 - xhat^2) cancels; without it, that general form.
   m.def(
       "rms_norm_fwd(Tensor x, int[] normalized_shape, Tensor? weight, float eps, "
       "ScalarType? out_dtype=None, float weight_offset=0.) -> (Tensor y, Tensor rstd)");
   m.def(
       "rms_norm_bwd(Tensor dy, Tensor x, Tensor rstd, Tensor? weight, bool[2] output_mask, "
-      "Tensor? grad_h=None, float weight_offset=0.) -> (Tensor dx, Tensor dweight)");
+      "Tensor? grad_h=None, float weight_offset=0., float? eps=None) -> (Tensor dx, Tensor dweight)");
 
   // Add + norm in one pass: h = x + residual in the residual stream's dtype (residual_dtype,
   // default the residual's: x's or, beside a 16-bit x, float32), y = norm(h) in x's dtype
@@ -69,7 +71,7 @@ TORCH_LIBRARY(ln_ext, m) {
       "Tensor? bias, bool[3] output_mask, float weight_offset=0.) -> (Tensor dx, Tensor dweight, Tensor dbias)");
   m.def(
       "channels_first_rms_norm_bwd(Tensor dy, Tensor x, Tensor rstd, Tensor? weight, bool[2] output_mask, "
-      "float weight_offset=0.) -> (Tensor dx, Tensor dweight)");
+      "float weight_offset=0., float? eps=None) -> (Tensor dx, Tensor dweight)");
 
   // ---- LN-RNN cells (issue 4; csrc/rnn.h has the equations and shapes) ----
   // One fused element-wise step each: everything but the W_h h GEMM. B = batch,

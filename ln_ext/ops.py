@@ -116,7 +116,7 @@ def _layer_norm_bwd_fake(dy, x, mean, rstd, weight, bias, output_mask, grad_h=No
 
 
 @torch.library.register_fake("ln_ext::rms_norm_bwd")
-def _rms_norm_bwd_fake(dy, x, rstd, weight, output_mask, grad_h=None, weight_offset=0.0):
+def _rms_norm_bwd_fake(dy, x, rstd, weight, output_mask, grad_h=None, weight_offset=0.0, eps=None):
     check_same_device("rms_norm", "input", x, grad_output=dy, rstd=rstd, weight=weight, grad_h=grad_h)
     return _bwd_outputs(x, (weight,), output_mask)
 
@@ -311,7 +311,7 @@ def _channels_first_layer_norm_bwd_fake(dy, x, mean, rstd, weight, bias, output_
 
 
 @torch.library.register_fake("ln_ext::channels_first_rms_norm_bwd")
-def _channels_first_rms_norm_bwd_fake(dy, x, rstd, weight, output_mask, weight_offset=0.0):
+def _channels_first_rms_norm_bwd_fake(dy, x, rstd, weight, output_mask, weight_offset=0.0, eps=None):
     check_same_device("rms_norm_channels_first", "input", x, grad_output=dy, rstd=rstd, weight=weight)
     return _bwd_outputs(x, (weight,), output_mask)
 

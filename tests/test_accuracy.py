@@ -184,3 +184,47 @@ def test_single_column_cell_layer_norms_are_exact(device, dtype):
         _, gates, stats = ops.gru_cell_fwd(xzr, xn, hproj3, h_prev, gamma3, beta3, eps)
         _, _, dhproj, _, _, _ = ops.gru_cell_bwd(r(B, 1), hproj3, h_prev, gates, stats, gamma3)
         assert torch.equal(dhproj[:, 2], torch.zeros_like(dhproj[:, 2])), f"gru scale {scale}: {dhproj[:2]}"
+
+
+def _rms_single_element_dx(device, dtype, op, x, w, dy, eps):
+    """dx of RMSNorm over one element through `op` ("rows", "add", "channels_first")."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w)]
+    if op == "rows":
+        y = ln_ext.rms_norm(leaves[0], (1,), leaves[1], eps)
+    elif op == "add":  # the norm of h = x + 0: dx is the norm's (grad_h adds nothing here)
+        y, _ = ln_ext.add_rms_norm(leaves[0], torch.zeros_like(x), (1,), leaves[1], eps)
+    else:
+        y = ln_ext.rms_norm_channels_first(leaves[0][..., None], leaves[1], eps)[..., 0]
+    return torch.autograd.grad(y, leaves[0], dy)[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", ["rows", "add", "channels_first"])
+def test_single_element_rms_norm_dx_is_exact(device, dtype, op):
+    """RMSNorm over N = 1: dx = rstd * g * (1 - xhat^2), and 1 - xhat^2 = eps * rstd^2 is tiny
+    where |x| >> sqrt(eps). Formed by cancellation (as torch's composite rms_norm does) it
+    loses every digit there; ours stays within a few ulps of the result itself (torch's does
+    not, at |x| = 1e3)."""
+    if dtype == torch.float64 and not _EXTENDED:
+        pytest.skip("float64 needs an extended-precision reference; numpy's long double is float64 here")
+    ld, ulp = np.longdouble, torch.finfo(dtype).eps
+    failures = []
+    for scale in (1e-4, 1e-2, 1.0, 1e3):
+        for eps in (1e-5, 1e-6):
+            x = (torch.randn(64, 1, dtype=torch.float64) * scale).to(dtype).to(device)
+            w = (torch.randn(1) + 2).to(dtype).to(device)
+            dy = torch.randn(64, 1).to(dtype).to(device)
+            X, W, DY = (t.detach().cpu().double().numpy().astype(ld) for t in (x, w, dy))
+            rstd = 1 / np.sqrt(X * X + ld(eps))
+            want = DY * W * ld(eps) * rstd ** 3
+            ours = _l2_error(_rms_single_element_dx(device, dtype, op, x, w, dy, eps), want)
+            xs = x.detach().clone().requires_grad_(True)
+            theirs = _l2_error(torch.autograd.grad(F.rms_norm(xs, (1,), w, eps), xs, dy)[0], want)  # for the message
+            size = float(np.sqrt((want.astype(np.float64) ** 2).sum()))
+            # A few ulps of dx itself, plus half the dtype's subnormal step per element (float16's
+            # dx of x = 1e3 is below its smallest normal).
+            bound = FLOOR_ULPS * ulp * size + 0.5 * torch.finfo(dtype).smallest_normal * ulp * math.sqrt(x.numel())
+            if not ours <= bound:
+                failures.append(f"scale={scale} eps={eps}: error {ours:.3g} of |dx| {size:.3g}, torch {theirs:.3g}")
+    assert not failures, "\n".join(failures)

@@ -278,6 +278,11 @@ def test_opcheck(device):
         _, rstd = OPS.rms_norm_fwd(x, [9], w, 1e-5)
         dy = torch.randn_like(x)
         torch.library.opcheck(OPS.rms_norm_bwd.default, (dy, x, rstd, w, [True, True], torch.randn_like(x)))
+        # One normalized element: dx from eps (the exact form).
+        x1, w1 = x[:, :1].contiguous(), w[:1].contiguous()
+        _, rstd1 = OPS.rms_norm_fwd(x1, [1], w1, 1e-5)
+        torch.library.opcheck(OPS.rms_norm_bwd.default, (torch.randn_like(x1), x1, rstd1, w1, [True, True],
+                                                         torch.randn_like(x1), 0.0, 1e-5))
         _, mean, rstd = OPS.layer_norm_fwd(x, [9], w, b, 1e-5)
         torch.library.opcheck(OPS.layer_norm_bwd.default, (dy, x, mean, rstd, w, b, [True, True, True], torch.randn_like(x)))
 
