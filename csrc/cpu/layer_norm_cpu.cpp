@@ -87,7 +87,7 @@ int64_t bwd_blocks(int64_t rows, int64_t cols, int64_t x_elem_size) {
 }
 
 // At least this many elements of work per thread before a loop is split.
-constexpr int64_t kGrainElements = 32768;
+constexpr int64_t kGrainElements = 8192;
 
 }  // namespace
 
@@ -168,27 +168,33 @@ void norm_bwd_cpu_kernel(const NormBwdArgs& a) {
       k.bwd(call, dw_part, db_part, blk * M / blocks, (blk + 1) * M / blocks);
     }
   });
-  // Sum the block partials in block order (a reduction over dim 0 of a contiguous
-  // tensor would leave the order to ATen): columns are independent.
-  at::Tensor sums = partial[0];  // one block: its partial is the sum
-  if (blocks > 1) {
-    sums = at::empty({2, N}, partial.options());
-    AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "norm_bwd_cpu_partials", [&] {
-      const scalar_t* p = partial.const_data_ptr<scalar_t>();
-      scalar_t* out = sums.mutable_data_ptr<scalar_t>();
-      const int64_t grain = std::max<int64_t>(1, kGrainElements / blocks);
-      at::parallel_for(0, 2 * N, grain, [&](int64_t begin, int64_t end) {
-        std::fill(out + begin, out + end, scalar_t(0));
-        for (int64_t blk = 0; blk < blocks; ++blk) {
-          const scalar_t* row = p + blk * 2 * N;
-          for (int64_t j = begin; j < end; ++j) out[j] += row[j];
-        }
+  // dweight/dbias: the block partials summed in block order (a reduction over dim 0 of a
+  // contiguous tensor would leave the order to ATen) and rounded once into the outputs'
+  // dtype, with no sums tensor or converting copies between (a few rows' call is mostly those).
+  AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "norm_bwd_cpu_partials", [&] {
+    using acc_t = scalar_t;
+    const acc_t* p = partial.const_data_ptr<acc_t>();
+    for (const int which : {0, 1}) {  // 0: dweight, 1: dbias
+      const at::Tensor& out = which == 0 ? a.dweight : a.dbias;
+      if (!out.defined()) continue;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "norm_bwd_cpu_sums", [&] {
+        scalar_t* o = out.mutable_data_ptr<scalar_t>();  // contiguous (new_grads)
+        constexpr int64_t kColumns = 256;  // columns summed at once, on the stack
+        const int64_t grain = std::max<int64_t>(kColumns, kGrainElements / blocks);
+        at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+          for (int64_t c0 = begin; c0 < end; c0 += kColumns) {
+            const int64_t width = std::min(kColumns, end - c0);
+            acc_t sum[kColumns] = {};
+            for (int64_t blk = 0; blk < blocks; ++blk) {
+              const acc_t* row = p + (blk * 2 + which) * N + c0;
+              for (int64_t j = 0; j < width; ++j) sum[j] += row[j];
+            }
+            for (int64_t j = 0; j < width; ++j) o[c0 + j] = static_cast<scalar_t>(sum[j]);
+          }
+        });
       });
-    });
-  }
-  // dweight/dbias have normalized_shape, which may have several dims.
-  if (a.dweight.defined()) a.dweight.copy_(sums[0].view(a.dweight.sizes()));
-  if (a.dbias.defined()) a.dbias.copy_(sums[1].view(a.dbias.sizes()));
+    }
+  });
 }
 
 TORCH_LIBRARY_IMPL(ln_ext, CPU, m) { register_norm_ops<norm_fwd_cpu_kernel, norm_bwd_cpu_kernel>(m); }

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #define LN_EXT_ISA_NAME "generic"
 #include "row_kernels_impl.h"
