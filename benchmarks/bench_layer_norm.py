@@ -185,7 +185,7 @@ class Case:
     dtype: str
     m: int
     n: int
-    kind: str  # "throughput" or "latency"
+    kind: str  # "throughput", "latency" or "per_call"
 
     @property
     def x_dtype(self):
@@ -297,6 +297,32 @@ def run_case(case: Case, providers: list[Provider], device, args, bar) -> list[d
     return records
 
 
+def per_call_records(dtypes: list[str], providers: list[Provider], device) -> list[dict]:
+    """Host time per call at common.PER_CALL_SHAPES: forward without grad, forward + backward."""
+    records = []
+    for dtype in dtypes:
+        for m, n in common.PER_CALL_SHAPES:
+            x, dy, weight, bias = make_inputs(Case(dtype, m, n, "per_call"), device)
+            ref = reference(x, dy, weight, bias)
+            calls = []
+            for provider in providers:
+                base = dict(kind="per_call", dtype=dtype, M=m, N=n, provider=provider.name)
+                try:
+                    fn, params = provider.setup(weight, bias)
+                    verdict = check(fn, params, x, dy, ref)
+                except Exception as exc:  # noqa: BLE001
+                    records.append(dict(base, mode="all", error=_reason(exc)))
+                    continue
+                base.update(correct=verdict["ok"], check=verdict)
+                inputs = [x, *params]
+                calls.append((dict(base, mode="no_grad"), common.no_grad_call(fn, x)))
+                calls.append((dict(base, mode="fwd_bwd"),
+                              lambda fn=fn, inputs=inputs: torch.autograd.grad(fn(x), inputs, dy)))
+            times = common.per_call_us([call for _, call in calls], device)
+            records += [dict(base, wall_us=us) for (base, _), us in zip(calls, times)]
+    return records
+
+
 def add_relative_numbers(records: list[dict], ceilings: dict) -> None:
     """% of copy for every timing, and speed-ups vs nn.LayerNorm (same shape, dtype, mode)."""
     key = lambda r: (r["kind"], r["dtype"], r["M"], r["N"], r["mode"])  # noqa: E731
@@ -375,6 +401,7 @@ def markdown_report(payload: dict) -> str:
                 rows.append(row)
             dt = f"{dtype} (x {str(x_dt)[6:]}, weight/bias {str(p_dt)[6:]})" if dtype == "mixed" else dtype
             out += [f"### {dt}, {MODE_TITLES[mode]}", "", common.markdown_table(headers, rows), ""]
+    out += common.per_call_markdown(records, list(payload["providers"]), labels)
     latency = [r for r in records if r["kind"] == "latency"]
     if latency:
         alone = "the device time alone" if env["device"] == "cuda" else "the median of single timed calls"
@@ -462,6 +489,8 @@ def parse_args(argv=None):
     p.add_argument("--m", type=common.csv_list(int),
                    help="row counts M, each run with each N (default: M = elements / N)")
     p.add_argument("--elements", type=int, help="M*N target when --m is not given (GPU 2^26, CPU 2^23)")
+    p.add_argument("--no-per-call", dest="per_call", action="store_false",
+                   help="skip the per-call table (tiny shapes, host time per call)")
     p.add_argument("--latency-m", type=common.csv_list(int),
                    help=f"M of the few-rows latency set at N={LATENCY_N}; '' for none")
     p.add_argument("--providers", type=common.csv_list(),
@@ -550,6 +579,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: writing the {done} of {len(cases)} shapes finished", file=sys.stderr)
     bar.close()
+    if args.per_call:
+        # torch.compile too where it can run, unless providers were named or --quick.
+        extra = [] if args.providers or args.quick else [p for p in PROVIDERS if p.name == "compile"
+                                                          and p not in providers and why_missing(p, device) is None]
+        records += per_call_records(dtypes, providers + extra, device)
     add_relative_numbers(records, ceilings)
 
     payload = {

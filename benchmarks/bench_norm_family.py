@@ -244,6 +244,34 @@ def run_case(case: Case, providers, device, args, bar) -> list[dict]:
     return records
 
 
+def per_call_records(ops: list[str], dtypes: list[str], providers, device) -> list[dict]:
+    """Host time per call at common.PER_CALL_SHAPES: forward without grad, forward + backward."""
+    records = []
+    for op in ops:
+        for dtype in dtypes:
+            for m, n in common.PER_CALL_SHAPES:
+                x, r, weight, bias, grads = make_inputs(Case(op, dtype, m, n), device)
+                calls = []
+                for provider in providers:
+                    base = dict(kind="per_call", op=op, dtype=dtype, M=m, N=n, provider=provider.name)
+                    try:
+                        fn, params = provider.setup(op, weight, bias)
+                        verdict = check(Case(op, dtype, m, n), fn, params, x, r, grads, weight, bias)
+                        outs = fn(x, r)
+                    except Exception as exc:  # noqa: BLE001
+                        records.append(dict(base, mode="all", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300]))
+                        continue
+                    base.update(correct=verdict["ok"], check=verdict)
+                    leaves = [x] + ([r] if op != "rms_norm" else []) + params
+                    g = grads[: len(outs)]
+                    calls.append((dict(base, mode="no_grad"), common.no_grad_call(fn, x, r)))
+                    calls.append((dict(base, mode="fwd_bwd"),
+                                  lambda fn=fn, leaves=leaves, g=g: torch.autograd.grad(fn(x, r), leaves, g)))
+                times = common.per_call_us([call for _, call in calls], device)
+                records += [dict(base, wall_us=us) for (base, _), us in zip(calls, times)]
+    return records
+
+
 def markdown_report(payload: dict) -> str:
     env, ceilings, records = payload["env"], payload["ceilings"], payload["results"]
     names = [p for p in payload["providers"] if payload["providers"][p]["available"]]
@@ -258,6 +286,8 @@ def markdown_report(payload: dict) -> str:
     if notes:
         out += ["", f"**Notes** ({common.MISMATCH}: outputs missed the float64 reference):", ""] + notes
     out.append("")
+    out += common.per_call_markdown(records, list(payload["providers"]), labels, group=("op", "dtype"))
+    records = [r for r in records if r.get("kind") != "per_call"]
     for op in payload["config"]["ops"]:
         for dtype in payload["config"]["dtypes"]:
             for mode in MODES:
@@ -321,13 +351,17 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", type=common.csv_list())
     p.add_argument("--n", type=common.csv_list(int))
     p.add_argument("--elements", type=int)
-    p.add_argument("--providers", type=common.csv_list(), default=[q.name for q in PROVIDERS])
+    p.add_argument("--providers", type=common.csv_list())
+    p.add_argument("--no-per-call", dest="per_call", action="store_false",
+                   help="skip the per-call table (tiny shapes, host time per call)")
     p.add_argument("--device")
     p.add_argument("--rep-ms", type=float, default=50)
     p.add_argument("--warmup-ms", type=float, default=10)
     p.add_argument("--threads", type=int)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    args.providers_named = args.providers is not None
+    args.providers = args.providers or [q.name for q in PROVIDERS]
     for op in args.ops:
         if op not in OPS:
             p.error(f"--ops: unknown op {op!r}; choose from {list(OPS)}")
@@ -359,6 +393,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted after {done} of {len(cases)} shapes", file=sys.stderr)
     bar.close()
+    if args.per_call:
+        # torch.compile too where it can run, unless providers were named.
+        extra = [] if args.providers_named else [q for q in PROVIDERS if q.name == "compile" and q not in providers
+                                                 and why_missing(q, device) is None]
+        records += per_call_records(args.ops, dtypes, providers + extra, device)
     payload = {
         "schema": "ln_ext.bench.norm_family/1", "env": env, "timing": common.timing_method(device),
         "config": {"ops": args.ops, "dtypes": dtypes, "n": ns, "elements": elements, "eps": EPS, "rep_ms": args.rep_ms},

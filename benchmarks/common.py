@@ -299,6 +299,73 @@ def wall_us_per_call(fn: Callable[[], object], device: torch.device, calls: int 
     return statistics.median(per_call) * 1e6
 
 
+# Per-call cost: shapes so small that a call is all host time (Python, dispatcher, autograd,
+# launch), the whole cost of a decode step's norm.
+PER_CALL_SHAPES = ((1, 64), (16, 256))
+PER_CALL_MODES = {"no_grad": "forward, no grad", "fwd_bwd": "forward + backward"}
+
+
+def no_grad_call(fn: Callable, *args) -> Callable[[], object]:
+    def call():
+        with torch.no_grad():
+            return fn(*args)
+
+    return call
+
+
+def per_call_us(fns: Sequence[Callable[[], object]], device: torch.device, calls: int = 200,
+                rounds: int = 9) -> list[float]:
+    """Wall µs per call of back-to-back calls of each fn, host included, the fns interleaved
+    round by round (each sees the same machine state) and each one's best round kept: the
+    cost a small call does not go below, which noise only adds to."""
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for fn in fns:
+        for _ in range(20):
+            fn()
+    best = [math.inf] * len(fns)
+    for _ in range(rounds):
+        for k, fn in enumerate(fns):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            best[k] = min(best[k], (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
+def per_call_markdown(records: Iterable[dict], providers: Sequence[str], labels: dict,
+                      group: Sequence[str] = ("dtype",)) -> list[str]:
+    """The per-call table's lines: a row per (group fields, shape, mode), µs per provider,
+    then each peer's time over ln_ext's."""
+    recs = [r for r in records if r.get("kind") == "per_call"]
+    if not recs:
+        return []
+    present = [p for p in providers if any(r["provider"] == p and "wall_us" in r for r in recs)]
+    peers = [p for p in present if p != "ln_ext"]
+    key = lambda r: (tuple(r[g] for g in group), r["M"], r["N"], r["mode"])  # noqa: E731
+    keys = list(dict.fromkeys(key(r) for r in recs if "wall_us" in r))
+    headers = [*group, "M × N", "call", *[labels[p] for p in present], *[f"ln_ext vs {labels[p]}" for p in peers]]
+    rows = []
+    for k in keys:
+        cell = {p: next((r for r in recs if key(r) == k and r["provider"] == p and "wall_us" in r), None)
+                for p in present}
+        row = [*k[0], f"{k[1]} × {k[2]}", PER_CALL_MODES[k[3]]]
+        row += ["—" if c is None else f"{c['wall_us']:.1f}" + ("" if c.get("correct", True) else " " + MISMATCH)
+                for c in cell.values()]
+        ours = cell.get("ln_ext")
+        row += [fmt_ratio(cell[p]["wall_us"] / ours["wall_us"]) if ours and cell[p] else "—" for p in peers]
+        rows.append(row)
+    return ["### Per call: tiny shapes (µs)", "",
+            "Wall time per call, best of interleaved rounds of back-to-back calls: Python, dispatcher, "
+            "autograd and launch included. torch eager: nn.LayerNorm / F.rms_norm (add + norm: the add, "
+            "then the norm).", "", markdown_table(headers, rows), ""]
+
+
 def gbps(nbytes: float, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 

@@ -48,9 +48,13 @@ def test_layer_norm_benchmark_writes_json_markdown_and_plot(tmp_path):
                 assert ("throughput", dtype, n, "torch", mode) in timed
         latency = timed[("latency", dtype, 4096, "ln_ext", "fwd_bwd")]
         assert latency["M"] == 2 and latency["wall_us"] > 0
+    per_call = {(r["dtype"], r["M"], r["N"], r["provider"], r["mode"]): r["wall_us"]
+                for r in payload["results"] if r["kind"] == "per_call"}
+    assert len(per_call) == 2 * 2 * 2 * 2 and min(per_call.values()) > 0  # dtypes, shapes, providers, modes
     report = (tmp_path / "layer_norm.md").read_text()
     assert "bench_layer_norm.py" in report and "torch " + torch.__version__ in report  # self-contained header
     assert "### fp32, backward (dx, dweight, dbias)" in report and "| 100 |" in report
+    assert "### Per call: tiny shapes (µs)" in report and "| bf16 | 16 × 256 | forward + backward |" in report
     assert payload["completed"] == {"shapes": 6, "of": 6} and "Interrupted" not in report
     assert (tmp_path / "layer_norm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -117,8 +121,12 @@ def test_norm_family_benchmark_writes_reports(tmp_path):
                 for mode in ("fwd", "bwd", "fwd_bwd"):
                     ours = timed[(op, dtype, n, "ln_ext", mode)]
                     assert ours["correct"] and ours["gbps"] > 0, (op, dtype, n, mode)
+    per_call = {(r["op"], r["dtype"], r["M"], r["provider"], r["mode"]) for r in payload["results"]
+                if r.get("kind") == "per_call" and r["wall_us"] > 0}
+    assert len(per_call) == 3 * 2 * 2 * 2 * 2  # ops, dtypes, shapes, providers, modes
     report = (tmp_path / "norm_family.md").read_text()
     assert "bench_norm_family.py" in report and "### rms_norm, fp32, forward" in report and "| 100 |" in report
+    assert "| add_rms_norm | fp32 | 1 × 64 | forward, no grad |" in report
     assert (tmp_path / "norm_family.png").read_bytes()[:4] == b"\x89PNG"
 
 
