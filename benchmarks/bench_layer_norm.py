@@ -352,6 +352,29 @@ def _lookup(records, kind, dtype, m, n, provider, mode):
     return hit[0] if hit else None
 
 
+def summary(payload: dict, throughput: list[dict]) -> list[str]:
+    """ln_ext's speed over nn.LayerNorm's at every N, per dtype and pass (one table)."""
+    columns = [(d, mode) for d in payload["config"]["dtypes"] for mode in MODES
+               if any(r["dtype"] == d for r in throughput)]
+    shapes = sorted({(r["N"], r["M"]) for r in throughput})
+    if not columns or not any(r["provider"] == "torch" for r in throughput):
+        return []
+    short = {"fwd": "fwd", "bwd": "bwd", "fwd_bwd": "fwd+bwd"}
+    rows = []
+    for n, m in shapes:
+        row = [n, m]
+        for dtype, mode in columns:
+            ours = _lookup(throughput, "throughput", dtype, m, n, "ln_ext", mode)
+            peer = _lookup(throughput, "throughput", dtype, m, n, "torch", mode)
+            ok = all(c is not None and "ms" in c for c in (ours, peer))
+            row.append(common.fmt_ratio(peer["ms"] / ours["ms"]) if ok else "—")
+        rows.append(row)
+    return common.summary_block(
+        "Summary: ln_ext's speed over nn.LayerNorm's", "Time of nn.LayerNorm over ln_ext's on the same shape "
+        "in this run (above 1: ln_ext is faster); the tables below give GB/s and the other peers.",
+        ["N", "M"] + [f"{d} {short[mode]}" for d, mode in columns], rows)
+
+
 def markdown_report(payload: dict) -> str:
     env, ceilings, records = payload["env"], payload["ceilings"], payload["results"]
     names = [p for p in payload["providers"] if payload["providers"][p]["available"]]
@@ -376,6 +399,7 @@ def markdown_report(payload: dict) -> str:
                 "failed):", ""] + notes
     out.append("")
     throughput = [r for r in records if r["kind"] == "throughput"]
+    out += summary(payload, throughput)
     for dtype in payload["config"]["dtypes"]:
         shapes = sorted({(r["N"], r["M"]) for r in throughput if r["dtype"] == dtype})
         if not shapes:

@@ -272,6 +272,30 @@ def per_call_records(ops: list[str], dtypes: list[str], providers, device) -> li
     return records
 
 
+def summary(payload: dict, records: list[dict]) -> list[str]:
+    """ln_ext's speed over torch eager's (add, then norm) per op and N, per dtype and pass."""
+    def find(op, dtype, n, provider, mode):
+        return next((r for r in records if r["op"] == op and r["dtype"] == dtype and r["N"] == n
+                     and r["provider"] == provider and r["mode"] == mode and "ms" in r), None)
+
+    columns = [(d, mode) for d in payload["config"]["dtypes"] for mode in MODES]
+    rows = []
+    for op in payload["config"]["ops"]:
+        for n in sorted({r["N"] for r in records if r["op"] == op}):
+            row = [op, n]
+            for dtype, mode in columns:
+                ours, peer = find(op, dtype, n, "ln_ext", mode), find(op, dtype, n, "torch", mode)
+                row.append(common.fmt_ratio(peer["ms"] / ours["ms"]) if ours and peer else "—")
+            rows.append(row)
+    if not rows:
+        return []
+    short = {"fwd": "fwd", "bwd": "bwd", "fwd_bwd": "fwd+bwd"}
+    return common.summary_block(
+        "Summary: ln_ext's speed over torch eager's", "Time of torch eager (F.rms_norm; the add, then the norm) "
+        "over ln_ext's on the same shape in this run (above 1: ln_ext is faster).",
+        ["op", "N"] + [f"{d} {short[mode]}" for d, mode in columns], rows)
+
+
 def markdown_report(payload: dict) -> str:
     env, ceilings, records = payload["env"], payload["ceilings"], payload["results"]
     names = [p for p in payload["providers"] if payload["providers"][p]["available"]]
@@ -288,6 +312,7 @@ def markdown_report(payload: dict) -> str:
     out.append("")
     out += common.per_call_markdown(records, list(payload["providers"]), labels, group=("op", "dtype"))
     records = [r for r in records if r.get("kind") != "per_call"]
+    out += summary(payload, records)
     for op in payload["config"]["ops"]:
         for dtype in payload["config"]["dtypes"]:
             for mode in MODES:

@@ -523,6 +523,15 @@ def write_results(payload: dict, stem: str, out_dir: Optional[Path], report: Cal
     return 1 if "ln_ext" in wrong else 0
 
 
+SUMMARY_BEGIN, SUMMARY_END = "<!-- summary -->", "<!-- /summary -->"
+
+
+def summary_block(title: str, text: str, headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """A report's one summary table, between markers: scripts/update_readme.py puts it (and
+    a link to the whole report) in the README instead of every table."""
+    return [SUMMARY_BEGIN, f"### {title}", "", text, "", markdown_table(headers, rows), SUMMARY_END, ""]
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(headers))) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

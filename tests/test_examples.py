@@ -99,6 +99,21 @@ def test_update_readme_without_results_keeps_section(tmp_path):
     assert any("bench_layer_norm: no source found" in m for m in messages)
 
 
+def test_update_readme_takes_a_benchmarks_summary_and_links_the_rest(tmp_path):
+    results = tmp_path / "benchmarks" / "results" / "cpu-X"
+    results.mkdir(parents=True)
+    (results / "layer_norm.md").write_text(
+        "## LayerNorm: CPU X\n\nCPU X · 2026-01-02 10:00 UTC\n\n<!-- summary -->\n### Summary\n\n| N | fp32 fwd |\n"
+        "|---|---:|\n| 256 | 1.30× |\n<!-- /summary -->\n\n### fp32, forward\n\n| every | column |\n\n"
+        "![layer_norm plot](layer_norm.png)\n")
+    readme = "<!-- BEGIN:bench_layer_norm --><!-- END:bench_layer_norm -->\n"
+    updated = update_readme.update(readme, str(tmp_path), str(tmp_path), lambda m: None)
+    assert "## LayerNorm: CPU X" in updated and "CPU X · 2026-01-02" in updated and "| 256 | 1.30× |" in updated
+    assert "every | column" not in updated  # the full tables stay in the report...
+    assert "[layer_norm.md](benchmarks/results/cpu-X/layer_norm.md)" in updated  # ...linked
+    assert "](benchmarks/results/cpu-X/layer_norm.png)" in updated
+
+
 def test_update_readme_snippets_come_from_the_examples(tmp_path):
     readme = "<!-- BEGIN:snippet_dropin --><!-- END:snippet_dropin -->\n"
     updated = update_readme.update(readme, ROOT, ROOT, lambda m: None)
