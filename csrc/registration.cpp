@@ -79,11 +79,11 @@ TORCH_LIBRARY(ln_ext, m) {
   // *_rows outputs are float32 (float64 for double io). Parameter gradients are
   // the column sums of the *_rows outputs (and of dgates for the LSTM bias).
   m.def(
-      "rnn_cell_fwd(Tensor xproj, Tensor hproj, Tensor gamma, Tensor beta, float eps) "
+      "rnn_cell_fwd(Tensor xproj, Tensor hproj, Tensor gamma, Tensor beta, float eps, bool relu=False) "
       "-> (Tensor h, Tensor stats)");
   m.def(
       "rnn_cell_bwd(Tensor dh, Tensor xproj, Tensor hproj, Tensor stats, Tensor gamma, "
-      "Tensor beta) -> (Tensor da, Tensor dgamma_rows, Tensor dbeta_rows)");
+      "Tensor beta, bool relu=False) -> (Tensor da, Tensor dgamma_rows, Tensor dbeta_rows)");
   m.def(
       "lstm_cell_fwd(Tensor xgates, Tensor hproj, Tensor c_prev, Tensor gamma_h, Tensor bias, "
       "Tensor gamma_c, Tensor beta_c, float eps) -> (Tensor h, Tensor c, Tensor gates, Tensor stats)");
@@ -109,12 +109,13 @@ TORCH_LIBRARY(ln_ext, m) {
   // all rows in a fixed order.
   m.def(
       "rnn_sequence_fwd(Tensor xproj, Tensor weight_hh, Tensor h0, Tensor gamma, Tensor beta, "
-      "Tensor? batch_sizes, bool reverse, float eps) -> (Tensor output, Tensor h_n, Tensor hproj, "
-      "Tensor stats)");
+      "Tensor? batch_sizes, bool reverse, float eps, bool relu=False) -> (Tensor output, Tensor h_n, "
+      "Tensor hproj, Tensor stats)");
   m.def(
       "rnn_sequence_bwd(Tensor grad_output, Tensor grad_h_n, Tensor xproj, Tensor weight_hh, Tensor h0, "
       "Tensor output, Tensor hproj, Tensor stats, Tensor gamma, Tensor beta, Tensor? batch_sizes, "
-      "bool reverse) -> (Tensor d_xproj, Tensor d_weight_hh, Tensor d_h0, Tensor d_gamma, Tensor d_beta)");
+      "bool reverse, bool relu=False) -> (Tensor d_xproj, Tensor d_weight_hh, Tensor d_h0, Tensor d_gamma, "
+      "Tensor d_beta)");
   m.def(
       "lstm_sequence_fwd(Tensor xgates, Tensor weight_hh, Tensor h0, Tensor c0, Tensor gamma_h, "
       "Tensor bias, Tensor gamma_c, Tensor beta_c, Tensor? batch_sizes, bool reverse, float eps) -> "

@@ -42,13 +42,14 @@ void run_fwd(Args& a, Kernel kernel) {
 
 std::tuple<at::Tensor, at::Tensor> rnn_cell_fwd_impl(
     const at::Tensor& xproj, const at::Tensor& hproj, const at::Tensor& gamma,
-    const at::Tensor& beta, double eps, RnnCellKernel kernel) {
+    const at::Tensor& beta, double eps, bool relu, RnnCellKernel kernel) {
   const char* op = "ln_ext.rnn_cell_fwd";
   const Checker ck(op, hproj, "hproj");
   RnnCellArgs a;
   a.batch = hproj.size(0);
   a.hidden = hidden_from_hproj(op, hproj, 1);
   a.eps = eps;
+  a.relu = relu;
   const int64_t B = a.batch, H = a.hidden;
   a.hproj = ck.io(hproj, "hproj", {B, H});
   a.xproj = ck.io(xproj, "xproj", {B, H});
@@ -62,11 +63,12 @@ std::tuple<at::Tensor, at::Tensor> rnn_cell_fwd_impl(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_bwd_impl(
     const at::Tensor& dh, const at::Tensor& xproj, const at::Tensor& hproj,
-    const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta,
+    const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta, bool relu,
     RnnCellKernel kernel) {
   const char* op = "ln_ext.rnn_cell_bwd";
   const Checker ck(op, hproj, "hproj");
   RnnCellArgs a;
+  a.relu = relu;
   a.batch = hproj.size(0);
   a.hidden = hidden_from_hproj(op, hproj, 1);
   const int64_t B = a.batch, H = a.hidden;

@@ -17,10 +17,12 @@
 
 namespace ln_ext {
 
-// LN-RNN (eq. 4): h = tanh(LN(xproj + hproj; gamma, beta)).
+// LN-RNN (eq. 4): h = tanh(LN(xproj + hproj; gamma, beta)), or relu(...) (nn.RNN's
+// nonlinearity='relu').
 struct RnnCellArgs {
   int64_t batch = 0, hidden = 0;
   double eps = 0;
+  bool relu = false;
   at::Tensor xproj, hproj;            // [B, H]: W_x x_t and W_h h_{t-1}
   at::Tensor gamma, beta;             // [H]
   at::Tensor h, stats;                // fwd out: [B, H], [B, 2] (mean, rstd)
@@ -79,10 +81,10 @@ using GruCellKernel = void (*)(const GruCellArgs&);
 // allocate, run `kernel` when there is at least one element.
 std::tuple<at::Tensor, at::Tensor> rnn_cell_fwd_impl(
     const at::Tensor& xproj, const at::Tensor& hproj, const at::Tensor& gamma,
-    const at::Tensor& beta, double eps, RnnCellKernel kernel);
+    const at::Tensor& beta, double eps, bool relu, RnnCellKernel kernel);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_bwd_impl(
     const at::Tensor& dh, const at::Tensor& xproj, const at::Tensor& hproj,
-    const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta,
+    const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta, bool relu,
     RnnCellKernel kernel);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_impl(
@@ -110,14 +112,14 @@ gru_cell_bwd_impl(const at::Tensor& dh, const at::Tensor& hproj, const at::Tenso
 template <RnnCellKernel K>
 std::tuple<at::Tensor, at::Tensor> rnn_cell_fwd_op(
     const at::Tensor& xproj, const at::Tensor& hproj, const at::Tensor& gamma,
-    const at::Tensor& beta, double eps) {
-  return rnn_cell_fwd_impl(xproj, hproj, gamma, beta, eps, K);
+    const at::Tensor& beta, double eps, bool relu) {
+  return rnn_cell_fwd_impl(xproj, hproj, gamma, beta, eps, relu, K);
 }
 template <RnnCellKernel K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rnn_cell_bwd_op(
     const at::Tensor& dh, const at::Tensor& xproj, const at::Tensor& hproj,
-    const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta) {
-  return rnn_cell_bwd_impl(dh, xproj, hproj, stats, gamma, beta, K);
+    const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta, bool relu) {
+  return rnn_cell_bwd_impl(dh, xproj, hproj, stats, gamma, beta, relu, K);
 }
 template <LstmCellKernel K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_op(
@@ -155,12 +157,12 @@ using OptTensorRef = c10::optional<at::Tensor>;
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_sequence_fwd_impl(
     const at::Tensor& xproj, const at::Tensor& weight_hh, const at::Tensor& h0,
     const at::Tensor& gamma, const at::Tensor& beta, const OptTensorRef& batch_sizes,
-    bool reverse, double eps, RnnCellKernel kernel);
+    bool reverse, double eps, bool relu, RnnCellKernel kernel);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_sequence_bwd_impl(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& xproj,
     const at::Tensor& weight_hh, const at::Tensor& h0, const at::Tensor& output,
     const at::Tensor& hproj, const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta,
-    const OptTensorRef& batch_sizes, bool reverse, RnnCellKernel kernel);
+    const OptTensorRef& batch_sizes, bool reverse, bool relu, RnnCellKernel kernel);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_sequence_fwd_impl(const at::Tensor& xgates, const at::Tensor& weight_hh, const at::Tensor& h0,
                        const at::Tensor& c0, const at::Tensor& gamma_h, const at::Tensor& bias,
@@ -189,15 +191,15 @@ template <RnnCellKernel Fwd, RnnCellKernel Bwd>
 struct RnnSequenceOps {
   static auto fwd(const at::Tensor& xproj, const at::Tensor& weight_hh, const at::Tensor& h0,
                   const at::Tensor& gamma, const at::Tensor& beta, const OptTensorRef& batch_sizes,
-                  bool reverse, double eps) {
-    return rnn_sequence_fwd_impl(xproj, weight_hh, h0, gamma, beta, batch_sizes, reverse, eps, Fwd);
+                  bool reverse, double eps, bool relu) {
+    return rnn_sequence_fwd_impl(xproj, weight_hh, h0, gamma, beta, batch_sizes, reverse, eps, relu, Fwd);
   }
   static auto bwd(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& xproj,
                   const at::Tensor& weight_hh, const at::Tensor& h0, const at::Tensor& output,
                   const at::Tensor& hproj, const at::Tensor& stats, const at::Tensor& gamma,
-                  const at::Tensor& beta, const OptTensorRef& batch_sizes, bool reverse) {
+                  const at::Tensor& beta, const OptTensorRef& batch_sizes, bool reverse, bool relu) {
     return rnn_sequence_bwd_impl(grad_output, grad_h_n, xproj, weight_hh, h0, output, hproj, stats, gamma,
-                                 beta, batch_sizes, reverse, Bwd);
+                                 beta, batch_sizes, reverse, relu, Bwd);
   }
 };
 template <LstmCellKernel Fwd, LstmCellKernel Bwd>

@@ -24,7 +24,7 @@ template <class T, class A>
 cell::RnnRow<T, A> rows_of(const RnnCellArgs& a) {
   return {in_ptr<T>(a.xproj), in_ptr<T>(a.hproj), in_ptr<T>(a.gamma), in_ptr<T>(a.beta),
           in_ptr<T>(a.dh), out_ptr<T>(a.h), out_ptr<T>(a.da), out_ptr<A>(a.stats),
-          out_ptr<A>(a.dgamma_rows), out_ptr<A>(a.dbeta_rows)};
+          out_ptr<A>(a.dgamma_rows), out_ptr<A>(a.dbeta_rows), a.relu};
 }
 
 template <class T, class A>

@@ -227,7 +227,7 @@ struct Carry {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_sequence_fwd_impl(
     const at::Tensor& xproj, const at::Tensor& weight_hh, const at::Tensor& h0_in,
     const at::Tensor& gamma, const at::Tensor& beta, const c10::optional<at::Tensor>& batch_sizes,
-    bool reverse, double eps, RnnCellKernel kernel) {
+    bool reverse, double eps, bool relu, RnnCellKernel kernel) {
   const char* op = "ln_ext.rnn_sequence_fwd";
   const Common c(op, weight_hh, h0_in, 1);
   const int64_t B = c.batch, H = c.hidden;
@@ -237,6 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_sequence_fwd_impl
   RnnCellArgs a;
   a.hidden = H;
   a.eps = eps;
+  a.relu = relu;
   a.gamma = c.ck.io(gamma, "gamma", {H});
   a.beta = c.ck.io(beta, "beta", {H});
   const int64_t N = x.size(0);
@@ -262,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_seque
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& xproj,
     const at::Tensor& weight_hh, const at::Tensor& h0_in, const at::Tensor& output,
     const at::Tensor& hproj, const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta,
-    const c10::optional<at::Tensor>& batch_sizes, bool reverse, RnnCellKernel kernel) {
+    const c10::optional<at::Tensor>& batch_sizes, bool reverse, bool relu, RnnCellKernel kernel) {
   const char* op = "ln_ext.rnn_sequence_bwd";
   const Common c(op, weight_hh, h0_in, 1);
   const int64_t B = c.batch, H = c.hidden;
@@ -277,6 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_seque
   Carry carry(c.ck.io(grad_h_n, "grad_h_n", {B, H}));
   RnnCellArgs a;
   a.hidden = H;
+  a.relu = relu;
   a.gamma = c.ck.io(gamma, "gamma", {H});
   a.beta = c.ck.io(beta, "beta", {H});
   const int64_t N = x.size(0);

@@ -69,10 +69,11 @@ def _ln_last(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
     return layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def ln_rnn_cell(x, h, p, eps=1e-5):
-    """Eq. 4: a = W_h h + W_x x;  h' = tanh(LN(a; g, b))."""
+def ln_rnn_cell(x, h, p, eps=1e-5, nonlinearity="tanh"):
+    """Eq. 4: a = W_h h + W_x x;  h' = tanh(LN(a; g, b)) (or relu, as nn.RNN's nonlinearity)."""
     a = h @ p["weight_hh"].T + x @ p["weight_ih"].T
-    return torch.tanh(_ln_last(a, p["ln_weight"], p["ln_bias"], eps))
+    act = torch.relu if nonlinearity == "relu" else torch.tanh
+    return act(_ln_last(a, p["ln_weight"], p["ln_bias"], eps))
 
 
 def ln_lstm_cell(x, h, c, p, eps=1e-5):
@@ -107,10 +108,11 @@ def ln_gru_cell(x, h, p, eps=1e-5):
     return (1 - z) * h + z * n
 
 
-def ln_rnn_layers(mode, x, hx, params, eps=1e-5):
+def ln_rnn_layers(mode, x, hx, params, eps=1e-5, nonlinearity="tanh"):
     """A stack of LN-RNN layers over a whole sequence, no dropout.
 
-    mode: "RNN", "LSTM" or "GRU"; x: [T, B, input_size]; hx: (h0,) or (h0, c0) with
+    mode: "RNN" (with nonlinearity "tanh" or "relu"), "LSTM" or "GRU"; x: [T, B, input_size];
+    hx: (h0,) or (h0, c0) with
     each [L * D, B, H]; params[layer][direction]: dicts as for the cells.
     Returns (output [T, B, D * H], final states shaped like hx).
     """
@@ -128,7 +130,7 @@ def ln_rnn_layers(mode, x, hx, params, eps=1e-5):
                 elif mode == "GRU":
                     state = (ln_gru_cell(x[t], state[0], p, eps),)
                 else:
-                    state = (ln_rnn_cell(x[t], state[0], p, eps),)
+                    state = (ln_rnn_cell(x[t], state[0], p, eps, nonlinearity),)
                 ys[t] = state[0]
             outs.append(torch.stack(ys) if ys else x.new_zeros((0, x.shape[1], state[0].shape[-1])))
             for k, s in enumerate(state):

@@ -151,7 +151,7 @@ def _cell_params(mode: str, q: dict) -> tuple:
     return tuple(q[k] for k in _CELL_PARAMS[mode])
 
 
-def _run_direction(mode, x, state, q, H, eps, reverse, batch_sizes):
+def _run_direction(mode, x, state, q, H, eps, reverse, batch_sizes, relu=False):
     """One layer-direction over a sequence: the input projection of all steps, then one
     sequence op (rnn_ops.sequence) that loops over time in C++.
 
@@ -161,14 +161,20 @@ def _run_direction(mode, x, state, q, H, eps, reverse, batch_sizes):
     """
     xs = _project_inputs(mode, x, q, H, eps)
     out, *final = rnn_ops.sequence(mode, xs, q["weight_hh"], state, _cell_params(mode, q), batch_sizes,
-                                   reverse, eps)
+                                   reverse, eps, relu)
     return out, tuple(final)
 
 
 # ---------------------------------------------------------------- layers
 
+def _check_nonlinearity(cls: str, nonlinearity) -> None:
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"{cls}: unknown nonlinearity {nonlinearity!r}; choose 'tanh' or 'relu'")
+
+
 class _LayerNormRNNBase(nn.Module):
     mode = ""
+    _relu = False  # the LN-RNN's nonlinearity is relu (LayerNormRNN(nonlinearity='relu'))
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
@@ -265,7 +271,7 @@ class _LayerNormRNNBase(nn.Module):
             for d in range(D):
                 q = _prepare(self.mode, self.layer_parameters(layer, d), H, x)
                 st = tuple(s[layer * D + d] for s in states)
-                out, st = _run_direction(self.mode, x, st, q, H, self.eps, d == 1, batch_sizes)
+                out, st = _run_direction(self.mode, x, st, q, H, self.eps, d == 1, batch_sizes, self._relu)
                 outs.append(out)
                 for k, s in enumerate(st):
                     finals[k].append(s)
@@ -335,16 +341,23 @@ def _check_like(cls: str, name: str, t: torch.Tensor, ref: torch.Tensor, amp=Non
 
 
 class LayerNormRNN(_LayerNormRNNBase):
-    """nn.RNN (tanh) with layer normalization (eq. 4): h_t = tanh(LN(W_h h_{t-1} + W_x x_t)).
+    """nn.RNN with layer normalization (eq. 4): h_t = tanh(LN(W_h h_{t-1} + W_x x_t)), or
+    relu(...) with nonlinearity='relu'. Arguments in nn.RNN's order.
 
     forward(input, hx=None) -> (output, h_n), shapes as nn.RNN; input may be a PackedSequence.
     """
     mode = "RNN"
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, eps=1e-5, device=None, dtype=None):
+        _check_nonlinearity(type(self).__name__, nonlinearity)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, eps, 0.0, device, dtype)
+        self.nonlinearity, self._relu = nonlinearity, nonlinearity == "relu"
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (", nonlinearity='relu'" if self._relu else "")
 
 
 class LayerNormLSTM(_LayerNormRNNBase):
@@ -378,6 +391,7 @@ class LayerNormGRU(_LayerNormRNNBase):
 
 class _LayerNormCellBase(nn.Module):
     mode = ""
+    _relu = False  # as _LayerNormRNNBase's
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, eps: float = 1e-5,
                  forget_bias: float = 0.0, device=None, dtype=None):
@@ -445,16 +459,22 @@ class _LayerNormCellBase(nn.Module):
             state = tuple(s.unsqueeze(0) for s in state) if unbatched else state
         q = _prepare(self.mode, self.layer_parameters(), H, x)
         state = rnn_ops.cell_step(self.mode, _project_inputs(self.mode, x, q, H, self.eps), state,
-                                  q["weight_hh"], _cell_params(self.mode, q), self.eps)
+                                  q["weight_hh"], _cell_params(self.mode, q), self.eps, self._relu)
         return tuple(s.squeeze(0) for s in state) if unbatched else state
 
 
 class LayerNormRNNCell(_LayerNormCellBase):
-    """nn.RNNCell (tanh) with layer normalization: forward(input, hx=None) -> h'."""
+    """nn.RNNCell with layer normalization (tanh, or relu with nonlinearity='relu'; arguments
+    in nn.RNNCell's order): forward(input, hx=None) -> h'."""
     mode = "RNN"
 
-    def __init__(self, input_size, hidden_size, bias=True, eps=1e-5, device=None, dtype=None):
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", eps=1e-5, device=None, dtype=None):
+        _check_nonlinearity(type(self).__name__, nonlinearity)
         super().__init__(input_size, hidden_size, bias, eps, 0.0, device, dtype)
+        self.nonlinearity, self._relu = nonlinearity, nonlinearity == "relu"
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", nonlinearity='relu'" if self._relu else "")
 
     def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self._cell(input, hx)[0]

@@ -43,14 +43,14 @@ def _check_hproj(hproj: torch.Tensor, n_gates: int, op: str, **operands) -> int:
 # ---------------------------------------------------------------- fake kernels
 
 @torch.library.register_fake("ln_ext::rnn_cell_fwd")
-def _rnn_cell_fwd_fake(xproj, hproj, gamma, beta, eps):
+def _rnn_cell_fwd_fake(xproj, hproj, gamma, beta, eps, relu=False):
     H = _check_hproj(hproj, 1, "rnn_cell_fwd", xproj=xproj, gamma=gamma, beta=beta)
     torch._check(xproj.shape == hproj.shape, lambda: "ln_ext.rnn_cell_fwd: xproj must have hproj's shape")
     return _rows(hproj, H), _acc_rows(hproj, 2)
 
 
 @torch.library.register_fake("ln_ext::rnn_cell_bwd")
-def _rnn_cell_bwd_fake(dh, xproj, hproj, stats, gamma, beta):
+def _rnn_cell_bwd_fake(dh, xproj, hproj, stats, gamma, beta, relu=False):
     H = _check_hproj(hproj, 1, "rnn_cell_bwd", dh=dh, xproj=xproj, stats=stats, gamma=gamma, beta=beta)
     return _rows(hproj, H), _acc_rows(hproj, H), _acc_rows(hproj, H)
 
@@ -92,8 +92,8 @@ def _ln(x, gamma, beta, eps):
     return reference.layer_norm(x, (x.shape[-1],), gamma, beta, eps)
 
 
-def _rnn_cell_composite(xproj, hproj, gamma, beta, eps):
-    return (torch.tanh(_ln(xproj + hproj, gamma, beta, eps)),)
+def _rnn_cell_composite(xproj, hproj, gamma, beta, eps, relu=False):
+    return ((torch.relu if relu else torch.tanh)(_ln(xproj + hproj, gamma, beta, eps)),)
 
 
 def _lstm_cell_composite(xgates, hproj, c_prev, gamma_h, bias, gamma_c, beta_c, eps):
@@ -138,21 +138,21 @@ def _keep(needs, *grads):
 # ---------------------------------------------------------------- autograd: LN-RNN
 
 def _rnn_setup(ctx, inputs, output):
-    xproj, hproj, gamma, beta, eps = inputs
+    xproj, hproj, gamma, beta, eps, relu = inputs
     _, stats = output
     ctx.save_for_backward(xproj, hproj, stats, gamma, beta)
-    ctx.eps = eps
+    ctx.eps, ctx.relu = eps, relu
     ctx.mark_non_differentiable(stats)
 
 
 def _rnn_backward(ctx, dh, _dstats):
     xproj, hproj, stats, gamma, beta = ctx.saved_tensors
     if torch.is_grad_enabled():
-        ctx.composite_inputs = (xproj, hproj, gamma, beta, ctx.eps)
+        ctx.composite_inputs = (xproj, hproj, gamma, beta, ctx.eps, ctx.relu)
         return _composite_grads(ctx, _rnn_cell_composite, (dh,))
-    da, dgamma_rows, dbeta_rows = _ops.rnn_cell_bwd(dh, xproj, hproj, stats, gamma, beta)
+    da, dgamma_rows, dbeta_rows = _ops.rnn_cell_bwd(dh, xproj, hproj, stats, gamma, beta, ctx.relu)
     return _keep(ctx.needs_input_grad, da, da, _colsum(dgamma_rows, gamma),
-                 _colsum(dbeta_rows, beta), None)
+                 _colsum(dbeta_rows, beta), None, None)
 
 
 torch.library.register_autograd("ln_ext::rnn_cell_fwd", _rnn_backward, setup_context=_rnn_setup)
@@ -211,9 +211,10 @@ torch.library.register_autograd("ln_ext::gru_cell_fwd", _gru_backward, setup_con
 
 # ---------------------------------------------------------------- one step, and a sequence by steps
 
-def cell_step(mode: str, xs: tuple, state: tuple, weight_hh, params: tuple, eps: float) -> tuple:
+def cell_step(mode: str, xs: tuple, state: tuple, weight_hh, params: tuple, eps: float, relu: bool = False) -> tuple:
     """One time step with per-step autograd: xs the step's input terms, state (h,) or
-    (h, c), params the cell op's parameters in its argument order."""
+    (h, c), params the cell op's parameters in its argument order; relu: the LN-RNN's
+    nonlinearity is relu (else tanh)."""
     h = state[0]
     hproj = torch.mm(h, weight_hh.t())
     if mode == "LSTM":
@@ -222,7 +223,7 @@ def cell_step(mode: str, xs: tuple, state: tuple, weight_hh, params: tuple, eps:
     if mode == "GRU":
         h, _, _ = _ops.gru_cell_fwd(xs[0], xs[1], hproj, h, *params, eps)
         return (h,)
-    h, _ = _ops.rnn_cell_fwd(xs[0], hproj, *params, eps)
+    h, _ = _ops.rnn_cell_fwd(xs[0], hproj, *params, eps, relu)
     return (h,)
 
 
@@ -235,7 +236,7 @@ def _resize(s, init, n):
     return s[:n] if m > n else torch.cat([s, init[m:n]])
 
 
-def sequence_by_steps(mode, xs, weight_hh, state, params, eps, reverse, sizes=None):
+def sequence_by_steps(mode, xs, weight_hh, state, params, eps, reverse, sizes=None, relu=False):
     """The sequence ops' math with per-step autograd of the cell ops, for gradients that
     must themselves be differentiable. xs [T, B, n] (sizes None) or packed [sum(sizes), n];
     returns (output, *final_state), the final state of each row at its own last step."""
@@ -251,7 +252,7 @@ def sequence_by_steps(mode, xs, weight_hh, state, params, eps, reverse, sizes=No
             if bs < state[0].shape[0]:  # rows bs.. ended at the step before: final state
                 ended.append(tuple(s[bs:] for s in state))
             state = tuple(_resize(s, s0, bs) for s, s0 in zip(state, init))
-        state = cell_step(mode, per_step[t], state, weight_hh, params, eps)
+        state = cell_step(mode, per_step[t], state, weight_hh, params, eps, relu)
         outs[t] = state[0]
     if ended:
         state = tuple(torch.cat([s] + [e[k] for e in reversed(ended)]) for k, s in enumerate(state))
@@ -262,10 +263,10 @@ def sequence_by_steps(mode, xs, weight_hh, state, params, eps, reverse, sizes=No
 
 # ---------------------------------------------------------------- sequence ops
 # One layer-direction over a whole sequence (csrc/rnn_sequence.cpp). Forward op
-# arguments: (*xs, weight_hh, *h0 [, c0], *params, batch_sizes, reverse, eps), where xs
-# are the input terms (GRU: xzr, xn) and params the cell op's; results (output, h_n
-# [, c_n], *saved). The backward op's results are the gradients of the forward's
-# tensor arguments in the same order.
+# arguments: (*xs, weight_hh, *h0 [, c0], *params, batch_sizes, reverse, eps [, relu]),
+# where xs are the input terms (GRU: xzr, xn), params the cell op's and relu the LN-RNN's
+# nonlinearity flag; results (output, h_n [, c_n], *saved). The backward op's results are
+# the gradients of the forward's tensor arguments in the same order.
 
 _N_XS = {"RNN": 1, "LSTM": 1, "GRU": 2}
 _N_STATES = {"RNN": 1, "LSTM": 2, "GRU": 1}
@@ -290,14 +291,14 @@ def _seq(like, n, acc=False):
 
 
 @torch.library.register_fake("ln_ext::rnn_sequence_fwd")
-def _rnn_sequence_fwd_fake(xproj, weight_hh, h0, gamma, beta, batch_sizes, reverse, eps):
+def _rnn_sequence_fwd_fake(xproj, weight_hh, h0, gamma, beta, batch_sizes, reverse, eps, relu=False):
     H = _check_sequence("rnn_sequence_fwd", weight_hh, 1, batch_sizes, xproj=xproj, h0=h0, gamma=gamma, beta=beta)
     return _seq(xproj, H), torch.empty_like(h0), _seq(xproj, H), _seq(xproj, 2, acc=True)
 
 
 @torch.library.register_fake("ln_ext::rnn_sequence_bwd")
 def _rnn_sequence_bwd_fake(grad_output, grad_h_n, xproj, weight_hh, h0, output, hproj, stats, gamma, beta,
-                           batch_sizes, reverse):
+                           batch_sizes, reverse, relu=False):
     _check_sequence("rnn_sequence_bwd", weight_hh, 1, batch_sizes, grad_output=grad_output, grad_h_n=grad_h_n,
                     xproj=xproj, h0=h0, output=output, hproj=hproj, stats=stats, gamma=gamma, beta=beta)
     return (torch.empty_like(xproj), torch.empty_like(weight_hh), torch.empty_like(h0), torch.empty_like(gamma),
@@ -343,6 +344,9 @@ def _sequence_autograd(mode: str) -> None:
     n_tensors = n_xs + 1 + n_states + _N_PARAMS[mode]
 
     def setup(ctx, inputs, output):
+        relu = False
+        if mode == "RNN":
+            *inputs, relu = inputs
         *tensors, batch_sizes, reverse, eps = inputs
         n_out = 1 + n_states
         ctx.mark_non_differentiable(*output[n_out:])
@@ -350,7 +354,7 @@ def _sequence_autograd(mode: str) -> None:
         # [T * B, 4H] each) on every backward; a None gradient is handled below.
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*tensors, *output[:1], *output[n_out:])
-        ctx.batch_sizes, ctx.reverse, ctx.eps = batch_sizes, reverse, eps
+        ctx.batch_sizes, ctx.reverse, ctx.eps, ctx.relu = batch_sizes, reverse, eps, relu
 
     def backward(ctx, *grads):
         saved = ctx.saved_tensors
@@ -364,14 +368,14 @@ def _sequence_autograd(mode: str) -> None:
         else:
             bs, rev = ctx.batch_sizes, ctx.reverse
             if mode == "RNN":
-                args = (d_out, *d_finals, xs[0], weight_hh, *states, output, *kept, *params, bs, rev)
+                args = (d_out, *d_finals, xs[0], weight_hh, *states, output, *kept, *params, bs, rev, ctx.relu)
             elif mode == "LSTM":
                 gamma_h, _, gamma_c, beta_c = params
                 args = (d_out, *d_finals, weight_hh, *states, output, *kept, gamma_h, gamma_c, beta_c, bs, rev)
             else:
                 args = (d_out, *d_finals, weight_hh, *states, output, *kept, params[0], bs, rev)
             result = getattr(_ops, _SEQUENCE_OP[mode] + "_bwd")(*args)
-        return _keep(ctx.needs_input_grad, *result) + (None, None, None)
+        return _keep(ctx.needs_input_grad, *result) + (None,) * (4 if mode == "RNN" else 3)
 
     torch.library.register_autograd(f"ln_ext::{_SEQUENCE_OP[mode]}_fwd", backward, setup_context=setup)
 
@@ -382,7 +386,7 @@ def _sequence_grads_by_steps(ctx, mode, tensors, grads):
     states, params = tensors[n_xs + 1: n_xs + 1 + n_states], tensors[n_xs + 1 + n_states:]
     sizes = None if ctx.batch_sizes is None else ctx.batch_sizes.tolist()
     wanted = [i for i, t in enumerate(tensors) if ctx.needs_input_grad[i]]
-    outs = sequence_by_steps(mode, xs, weight_hh, states, params, ctx.eps, ctx.reverse, sizes)
+    outs = sequence_by_steps(mode, xs, weight_hh, states, params, ctx.eps, ctx.reverse, sizes, ctx.relu)
     got = torch.autograd.grad(outs, [tensors[i] for i in wanted], grads, create_graph=True, allow_unused=True)
     result = [None] * len(tensors)
     for i, g in zip(wanted, got):
@@ -394,8 +398,9 @@ for _mode in _SEQUENCE_OP:
     _sequence_autograd(_mode)
 
 
-def sequence(mode, xs, weight_hh, state, params, batch_sizes, reverse, eps) -> tuple:
+def sequence(mode, xs, weight_hh, state, params, batch_sizes, reverse, eps, relu=False) -> tuple:
     """One layer-direction over a sequence in one op: (output, *final_state)."""
     fwd = getattr(_ops, _SEQUENCE_OP[mode] + "_fwd")
-    result = fwd(*xs, weight_hh, *state, *params, batch_sizes, reverse, eps)
+    flags = (relu,) if mode == "RNN" else ()
+    result = fwd(*xs, weight_hh, *state, *params, batch_sizes, reverse, eps, *flags)
     return result[: 1 + _N_STATES[mode]]

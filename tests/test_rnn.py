@@ -107,7 +107,7 @@ def ref_run_and_grads(mode, module, x, hx, seed=2):
     params = ref_params(module)
     x = x.detach().double().cpu().requires_grad_()
     hx = tuple(h.detach().double().cpu().requires_grad_() for h in hx)
-    out, hn = reference.ln_rnn_layers(mode, x, hx, params, module.eps)
+    out, hn = reference.ln_rnn_layers(mode, x, hx, params, module.eps, getattr(module, "nonlinearity", "tanh"))
     g = torch.Generator().manual_seed(seed)
     weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (out, *hn)]
     loss = sum((t * w).sum() for t, w in zip((out, *hn), weights))
@@ -724,6 +724,120 @@ def test_sequence_ops_reject_bad_operands(mode):
     packed[-3] = torch.tensor([3, 1], dtype=torch.int64)
     with pytest.raises(RuntimeError, match=rf"{op}: batch_sizes sum to 4 but .* has 5 rows"):
         fwd(*packed)
+
+
+# ---------------------------------------------------------------- nonlinearity='relu' (nn.RNN's)
+
+def make_relu(dtype=torch.float64, **kw):
+    return make("RNN", dtype=dtype, nonlinearity="relu", **kw)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_relu_layers_match_reference_float64(config):
+    module = make_relu(**config)
+    x, hx = sample("RNN", module, T=5, B=3)
+    assert_matches_reference("RNN", module, x, hx, torch.float64)
+
+
+def test_relu_layers_match_reference_reduced_precision():
+    """float32 outputs and gradients; bfloat16 outputs (its gradients are not compared: a
+    pre-activation within bfloat16's rounding of 0 flips relu's mask, and with it a whole
+    term of a weight's gradient, where float64 does not)."""
+    module = make_relu(dtype=torch.float32, num_layers=2, bidirectional=True, hidden_size=24, input_size=10)
+    x, hx = sample("RNN", module, T=6, B=5)
+    assert_matches_reference("RNN", module, x, hx, torch.float32)
+    module = make_relu(dtype=torch.bfloat16, num_layers=2, bidirectional=True, hidden_size=24, input_size=10)
+    x, hx = sample("RNN", module, T=6, B=5)
+    out, _ = module(x, hx[0])
+    want, _ = reference.ln_rnn_layers("RNN", x.double(), (hx[0].double(),), ref_params(module), module.eps, "relu")
+    (atol, rtol), _ = TOL[torch.bfloat16]
+    torch.testing.assert_close(out.double(), want.detach(), atol=atol, rtol=rtol)
+
+
+def test_relu_takes_nn_rnn_arguments_and_refuses_others():
+    """nn.RNN's positional order (input, hidden, num_layers, nonlinearity, bias, ...), and
+    nn.RNNCell's (input, hidden, bias, nonlinearity)."""
+    layer = ln_ext.LayerNormRNN(5, 6, 2, "relu", False)
+    assert layer.nonlinearity == "relu" and not layer.bias and layer.num_layers == 2
+    assert "nonlinearity='relu'" in repr(layer) and "nonlinearity" not in repr(ln_ext.LayerNormRNN(5, 6))
+    assert ln_ext.LayerNormRNNCell(5, 6, True, "relu").nonlinearity == "relu"
+    torch_names = {n for n, _ in torch.nn.RNN(5, 6, 2, "relu", False).named_parameters()}
+    assert torch_names <= {n for n, _ in layer.named_parameters()}
+    for cls in (ln_ext.LayerNormRNN, ln_ext.LayerNormRNNCell):
+        with pytest.raises(ValueError, match="unknown nonlinearity 'sigmoid'; choose 'tanh' or 'relu'"):
+            cls(5, 6, nonlinearity="sigmoid")
+
+
+def test_relu_packed_and_cells_match_the_layer():
+    module = make_relu(num_layers=2, bidirectional=True)
+    lengths = [5, 3, 1]
+    x, hx = sample("RNN", module, T=5, B=3)
+    out, hn = module(pack_padded_sequence(x, torch.tensor(lengths)), hx[0])
+    padded, _ = pad_packed_sequence(out)
+    for b, n in enumerate(lengths):
+        out_b, hn_b = module(x[:n, b: b + 1], hx[0][:, b: b + 1].contiguous())
+        torch.testing.assert_close(padded[:n, b: b + 1], out_b, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(hn[:, b: b + 1], hn_b, atol=1e-12, rtol=1e-12)
+    layer = make_relu(hidden_size=7)
+    cell = ln_ext.LayerNormRNNCell(layer.input_size, 7, nonlinearity="relu", dtype=torch.float64)
+    with torch.no_grad():
+        for name, p in cell.named_parameters():
+            p.copy_(getattr(layer, name + "_l0"))
+    x, hx = sample("RNN", layer, T=4, B=3)
+    out, _ = layer(x, hx[0])
+    h = hx[0][0]
+    for t in range(4):
+        h = cell(x[t], h)
+        torch.testing.assert_close(h, out[t], atol=1e-12, rtol=1e-12)
+    assert (out == 0).any() and (out > 0).any()  # both sides of the relu were exercised
+
+
+def test_relu_ops_gradcheck_opcheck_and_per_step_match():
+    ins = cell_op_inputs("RNN")
+    op = torch.ops.ln_ext.rnn_cell_fwd
+    assert torch.autograd.gradcheck(lambda *a: op(*a, 1e-5, True)[0], ins)
+    torch.library.opcheck(op, (*ins, 1e-5, True))
+    _, (dh, xproj, hproj, stats, gamma, beta) = bwd_op_sample("RNN")
+    _, stats = op(xproj, hproj, gamma, beta, 1e-5, True)
+    torch.library.opcheck(torch.ops.ln_ext.rnn_cell_bwd, (dh, xproj, hproj, stats, gamma, beta, True))
+    fwd = torch.ops.ln_ext.rnn_sequence_fwd
+    for lengths in (None, [4, 2, 2]):
+        for reverse in (False, True):
+            args = sequence_op_inputs("RNN", lengths=lengths)
+            args[-2] = reverse
+            tensors = [t.requires_grad_() for t in args[:-3]]
+            torch.library.opcheck(fwd, (*args, True))
+            got = fwd(*args, True)[:2]
+            sizes = None if lengths is None else args[-3].tolist()
+            want = ln_ext.rnn_ops.sequence_by_steps("RNN", tensors[:1], tensors[1], tensors[2:3], tensors[3:], 1e-5,
+                                                    reverse, sizes, relu=True)
+            dys = [torch.randn_like(t) for t in want]
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+            for a, b in zip(torch.autograd.grad(got, tensors, dys), torch.autograd.grad(want, tensors, dys)):
+                torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10)
+            tanh_out = fwd(*[t.detach() if isinstance(t, torch.Tensor) else t for t in args])[0]
+            assert not torch.allclose(got[0], tanh_out)  # the flag reaches the kernel
+
+
+def test_relu_double_backward_compile_and_export():
+    module = make_relu(input_size=2, hidden_size=3, bidirectional=True)
+    x, hx = sample("RNN", module, T=2, B=2)
+
+    def f(x, weight_hh, h0):
+        out, hn = torch.func.functional_call(module, {"weight_hh_l0_reverse": weight_hh}, (x, h0), strict=False)
+        return out, hn
+
+    assert torch.autograd.gradgradcheck(f, [x.clone().requires_grad_(),
+                                            module.weight_hh_l0_reverse.detach().requires_grad_(),
+                                            hx[0].clone().requires_grad_()])
+    torch._dynamo.reset()
+    model = make_relu(dtype=torch.float32, num_layers=2, bidirectional=True)
+    xs = torch.randn(6, 2, 5)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(xs)[0], model(xs)[0])
+    ep = torch.export.export(model, (xs,))
+    assert any("rnn_sequence" in str(n.target) for n in ep.graph.nodes)
+    torch.testing.assert_close(ep.module()(xs)[0], model(xs)[0])
 
 
 # ---------------------------------------------------------------- export and compile of whole models

@@ -1,10 +1,8 @@
 // The LN-RNN cell kernels for the CPU, built once per instruction set.
 //
 // rnn_cpu.cpp (the torch side: dtypes, threads) hands each thread a range of batch
-// rows and calls these through a table chosen once per process: where the LayerNorm
-// row kernels (row_kernels.h) run AVX2, the AVX-512 build if the CPU has AVX-512
-// F/BW/DQ/VL (unless LN_EXT_CPU_ISA=avx2), else the AVX2 build; otherwise the generic
-// build for the compiler's baseline ISA. Every build runs the row functions shared with
+// rows and calls these through a table chosen once per process: the build of the ISA
+// the LayerNorm row kernels (row_kernels.h) were picked for (AVX-512, AVX2 or generic). Every build runs the row functions shared with
 // CUDA (kernels/rnn_cells.cuh) on the SerialRow executor; rnn_cells_impl.h says how the
 // builds are kept from sharing code.
 //

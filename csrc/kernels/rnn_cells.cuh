@@ -90,23 +90,33 @@ struct RnnRow {
   T *h, *da;                                    // [H]
   A *stats;                                     // [2]: mean, rstd of a = xproj + hproj
   A *dgamma_rows, *dbeta_rows;                  // [H]
+  bool relu = false;                            // h = relu(LN(a)) (nn.RNN's 'relu'), else tanh
 
   // The same operands offset to row b.
   LN_EXT_FN RnnRow at(int64_t b, int64_t H) const {
     return {adv(xproj, b * H), adv(hproj, b * H), gamma, beta, adv(dh, b * H),
             adv(h, b * H), adv(da, b * H), adv(stats, b * 2),
-            adv(dgamma_rows, b * H), adv(dbeta_rows, b * H)};
+            adv(dgamma_rows, b * H), adv(dbeta_rows, b * H), relu};
   }
 };
+
+// max(v, 0), NaN kept (as torch.relu).
+template <class A>
+LN_EXT_FN A relu_of(A v) {
+  return v < A(0) ? A(0) : v;
+}
 
 template <class T, class A, class Exec>
 LN_EXT_FN void rnn_fwd_row(const Exec& ex, const RnnRow<T, A>& r, int64_t H, A eps) {
   auto a = [&](int64_t j) { return A(r.xproj[j]) + A(r.hproj[j]); };
   A mean, rstd;
   row_mean_rstd(ex, H, eps, a, mean, rstd);
-  ex.for_cols(H, [&](int64_t j) {
-    r.h[j] = T(ftanh(A(r.gamma[j]) * (a(j) - mean) * rstd + A(r.beta[j])));
-  });
+  auto ln = [&](int64_t j) { return A(r.gamma[j]) * (a(j) - mean) * rstd + A(r.beta[j]); };
+  if (r.relu) {  // one loop per activation: each stays a plain vectorizable loop
+    ex.for_cols(H, [&](int64_t j) { r.h[j] = T(relu_of(ln(j))); });
+  } else {
+    ex.for_cols(H, [&](int64_t j) { r.h[j] = T(ftanh(ln(j))); });
+  }
   if (ex.leader()) {
     r.stats[0] = mean;
     r.stats[1] = rstd;
@@ -119,16 +129,25 @@ LN_EXT_FN void rnn_bwd_row(const Exec& ex, const RnnRow<T, A>& r, int64_t H) {
   auto ahat = [&](int64_t j) { return (A(r.xproj[j]) + A(r.hproj[j]) - mean) * rstd; };
   // dy: gradient at the LN output (= the beta row); d(ahat) = dy * gamma.
   A s[2];
-  ex.sum_cols(H, [&](int64_t j, A* v) {
-    const A xh = ahat(j);
-    const A y = ftanh(A(r.gamma[j]) * xh + A(r.beta[j]));
-    const A dy = A(r.dh[j]) * (A(1) - y * y);
-    const A g = dy * A(r.gamma[j]);
-    v[0] = g;
-    v[1] = g * xh;
-    r.dgamma_rows[j] = dy * xh;
-    r.dbeta_rows[j] = dy;
-  }, s);
+  const auto sums = [&](auto activation_grad) {  // activation_grad(ln output): d act / d ln
+    ex.sum_cols(H, [&](int64_t j, A* v) {
+      const A xh = ahat(j);
+      const A dy = A(r.dh[j]) * activation_grad(A(r.gamma[j]) * xh + A(r.beta[j]));
+      const A g = dy * A(r.gamma[j]);
+      v[0] = g;
+      v[1] = g * xh;
+      r.dgamma_rows[j] = dy * xh;
+      r.dbeta_rows[j] = dy;
+    }, s);
+  };
+  if (r.relu) {
+    sums([](A z) { return z > A(0) ? A(1) : A(0); });  // torch's relu gradient: 1 where the output is > 0
+  } else {
+    sums([](A z) {
+      const A y = ftanh(z);
+      return A(1) - y * y;
+    });
+  }
   const A rstd_n = rstd / A(H);
   ex.for_cols(H, [&](int64_t j) {  // reads back this thread's own dbeta_rows[j]
     r.da[j] = T(layer_norm_dx(r.dbeta_rows[j] * A(r.gamma[j]), ahat(j), A(H), s[0], s[1], rstd_n));
