@@ -106,11 +106,13 @@ TORCH_LIBRARY(ln_ext, m) {
   // with batch_sizes (a PackedSequence's, int64 on the CPU); states [B, H]; io tensors
   // share weight_hh's dtype and device. hproj, cs, gates, stats: what the backward reads.
   // The *_bwd gradients of weight_hh and of every LN gain/shift and bias are summed over
-  // all rows in a fixed order.
+  // all rows in a fixed order. save=False (inference: nothing will run the backward): the
+  // tensors only the backward reads (hproj, cs, gates, stats) are neither kept per step
+  // nor returned (empty [0] tensors).
   m.def(
       "rnn_sequence_fwd(Tensor xproj, Tensor weight_hh, Tensor h0, Tensor gamma, Tensor beta, "
-      "Tensor? batch_sizes, bool reverse, float eps, bool relu=False) -> (Tensor output, Tensor h_n, "
-      "Tensor hproj, Tensor stats)");
+      "Tensor? batch_sizes, bool reverse, float eps, bool relu=False, bool save=True) -> (Tensor output, "
+      "Tensor h_n, Tensor hproj, Tensor stats)");
   m.def(
       "rnn_sequence_bwd(Tensor grad_output, Tensor grad_h_n, Tensor xproj, Tensor weight_hh, Tensor h0, "
       "Tensor output, Tensor hproj, Tensor stats, Tensor gamma, Tensor beta, Tensor? batch_sizes, "
@@ -118,8 +120,9 @@ TORCH_LIBRARY(ln_ext, m) {
       "Tensor d_beta)");
   m.def(
       "lstm_sequence_fwd(Tensor xgates, Tensor weight_hh, Tensor h0, Tensor c0, Tensor gamma_h, "
-      "Tensor bias, Tensor gamma_c, Tensor beta_c, Tensor? batch_sizes, bool reverse, float eps) -> "
-      "(Tensor output, Tensor h_n, Tensor c_n, Tensor hproj, Tensor cs, Tensor gates, Tensor stats)");
+      "Tensor bias, Tensor gamma_c, Tensor beta_c, Tensor? batch_sizes, bool reverse, float eps, "
+      "bool save=True) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor hproj, Tensor cs, Tensor gates, "
+      "Tensor stats)");
   m.def(
       "lstm_sequence_bwd(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor weight_hh, "
       "Tensor h0, Tensor c0, Tensor output, Tensor hproj, Tensor cs, Tensor gates, Tensor stats, "
@@ -128,8 +131,8 @@ TORCH_LIBRARY(ln_ext, m) {
       "Tensor d_gamma_c, Tensor d_beta_c)");
   m.def(
       "gru_sequence_fwd(Tensor xzr, Tensor xn, Tensor weight_hh, Tensor h0, Tensor gamma_h, "
-      "Tensor beta_h, Tensor? batch_sizes, bool reverse, float eps) -> (Tensor output, Tensor h_n, "
-      "Tensor hproj, Tensor gates, Tensor stats)");
+      "Tensor beta_h, Tensor? batch_sizes, bool reverse, float eps, bool save=True) -> (Tensor output, "
+      "Tensor h_n, Tensor hproj, Tensor gates, Tensor stats)");
   m.def(
       "gru_sequence_bwd(Tensor grad_output, Tensor grad_h_n, Tensor weight_hh, Tensor h0, Tensor output, "
       "Tensor hproj, Tensor gates, Tensor stats, Tensor gamma_h, Tensor? batch_sizes, bool reverse) -> "

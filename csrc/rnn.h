@@ -157,7 +157,7 @@ using OptTensorRef = c10::optional<at::Tensor>;
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_sequence_fwd_impl(
     const at::Tensor& xproj, const at::Tensor& weight_hh, const at::Tensor& h0,
     const at::Tensor& gamma, const at::Tensor& beta, const OptTensorRef& batch_sizes,
-    bool reverse, double eps, bool relu, RnnCellKernel kernel);
+    bool reverse, double eps, bool relu, bool save, RnnCellKernel kernel);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_sequence_bwd_impl(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& xproj,
     const at::Tensor& weight_hh, const at::Tensor& h0, const at::Tensor& output,
@@ -167,7 +167,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 lstm_sequence_fwd_impl(const at::Tensor& xgates, const at::Tensor& weight_hh, const at::Tensor& h0,
                        const at::Tensor& c0, const at::Tensor& gamma_h, const at::Tensor& bias,
                        const at::Tensor& gamma_c, const at::Tensor& beta_c,
-                       const OptTensorRef& batch_sizes, bool reverse, double eps, LstmCellKernel kernel);
+                       const OptTensorRef& batch_sizes, bool reverse, double eps, bool save,
+                       LstmCellKernel kernel);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                        const at::Tensor& weight_hh, const at::Tensor& h0, const at::Tensor& c0,
@@ -178,7 +179,7 @@ lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_sequence_fwd_impl(
     const at::Tensor& xzr, const at::Tensor& xn, const at::Tensor& weight_hh, const at::Tensor& h0,
     const at::Tensor& gamma_h, const at::Tensor& beta_h, const OptTensorRef& batch_sizes,
-    bool reverse, double eps, GruCellKernel kernel);
+    bool reverse, double eps, bool save, GruCellKernel kernel);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_sequence_bwd_impl(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& weight_hh,
     const at::Tensor& h0, const at::Tensor& output, const at::Tensor& hproj, const at::Tensor& gates,
@@ -191,8 +192,8 @@ template <RnnCellKernel Fwd, RnnCellKernel Bwd>
 struct RnnSequenceOps {
   static auto fwd(const at::Tensor& xproj, const at::Tensor& weight_hh, const at::Tensor& h0,
                   const at::Tensor& gamma, const at::Tensor& beta, const OptTensorRef& batch_sizes,
-                  bool reverse, double eps, bool relu) {
-    return rnn_sequence_fwd_impl(xproj, weight_hh, h0, gamma, beta, batch_sizes, reverse, eps, relu, Fwd);
+                  bool reverse, double eps, bool relu, bool save) {
+    return rnn_sequence_fwd_impl(xproj, weight_hh, h0, gamma, beta, batch_sizes, reverse, eps, relu, save, Fwd);
   }
   static auto bwd(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& xproj,
                   const at::Tensor& weight_hh, const at::Tensor& h0, const at::Tensor& output,
@@ -207,9 +208,9 @@ struct LstmSequenceOps {
   static auto fwd(const at::Tensor& xgates, const at::Tensor& weight_hh, const at::Tensor& h0,
                   const at::Tensor& c0, const at::Tensor& gamma_h, const at::Tensor& bias,
                   const at::Tensor& gamma_c, const at::Tensor& beta_c, const OptTensorRef& batch_sizes,
-                  bool reverse, double eps) {
+                  bool reverse, double eps, bool save) {
     return lstm_sequence_fwd_impl(xgates, weight_hh, h0, c0, gamma_h, bias, gamma_c, beta_c, batch_sizes,
-                                  reverse, eps, Fwd);
+                                  reverse, eps, save, Fwd);
   }
   static auto bwd(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                   const at::Tensor& weight_hh, const at::Tensor& h0, const at::Tensor& c0,
@@ -225,8 +226,8 @@ template <GruCellKernel Fwd, GruCellKernel Bwd>
 struct GruSequenceOps {
   static auto fwd(const at::Tensor& xzr, const at::Tensor& xn, const at::Tensor& weight_hh,
                   const at::Tensor& h0, const at::Tensor& gamma_h, const at::Tensor& beta_h,
-                  const OptTensorRef& batch_sizes, bool reverse, double eps) {
-    return gru_sequence_fwd_impl(xzr, xn, weight_hh, h0, gamma_h, beta_h, batch_sizes, reverse, eps, Fwd);
+                  const OptTensorRef& batch_sizes, bool reverse, double eps, bool save) {
+    return gru_sequence_fwd_impl(xzr, xn, weight_hh, h0, gamma_h, beta_h, batch_sizes, reverse, eps, save, Fwd);
   }
   static auto bwd(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& weight_hh,
                   const at::Tensor& h0, const at::Tensor& output, const at::Tensor& hproj,

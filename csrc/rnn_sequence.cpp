@@ -186,6 +186,22 @@ struct Common {
   }
 };
 
+// What a forward computes only for its backward (hproj, gates, stats), [N, n] rows of the
+// sequence: all of them when the forward saves for a backward; else one step's worth
+// ([B, n]) that every step overwrites, and nothing returned (an inference run keeps no
+// per-step tensor but the output, and allocates [B, n] instead of [N, n]).
+struct ForBackward {
+  at::Tensor rows;  // [N, n] saved, or [B, n] scratch
+  bool saved;
+  ForBackward(bool save, int64_t N, int64_t B, int64_t n, const at::TensorOptions& options)
+      : rows(at::empty({save ? N : B, n}, options)), saved(save) {}
+  at::Tensor of_step(const Steps& s, int64_t t) const {
+    return saved ? rows_of_step(rows, s, t) : rows_view(rows, 0, s.size[t]);
+  }
+  // The op's result: the saved rows shaped `shape`, or an empty tensor.
+  at::Tensor result(at::IntArrayRef shape) const { return saved ? rows.view(shape) : rows.new_empty({0}); }
+};
+
 // [N, n] rows of a sequence tensor shaped like xs ([T, B, ...] or [N, ...]).
 at::Tensor as_rows(const at::Tensor& t, int64_t n) { return t.reshape({-1, n}); }
 std::vector<int64_t> like_xs(const at::Tensor& xs, int64_t n) {
@@ -227,7 +243,7 @@ struct Carry {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_sequence_fwd_impl(
     const at::Tensor& xproj, const at::Tensor& weight_hh, const at::Tensor& h0_in,
     const at::Tensor& gamma, const at::Tensor& beta, const c10::optional<at::Tensor>& batch_sizes,
-    bool reverse, double eps, bool relu, RnnCellKernel kernel) {
+    bool reverse, double eps, bool relu, bool save, RnnCellKernel kernel) {
   const char* op = "ln_ext.rnn_sequence_fwd";
   const Common c(op, weight_hh, h0_in, 1);
   const int64_t B = c.batch, H = c.hidden;
@@ -241,22 +257,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_sequence_fwd_impl
   a.gamma = c.ck.io(gamma, "gamma", {H});
   a.beta = c.ck.io(beta, "beta", {H});
   const int64_t N = x.size(0);
-  at::Tensor out = at::empty({N, H}, x.options()), hproj = at::empty({N, H}, x.options());
-  at::Tensor stats = at::empty({N, 2}, x.options().dtype(acc_dtype(x.scalar_type())));
+  at::Tensor out = at::empty({N, H}, x.options());
+  const ForBackward hproj(save, N, B, H, x.options());
+  const ForBackward stats(save, N, B, 2, x.options().dtype(acc_dtype(x.scalar_type())));
   at::Tensor staging = at::empty({B, H}, x.options());
   const at::Tensor w_t = step_gemm_weight(weight_hh);
   for (int64_t k = 0; k < s.count(); ++k) {
     const int64_t t = s.nth(k);
     a.batch = s.size[t];
-    a.hproj = rows_of_step(hproj, s, t);
+    a.hproj = hproj.of_step(s, t);
     at::mm_out(a.hproj, state_before(s, t, out, h0, staging), w_t);
     a.xproj = rows_of_step(x, s, t);
     a.h = rows_of_step(out, s, t);
-    a.stats = rows_of_step(stats, s, t);
+    a.stats = stats.of_step(s, t);
     if (a.batch > 0) kernel(a);  // an empty batch: nothing to launch
   }
   const at::Tensor h_n = final_state(s, out, h0);
-  return {out.view(like_xs(xproj, H)), h_n, hproj.view(like_xs(xproj, H)), stats.view(like_xs(xproj, 2))};
+  return {out.view(like_xs(xproj, H)), h_n, hproj.result(like_xs(xproj, H)), stats.result(like_xs(xproj, 2))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_sequence_bwd_impl(
@@ -309,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 lstm_sequence_fwd_impl(const at::Tensor& xgates, const at::Tensor& weight_hh, const at::Tensor& h0_in,
                        const at::Tensor& c0_in, const at::Tensor& gamma_h, const at::Tensor& bias,
                        const at::Tensor& gamma_c, const at::Tensor& beta_c,
-                       const c10::optional<at::Tensor>& batch_sizes, bool reverse, double eps,
+                       const c10::optional<at::Tensor>& batch_sizes, bool reverse, double eps, bool save,
                        LstmCellKernel kernel) {
   const char* op = "ln_ext.lstm_sequence_fwd";
   const Common c(op, weight_hh, h0_in, 4);
@@ -327,27 +344,29 @@ lstm_sequence_fwd_impl(const at::Tensor& xgates, const at::Tensor& weight_hh, co
   a.beta_c = c.ck.io(beta_c, "beta_c", {H});
   const int64_t N = x.size(0);
   const auto acc = x.options().dtype(acc_dtype(x.scalar_type()));
+  // cs: every step's c, which the next step reads (kept as h is in `out`; not returned
+  // by an inference run).
   at::Tensor out = at::empty({N, H}, x.options()), cs = at::empty({N, H}, x.options());
-  at::Tensor hproj = at::empty({N, 4 * H}, x.options());
-  at::Tensor gates = at::empty({N, 4 * H}, acc), stats = at::empty({N, 4}, acc);
+  const ForBackward hproj(save, N, B, 4 * H, x.options());
+  const ForBackward gates(save, N, B, 4 * H, acc), stats(save, N, B, 4, acc);
   at::Tensor staging_h = at::empty({B, H}, x.options()), staging_c = at::empty({B, H}, x.options());
   const at::Tensor w_t = step_gemm_weight(weight_hh);
   for (int64_t k = 0; k < s.count(); ++k) {
     const int64_t t = s.nth(k);
     a.batch = s.size[t];
-    a.hproj = rows_of_step(hproj, s, t);
+    a.hproj = hproj.of_step(s, t);
     at::mm_out(a.hproj, state_before(s, t, out, h0, staging_h), w_t);
     a.c_prev = state_before(s, t, cs, c0, staging_c);
     a.xgates = rows_of_step(x, s, t);
     a.h = rows_of_step(out, s, t);
     a.c = rows_of_step(cs, s, t);
-    a.gates = rows_of_step(gates, s, t);
-    a.stats = rows_of_step(stats, s, t);
+    a.gates = gates.of_step(s, t);
+    a.stats = stats.of_step(s, t);
     if (a.batch > 0) kernel(a);  // an empty batch: nothing to launch
   }
   const auto seq = [&](int64_t n) { return like_xs(xgates, n); };
-  return {out.view(seq(H)), final_state(s, out, h0), final_state(s, cs, c0), hproj.view(seq(4 * H)),
-          cs.view(seq(H)), gates.view(seq(4 * H)), stats.view(seq(4))};
+  return {out.view(seq(H)), final_state(s, out, h0), final_state(s, cs, c0), hproj.result(seq(4 * H)),
+          save ? cs.view(seq(H)) : cs.new_empty({0}), gates.result(seq(4 * H)), stats.result(seq(4))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -415,7 +434,7 @@ lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_sequence_fwd_impl(
     const at::Tensor& xzr, const at::Tensor& xn, const at::Tensor& weight_hh, const at::Tensor& h0_in,
     const at::Tensor& gamma_h, const at::Tensor& beta_h, const c10::optional<at::Tensor>& batch_sizes,
-    bool reverse, double eps, GruCellKernel kernel) {
+    bool reverse, double eps, bool save, GruCellKernel kernel) {
   const char* op = "ln_ext.gru_sequence_fwd";
   const Common c(op, weight_hh, h0_in, 3);
   const int64_t B = c.batch, H = c.hidden;
@@ -431,25 +450,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_seque
   a.beta_h = c.ck.io(beta_h, "beta_h", {3 * H});
   const int64_t N = x_n.size(0);
   const auto io = x_n.options(), acc = io.dtype(acc_dtype(x_n.scalar_type()));
-  at::Tensor out = at::empty({N, H}, io), hproj = at::empty({N, 3 * H}, io);
-  at::Tensor gates = at::empty({N, 4 * H}, acc), stats = at::empty({N, 4}, acc);
+  at::Tensor out = at::empty({N, H}, io);
+  const ForBackward hproj(save, N, B, 3 * H, io), gates(save, N, B, 4 * H, acc), stats(save, N, B, 4, acc);
   at::Tensor staging = at::empty({B, H}, io);
   const at::Tensor w_t = step_gemm_weight(weight_hh);
   for (int64_t k = 0; k < s.count(); ++k) {
     const int64_t t = s.nth(k);
     a.batch = s.size[t];
     a.h_prev = state_before(s, t, out, h0, staging);
-    a.hproj = rows_of_step(hproj, s, t);
+    a.hproj = hproj.of_step(s, t);
     at::mm_out(a.hproj, a.h_prev, w_t);
     a.xzr = rows_of_step(x_zr, s, t);
     a.xn = rows_of_step(x_n, s, t);
     a.h = rows_of_step(out, s, t);
-    a.gates = rows_of_step(gates, s, t);
-    a.stats = rows_of_step(stats, s, t);
+    a.gates = gates.of_step(s, t);
+    a.stats = stats.of_step(s, t);
     if (a.batch > 0) kernel(a);  // an empty batch: nothing to launch
   }
-  return {out.view(seq(H)), final_state(s, out, h0), hproj.view(seq(3 * H)), gates.view(seq(4 * H)),
-          stats.view(seq(4))};
+  return {out.view(seq(H)), final_state(s, out, h0), hproj.result(seq(3 * H)), gates.result(seq(4 * H)),
+          stats.result(seq(4))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_sequence_bwd_impl(

@@ -290,10 +290,17 @@ def _seq(like, n, acc=False):
     return like.new_empty((*like.shape[:-1], n), dtype=_acc_dtype(like) if acc else like.dtype)
 
 
+def _saved(save, like, n, acc=False):
+    """A saved sequence tensor of a forward op, or the empty one an inference run returns."""
+    if save:
+        return _seq(like, n, acc)
+    return like.new_empty((0,), dtype=_acc_dtype(like) if acc else like.dtype)
+
+
 @torch.library.register_fake("ln_ext::rnn_sequence_fwd")
-def _rnn_sequence_fwd_fake(xproj, weight_hh, h0, gamma, beta, batch_sizes, reverse, eps, relu=False):
+def _rnn_sequence_fwd_fake(xproj, weight_hh, h0, gamma, beta, batch_sizes, reverse, eps, relu=False, save=True):
     H = _check_sequence("rnn_sequence_fwd", weight_hh, 1, batch_sizes, xproj=xproj, h0=h0, gamma=gamma, beta=beta)
-    return _seq(xproj, H), torch.empty_like(h0), _seq(xproj, H), _seq(xproj, 2, acc=True)
+    return _seq(xproj, H), torch.empty_like(h0), _saved(save, xproj, H), _saved(save, xproj, 2, acc=True)
 
 
 @torch.library.register_fake("ln_ext::rnn_sequence_bwd")
@@ -306,11 +313,12 @@ def _rnn_sequence_bwd_fake(grad_output, grad_h_n, xproj, weight_hh, h0, output, 
 
 
 @torch.library.register_fake("ln_ext::lstm_sequence_fwd")
-def _lstm_sequence_fwd_fake(xgates, weight_hh, h0, c0, gamma_h, bias, gamma_c, beta_c, batch_sizes, reverse, eps):
+def _lstm_sequence_fwd_fake(xgates, weight_hh, h0, c0, gamma_h, bias, gamma_c, beta_c, batch_sizes, reverse, eps,
+                            save=True):
     H = _check_sequence("lstm_sequence_fwd", weight_hh, 4, batch_sizes, xgates=xgates, h0=h0, c0=c0,
                         gamma_h=gamma_h, bias=bias, gamma_c=gamma_c, beta_c=beta_c)
-    return (_seq(xgates, H), torch.empty_like(h0), torch.empty_like(c0), _seq(xgates, 4 * H), _seq(xgates, H),
-            _seq(xgates, 4 * H, acc=True), _seq(xgates, 4, acc=True))
+    return (_seq(xgates, H), torch.empty_like(h0), torch.empty_like(c0), _saved(save, xgates, 4 * H),
+            _saved(save, xgates, H), _saved(save, xgates, 4 * H, acc=True), _saved(save, xgates, 4, acc=True))
 
 
 @torch.library.register_fake("ln_ext::lstm_sequence_bwd")
@@ -324,10 +332,11 @@ def _lstm_sequence_bwd_fake(grad_output, grad_h_n, grad_c_n, weight_hh, h0, c0, 
 
 
 @torch.library.register_fake("ln_ext::gru_sequence_fwd")
-def _gru_sequence_fwd_fake(xzr, xn, weight_hh, h0, gamma_h, beta_h, batch_sizes, reverse, eps):
+def _gru_sequence_fwd_fake(xzr, xn, weight_hh, h0, gamma_h, beta_h, batch_sizes, reverse, eps, save=True):
     H = _check_sequence("gru_sequence_fwd", weight_hh, 3, batch_sizes, xzr=xzr, xn=xn, h0=h0, gamma_h=gamma_h,
                         beta_h=beta_h)
-    return (_seq(xn, H), torch.empty_like(h0), _seq(xn, 3 * H), _seq(xn, 4 * H, acc=True), _seq(xn, 4, acc=True))
+    return (_seq(xn, H), torch.empty_like(h0), _saved(save, xn, 3 * H), _saved(save, xn, 4 * H, acc=True),
+            _saved(save, xn, 4, acc=True))
 
 
 @torch.library.register_fake("ln_ext::gru_sequence_bwd")
@@ -345,6 +354,7 @@ def _sequence_autograd(mode: str) -> None:
 
     def setup(ctx, inputs, output):
         relu = False
+        *inputs, save = inputs
         if mode == "RNN":
             *inputs, relu = inputs
         *tensors, batch_sizes, reverse, eps = inputs
@@ -375,7 +385,7 @@ def _sequence_autograd(mode: str) -> None:
             else:
                 args = (d_out, *d_finals, weight_hh, *states, output, *kept, params[0], bs, rev)
             result = getattr(_ops, _SEQUENCE_OP[mode] + "_bwd")(*args)
-        return _keep(ctx.needs_input_grad, *result) + (None,) * (4 if mode == "RNN" else 3)
+        return _keep(ctx.needs_input_grad, *result) + (None,) * (5 if mode == "RNN" else 4)
 
     torch.library.register_autograd(f"ln_ext::{_SEQUENCE_OP[mode]}_fwd", backward, setup_context=setup)
 
@@ -399,8 +409,12 @@ for _mode in _SEQUENCE_OP:
 
 
 def sequence(mode, xs, weight_hh, state, params, batch_sizes, reverse, eps, relu=False) -> tuple:
-    """One layer-direction over a sequence in one op: (output, *final_state)."""
+    """One layer-direction over a sequence in one op: (output, *final_state). Without a
+    gradient to compute (grad mode off, or no input that requires one), the op saves
+    nothing for a backward."""
     fwd = getattr(_ops, _SEQUENCE_OP[mode] + "_fwd")
-    flags = (relu,) if mode == "RNN" else ()
-    result = fwd(*xs, weight_hh, *state, *params, batch_sizes, reverse, eps, *flags)
+    tensors = (*xs, weight_hh, *state, *params)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    flags = (relu, save) if mode == "RNN" else (save,)
+    result = fwd(*tensors, batch_sizes, reverse, eps, *flags)
     return result[: 1 + _N_STATES[mode]]

@@ -687,6 +687,56 @@ def test_sequence_op_matches_per_step_autograd(mode, reverse, packed):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_sequence_op_inference_saves_nothing(mode, packed):
+    """save=False (what the layers pass without a gradient to compute): the same output
+    and final states, bit for bit, and every tensor kept only for the backward empty."""
+    lengths = [4, 2, 2] if packed else None
+    fwd = getattr(torch.ops.ln_ext, SEQ_OP[mode] + "_fwd")
+    n_s = n_states(mode)
+    for reverse in (False, True):
+        args = sequence_op_inputs(mode, lengths=lengths)
+        args[-2] = reverse
+        flags = [False] if mode == "RNN" else []  # relu
+        trained = fwd(*args, *flags, True)
+        inferred = fwd(*args, *flags, False)
+        for a, b in zip(trained[: 1 + n_s], inferred[: 1 + n_s]):
+            assert torch.equal(a, b)
+        assert all(t.numel() > 0 for t in trained[1 + n_s:])
+        assert all(t.shape == (0,) for t in inferred[1 + n_s:])
+        torch.library.opcheck(fwd, (*args, *flags, False))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layers_without_grad_save_nothing(mode, monkeypatch):
+    """Under no_grad and inference_mode, and with nothing that requires grad, the layers ask
+    the sequence op for no saved tensors; with a gradient to compute they do, and the
+    outputs are the same."""
+    module = make(mode, dtype=torch.float32, num_layers=2, bidirectional=True)
+    x, hx = sample(mode, module, T=5, B=3)
+    hx = hx if mode == "LSTM" else hx[0]
+    fwd = getattr(torch.ops.ln_ext, SEQ_OP[mode] + "_fwd")
+    asked = []
+
+    def recording(*args):
+        asked.append(args[-1])
+        return fwd(*args)
+
+    monkeypatch.setattr(ln_ext.rnn_ops, "_ops", type("Ops", (), {SEQ_OP[mode] + "_fwd": staticmethod(recording)}))
+    want, _ = module(x, hx)
+    assert asked == [True] * 4
+    for context in (torch.no_grad, torch.inference_mode):
+        asked.clear()
+        with context():
+            got, _ = module(x, hx)
+        assert asked == [False] * 4 and torch.equal(got, want)
+    asked.clear()
+    module.requires_grad_(False)
+    got, _ = module(x, hx)
+    assert asked == [False] * 4 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_sequence_gradients_independent_of_thread_count(mode, num_threads):
     """Parameter gradients are fixed-order sums: 1 and 2 threads give the same bits."""
     results = []
