@@ -108,7 +108,10 @@ TORCH_LIBRARY(ln_ext, m) {
   // The *_bwd gradients of weight_hh and of every LN gain/shift and bias are summed over
   // all rows in a fixed order. save=False (inference: nothing will run the backward): the
   // tensors only the backward reads (hproj, cs, gates, stats) are neither kept per step
-  // nor returned (empty [0] tensors).
+  // nor returned (empty [0] tensors). LSTM with weight_hr [P, H] (nn.LSTM's proj_size P):
+  // h = weight_hr (the cell's h, h_full), h0, output and the h gradients have P features
+  // and weight_hh is [4H, P]; h_full is saved for the backward, which returns d_weight_hr
+  // (empty without a projection).
   m.def(
       "rnn_sequence_fwd(Tensor xproj, Tensor weight_hh, Tensor h0, Tensor gamma, Tensor beta, "
       "Tensor? batch_sizes, bool reverse, float eps, bool relu=False, bool save=True) -> (Tensor output, "
@@ -121,14 +124,14 @@ TORCH_LIBRARY(ln_ext, m) {
   m.def(
       "lstm_sequence_fwd(Tensor xgates, Tensor weight_hh, Tensor h0, Tensor c0, Tensor gamma_h, "
       "Tensor bias, Tensor gamma_c, Tensor beta_c, Tensor? batch_sizes, bool reverse, float eps, "
-      "bool save=True) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor hproj, Tensor cs, Tensor gates, "
-      "Tensor stats)");
+      "bool save=True, Tensor? weight_hr=None) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor hproj, "
+      "Tensor cs, Tensor gates, Tensor stats, Tensor h_full)");
   m.def(
       "lstm_sequence_bwd(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor weight_hh, "
       "Tensor h0, Tensor c0, Tensor output, Tensor hproj, Tensor cs, Tensor gates, Tensor stats, "
-      "Tensor gamma_h, Tensor gamma_c, Tensor beta_c, Tensor? batch_sizes, bool reverse) -> "
-      "(Tensor d_xgates, Tensor d_weight_hh, Tensor d_h0, Tensor d_c0, Tensor d_gamma_h, Tensor d_bias, "
-      "Tensor d_gamma_c, Tensor d_beta_c)");
+      "Tensor gamma_h, Tensor gamma_c, Tensor beta_c, Tensor? batch_sizes, bool reverse, "
+      "Tensor? weight_hr=None, Tensor? h_full=None) -> (Tensor d_xgates, Tensor d_weight_hh, Tensor d_h0, "
+      "Tensor d_c0, Tensor d_gamma_h, Tensor d_bias, Tensor d_gamma_c, Tensor d_beta_c, Tensor d_weight_hr)");
   m.def(
       "gru_sequence_fwd(Tensor xzr, Tensor xn, Tensor weight_hh, Tensor h0, Tensor gamma_h, "
       "Tensor beta_h, Tensor? batch_sizes, bool reverse, float eps, bool save=True) -> (Tensor output, "

@@ -163,19 +163,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_seque
     const at::Tensor& weight_hh, const at::Tensor& h0, const at::Tensor& output,
     const at::Tensor& hproj, const at::Tensor& stats, const at::Tensor& gamma, const at::Tensor& beta,
     const OptTensorRef& batch_sizes, bool reverse, bool relu, RnnCellKernel kernel);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_sequence_fwd_impl(const at::Tensor& xgates, const at::Tensor& weight_hh, const at::Tensor& h0,
                        const at::Tensor& c0, const at::Tensor& gamma_h, const at::Tensor& bias,
                        const at::Tensor& gamma_c, const at::Tensor& beta_c,
                        const OptTensorRef& batch_sizes, bool reverse, double eps, bool save,
-                       LstmCellKernel kernel);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+                       const OptTensorRef& weight_hr, LstmCellKernel kernel);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                        const at::Tensor& weight_hh, const at::Tensor& h0, const at::Tensor& c0,
                        const at::Tensor& output, const at::Tensor& hproj, const at::Tensor& cs,
                        const at::Tensor& gates, const at::Tensor& stats, const at::Tensor& gamma_h,
                        const at::Tensor& gamma_c, const at::Tensor& beta_c,
-                       const OptTensorRef& batch_sizes, bool reverse, LstmCellKernel kernel);
+                       const OptTensorRef& batch_sizes, bool reverse, const OptTensorRef& weight_hr,
+                       const OptTensorRef& h_full, LstmCellKernel kernel);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_sequence_fwd_impl(
     const at::Tensor& xzr, const at::Tensor& xn, const at::Tensor& weight_hh, const at::Tensor& h0,
     const at::Tensor& gamma_h, const at::Tensor& beta_h, const OptTensorRef& batch_sizes,
@@ -208,18 +209,19 @@ struct LstmSequenceOps {
   static auto fwd(const at::Tensor& xgates, const at::Tensor& weight_hh, const at::Tensor& h0,
                   const at::Tensor& c0, const at::Tensor& gamma_h, const at::Tensor& bias,
                   const at::Tensor& gamma_c, const at::Tensor& beta_c, const OptTensorRef& batch_sizes,
-                  bool reverse, double eps, bool save) {
+                  bool reverse, double eps, bool save, const OptTensorRef& weight_hr) {
     return lstm_sequence_fwd_impl(xgates, weight_hh, h0, c0, gamma_h, bias, gamma_c, beta_c, batch_sizes,
-                                  reverse, eps, save, Fwd);
+                                  reverse, eps, save, weight_hr, Fwd);
   }
   static auto bwd(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                   const at::Tensor& weight_hh, const at::Tensor& h0, const at::Tensor& c0,
                   const at::Tensor& output, const at::Tensor& hproj, const at::Tensor& cs,
                   const at::Tensor& gates, const at::Tensor& stats, const at::Tensor& gamma_h,
                   const at::Tensor& gamma_c, const at::Tensor& beta_c, const OptTensorRef& batch_sizes,
-                  bool reverse) {
+                  bool reverse, const OptTensorRef& weight_hr, const OptTensorRef& h_full) {
     return lstm_sequence_bwd_impl(grad_output, grad_h_n, grad_c_n, weight_hh, h0, c0, output, hproj, cs,
-                                  gates, stats, gamma_h, gamma_c, beta_c, batch_sizes, reverse, Bwd);
+                                  gates, stats, gamma_h, gamma_c, beta_c, batch_sizes, reverse, weight_hr, h_full,
+                                  Bwd);
   }
 };
 template <GruCellKernel Fwd, GruCellKernel Bwd>

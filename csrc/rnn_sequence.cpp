@@ -172,16 +172,28 @@ at::Tensor step_gemm_weight(const at::Tensor& weight_hh) {
 }
 
 // What every op checks: the io dtype and device (weight_hh's), shapes, H >= 1.
+// hidden: H; state: the size of h, H or (LSTM with a projection) weight_hr's rows P < H.
 struct Common {
   Checker ck;
-  int64_t batch, hidden;
-  Common(const char* op, const at::Tensor& weight_hh, const at::Tensor& h0, int64_t gates)
+  int64_t batch, hidden, state;
+  Common(const char* op, const at::Tensor& weight_hh, const at::Tensor& h0, int64_t gates,
+         const c10::optional<at::Tensor>& weight_hr = c10::nullopt)
       : ck(op, weight_hh, "weight_hh") {
-    TORCH_CHECK(weight_hh.dim() == 2 && weight_hh.size(1) >= 1 && weight_hh.size(0) == gates * weight_hh.size(1),
-                op, ": weight_hh must be [", gates, " * hidden, hidden] with hidden >= 1, got shape ",
-                weight_hh.sizes());
-    hidden = weight_hh.size(1);
-    TORCH_CHECK(h0.dim() == 2, op, ": h0 must be [batch, hidden], got shape ", h0.sizes());
+    if (weight_hr.has_value()) {
+      TORCH_CHECK(weight_hr->dim() == 2 && weight_hr->size(0) >= 1 && weight_hr->size(0) < weight_hr->size(1), op,
+                  ": weight_hr must be [proj_size, hidden] with 1 <= proj_size < hidden, got shape ",
+                  weight_hr->sizes());
+    }
+    const int64_t P = weight_hr.has_value() ? weight_hr->size(0) : -1;
+    TORCH_CHECK(weight_hh.dim() == 2 && weight_hh.size(1) >= 1 && weight_hh.size(0) % gates == 0 &&
+                    weight_hh.size(1) == (P < 0 ? weight_hh.size(0) / gates : P),
+                op, ": weight_hh must be [", gates, " * hidden, ", P < 0 ? "hidden" : "proj_size",
+                "] with hidden >= 1, got shape ", weight_hh.sizes());
+    hidden = weight_hh.size(0) / gates;
+    state = weight_hh.size(1);
+    if (weight_hr.has_value()) ck.io(*weight_hr, "weight_hr", {state, hidden});
+    TORCH_CHECK(h0.dim() == 2, op, ": h0 must be [batch, ", P < 0 ? "hidden" : "proj_size", "], got shape ",
+                h0.sizes());
     batch = h0.size(0);
   }
 };
@@ -322,18 +334,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_seque
 
 // ---------------------------------------------------------------- LN-LSTM
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_sequence_fwd_impl(const at::Tensor& xgates, const at::Tensor& weight_hh, const at::Tensor& h0_in,
                        const at::Tensor& c0_in, const at::Tensor& gamma_h, const at::Tensor& bias,
                        const at::Tensor& gamma_c, const at::Tensor& beta_c,
                        const c10::optional<at::Tensor>& batch_sizes, bool reverse, double eps, bool save,
-                       LstmCellKernel kernel) {
+                       const c10::optional<at::Tensor>& weight_hr, LstmCellKernel kernel) {
   const char* op = "ln_ext.lstm_sequence_fwd";
-  const Common c(op, weight_hh, h0_in, 4);
-  const int64_t B = c.batch, H = c.hidden;
+  const Common c(op, weight_hh, h0_in, 4, weight_hr);
+  const int64_t B = c.batch, H = c.hidden, P = c.state;  // P: h's size (H without a projection)
+  const bool projected = weight_hr.has_value();
   const Steps s = make_steps(op, "xgates", xgates, batch_sizes, B, reverse);
   const at::Tensor x = as_rows(c.ck.io(xgates, "xgates", like_xs(xgates, 4 * H)), 4 * H);
-  const at::Tensor h0 = c.ck.io(h0_in, "h0", {B, H});
+  const at::Tensor h0 = c.ck.io(h0_in, "h0", {B, P});
   const at::Tensor c0 = c.ck.io(c0_in, "c0", {B, H});
   LstmCellArgs a;
   a.hidden = H;
@@ -345,12 +358,15 @@ lstm_sequence_fwd_impl(const at::Tensor& xgates, const at::Tensor& weight_hh, co
   const int64_t N = x.size(0);
   const auto acc = x.options().dtype(acc_dtype(x.scalar_type()));
   // cs: every step's c, which the next step reads (kept as h is in `out`; not returned
-  // by an inference run).
-  at::Tensor out = at::empty({N, H}, x.options()), cs = at::empty({N, H}, x.options());
+  // by an inference run). With a projection the cell's h (h_full, [n, H]) is projected
+  // to out's [n, P] by weight_hr, and saved for the backward.
+  at::Tensor out = at::empty({N, P}, x.options()), cs = at::empty({N, H}, x.options());
   const ForBackward hproj(save, N, B, 4 * H, x.options());
   const ForBackward gates(save, N, B, 4 * H, acc), stats(save, N, B, 4, acc);
-  at::Tensor staging_h = at::empty({B, H}, x.options()), staging_c = at::empty({B, H}, x.options());
+  const ForBackward h_full(save && projected, N, B, projected ? H : 0, x.options());
+  at::Tensor staging_h = at::empty({B, P}, x.options()), staging_c = at::empty({B, H}, x.options());
   const at::Tensor w_t = step_gemm_weight(weight_hh);
+  const at::Tensor w_hr_t = projected ? step_gemm_weight(c.ck.io(*weight_hr, "weight_hr", {P, H})) : at::Tensor();
   for (int64_t k = 0; k < s.count(); ++k) {
     const int64_t t = s.nth(k);
     a.batch = s.size[t];
@@ -358,38 +374,49 @@ lstm_sequence_fwd_impl(const at::Tensor& xgates, const at::Tensor& weight_hh, co
     at::mm_out(a.hproj, state_before(s, t, out, h0, staging_h), w_t);
     a.c_prev = state_before(s, t, cs, c0, staging_c);
     a.xgates = rows_of_step(x, s, t);
-    a.h = rows_of_step(out, s, t);
+    a.h = projected ? h_full.of_step(s, t) : rows_of_step(out, s, t);
     a.c = rows_of_step(cs, s, t);
     a.gates = gates.of_step(s, t);
     a.stats = stats.of_step(s, t);
     if (a.batch > 0) kernel(a);  // an empty batch: nothing to launch
+    if (projected) {
+      at::Tensor h = rows_of_step(out, s, t);
+      at::mm_out(h, a.h, w_hr_t);
+    }
   }
   const auto seq = [&](int64_t n) { return like_xs(xgates, n); };
-  return {out.view(seq(H)), final_state(s, out, h0), final_state(s, cs, c0), hproj.result(seq(4 * H)),
-          save ? cs.view(seq(H)) : cs.new_empty({0}), gates.result(seq(4 * H)), stats.result(seq(4))};
+  return {out.view(seq(P)), final_state(s, out, h0), final_state(s, cs, c0), hproj.result(seq(4 * H)),
+          save ? cs.view(seq(H)) : cs.new_empty({0}), gates.result(seq(4 * H)), stats.result(seq(4)),
+          h_full.result(seq(H))};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                        const at::Tensor& weight_hh, const at::Tensor& h0_in, const at::Tensor& c0_in,
                        const at::Tensor& output, const at::Tensor& hproj, const at::Tensor& cs_in,
                        const at::Tensor& gates, const at::Tensor& stats, const at::Tensor& gamma_h,
                        const at::Tensor& gamma_c, const at::Tensor& beta_c,
-                       const c10::optional<at::Tensor>& batch_sizes, bool reverse, LstmCellKernel kernel) {
+                       const c10::optional<at::Tensor>& batch_sizes, bool reverse,
+                       const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& h_full_in,
+                       LstmCellKernel kernel) {
   const char* op = "ln_ext.lstm_sequence_bwd";
-  const Common c(op, weight_hh, h0_in, 4);
-  const int64_t B = c.batch, H = c.hidden;
+  const Common c(op, weight_hh, h0_in, 4, weight_hr);
+  const int64_t B = c.batch, H = c.hidden, P = c.state;
+  const bool projected = weight_hr.has_value();
   const Steps s = make_steps(op, "output", output, batch_sizes, B, reverse);
   const auto seq = [&](int64_t n) { return like_xs(output, n); };
-  const at::Tensor dout = as_rows(c.ck.io(grad_output, "grad_output", seq(H)), H);
-  const at::Tensor out = as_rows(c.ck.io(output, "output", seq(H)), H);
+  const at::Tensor dout = as_rows(c.ck.io(grad_output, "grad_output", seq(P)), P);
+  const at::Tensor out = as_rows(c.ck.io(output, "output", seq(P)), P);
+  TORCH_CHECK(projected == h_full_in.has_value(), op, ": h_full is given exactly when weight_hr is");
+  const at::Tensor w_hr = projected ? c.ck.io(*weight_hr, "weight_hr", {P, H}) : at::Tensor();
+  const at::Tensor h_full = projected ? as_rows(c.ck.io(*h_full_in, "h_full", seq(H)), H) : at::Tensor();
   const at::Tensor hp = as_rows(c.ck.io(hproj, "hproj", seq(4 * H)), 4 * H);
   const at::Tensor cs = as_rows(c.ck.io(cs_in, "cs", seq(H)), H);
   const at::Tensor gt = as_rows(c.ck.acc(gates, "gates", seq(4 * H)), 4 * H);
   const at::Tensor st = as_rows(c.ck.acc(stats, "stats", seq(4)), 4);
-  const at::Tensor h0 = c.ck.io(h0_in, "h0", {B, H});
+  const at::Tensor h0 = c.ck.io(h0_in, "h0", {B, P});
   const at::Tensor c0 = c.ck.io(c0_in, "c0", {B, H});
-  Carry carry(c.ck.io(grad_h_n, "grad_h_n", {B, H}));
+  Carry carry(c.ck.io(grad_h_n, "grad_h_n", {B, P}));
   at::Tensor dc = c.ck.io(grad_c_n, "grad_c_n", {B, H}).clone();  // carried like carry.dh
   LstmCellArgs a;
   a.hidden = H;
@@ -399,7 +426,10 @@ lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n
   const int64_t N = out.size(0);
   const auto io = out.options(), acc = out.options().dtype(acc_dtype(out.scalar_type()));
   at::Tensor dgates = at::empty({N, 4 * H}, io), dhproj = at::empty({N, 4 * H}, io);
-  at::Tensor h_prev = at::empty({N, H}, io), dc_prev = at::empty({B, H}, io);
+  at::Tensor h_prev = at::empty({N, P}, io), dc_prev = at::empty({B, H}, io);
+  // With a projection: every step's gradient of out (for weight_hr's), and of the cell's h.
+  at::Tensor d_out = projected ? at::empty({N, P}, io) : at::Tensor();
+  at::Tensor dh_full = projected ? at::empty({B, H}, io) : at::Tensor();
   at::Tensor staging_c = at::empty({B, H}, io);
   at::Tensor dgamma_h_rows = at::empty({N, 4 * H}, acc);
   at::Tensor dgamma_c_rows = at::empty({N, H}, acc), dbeta_c_rows = at::empty({N, H}, acc);
@@ -407,6 +437,11 @@ lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n
     const int64_t t = s.nth(k), n = s.size[t];
     a.batch = n;
     a.dh = carry.step_grad(rows_of_step(dout, s, t));
+    if (projected) {  // out = h_full weight_hr^T
+      rows_of_step(d_out, s, t).copy_(a.dh);
+      at::Tensor dh = rows_view(dh_full, 0, n);
+      a.dh = at::mm_out(dh, a.dh, w_hr);
+    }
     a.dc = rows_view(dc, 0, n);
     a.hproj = rows_of_step(hp, s, t);
     a.c_prev = state_before(s, t, cs, c0, staging_c);
@@ -426,7 +461,8 @@ lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n
   }
   return {dgates.view(seq(4 * H)), dhproj.t().mm(h_prev), carry.dh, dc,
           column_sums(dgamma_h_rows, gamma_h.scalar_type()), column_sums(dgates, gamma_h.scalar_type()),
-          column_sums(dgamma_c_rows, gamma_c.scalar_type()), column_sums(dbeta_c_rows, beta_c.scalar_type())};
+          column_sums(dgamma_c_rows, gamma_c.scalar_type()), column_sums(dbeta_c_rows, beta_c.scalar_type()),
+          projected ? d_out.t().mm(h_full) : out.new_empty({0})};
 }
 
 // ---------------------------------------------------------------- LN-GRU

@@ -90,13 +90,20 @@ RULES = {
     # LN-RNN sequences: [T, B, n] sequence tensors (SEQ) beside [B, H] states (ROW), the
     # batch sharded. A packed sequence mixes sequences in its rows: replicated only.
     # batch_sizes (CPU, host-read) is a PARAM.
-    "rnn_sequence_fwd": Rule((SEQ, PARAM, ROW, PARAM, PARAM, PARAM), (SEQ, ROW, SEQ, SEQ), _UNPACKED),
+    # save=False (inference) leaves the saved results empty.
+    "rnn_sequence_fwd": Rule((SEQ, PARAM, ROW, PARAM, PARAM, PARAM), (SEQ, ROW, SEQ, SEQ), _UNPACKED,
+                             empty=lambda a: (False, False) + (not a.save,) * 2),
     "rnn_sequence_bwd": Rule((SEQ, ROW, SEQ, PARAM, ROW, SEQ, SEQ, SEQ, PARAM, PARAM, PARAM),
                              (SEQ, ROW_SUM, ROW, ROW_SUM, ROW_SUM), _UNPACKED),
-    "lstm_sequence_fwd": Rule((SEQ, PARAM, ROW, ROW) + (PARAM,) * 5, (SEQ, ROW, ROW) + (SEQ,) * 4, _UNPACKED),
-    "lstm_sequence_bwd": Rule((SEQ, ROW, ROW, PARAM, ROW, ROW) + (SEQ,) * 5 + (PARAM,) * 4,
-                              (SEQ, ROW_SUM, ROW, ROW) + (ROW_SUM,) * 4, _UNPACKED),
-    "gru_sequence_fwd": Rule((SEQ, SEQ, PARAM, ROW, PARAM, PARAM, PARAM), (SEQ, ROW, SEQ, SEQ, SEQ), _UNPACKED),
+    # LSTM: weight_hr (PARAM, optional) and h_full (SEQ; empty without it).
+    "lstm_sequence_fwd": Rule((SEQ, PARAM, ROW, ROW) + (PARAM,) * 6, (SEQ, ROW, ROW) + (SEQ,) * 5, _UNPACKED,
+                              empty=lambda a: (False,) * 3 + (not a.save,) * 4
+                              + (not a.save or a.weight_hr is None,)),
+    "lstm_sequence_bwd": Rule((SEQ, ROW, ROW, PARAM, ROW, ROW) + (SEQ,) * 5 + (PARAM,) * 5 + (SEQ,),
+                              (SEQ, ROW_SUM, ROW, ROW) + (ROW_SUM,) * 5, _UNPACKED,
+                              empty=lambda a: (False,) * 8 + (a.weight_hr is None,)),
+    "gru_sequence_fwd": Rule((SEQ, SEQ, PARAM, ROW, PARAM, PARAM, PARAM), (SEQ, ROW, SEQ, SEQ, SEQ), _UNPACKED,
+                             empty=lambda a: (False,) * 2 + (not a.save,) * 3),
     "gru_sequence_bwd": Rule((SEQ, ROW, PARAM, ROW) + (SEQ,) * 4 + (PARAM, PARAM),
                              (SEQ, SEQ, ROW_SUM, ROW, ROW_SUM, ROW_SUM), _UNPACKED),
 }

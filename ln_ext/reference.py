@@ -86,6 +86,8 @@ def ln_lstm_cell(x, h, c, p, eps=1e-5):
     i, f, u, o = pre.chunk(4, dim=-1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(u)
     h = torch.sigmoid(o) * torch.tanh(_ln_last(c, p["ln_cell_weight"], p["ln_cell_bias"], eps))
+    if p.get("weight_hr") is not None:  # nn.LSTM's proj_size
+        h = h @ p["weight_hr"].T
     return h, c
 
 

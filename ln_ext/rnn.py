@@ -51,10 +51,13 @@ _ops = torch.ops.ln_ext
 _GATES = {"RNN": 1, "LSTM": 4, "GRU": 3}
 
 
-def _param_shapes(mode: str, input_size: int, H: int, bias: bool) -> dict:
-    """Base name -> (shape, init) of one layer-direction's (or one cell's) parameters."""
+def _param_shapes(mode: str, input_size: int, H: int, bias: bool, proj_size: int = 0) -> dict:
+    """Base name -> (shape, init) of one layer-direction's (or one cell's) parameters;
+    proj_size > 0 (LSTM): h is projected to proj_size features by weight_hr, as nn.LSTM's."""
     G = _GATES[mode] * H
-    shapes = {"weight_ih": ((G, input_size), "uniform"), "weight_hh": ((G, H), "uniform")}
+    shapes = {"weight_ih": ((G, input_size), "uniform"), "weight_hh": ((G, proj_size or H), "uniform")}
+    if proj_size:
+        shapes["weight_hr"] = ((proj_size, H), "uniform")
     if mode == "RNN":
         norms = {"ln": H}
     elif mode == "LSTM":
@@ -161,7 +164,7 @@ def _run_direction(mode, x, state, q, H, eps, reverse, batch_sizes, relu=False):
     """
     xs = _project_inputs(mode, x, q, H, eps)
     out, *final = rnn_ops.sequence(mode, xs, q["weight_hh"], state, _cell_params(mode, q), batch_sizes,
-                                   reverse, eps, relu)
+                                   reverse, eps, relu, q.get("weight_hr"))
     return out, tuple(final)
 
 
@@ -178,10 +181,14 @@ class _LayerNormRNNBase(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 eps: float = 1e-5, forget_bias: float = 0.0, device=None, dtype=None):
+                 eps: float = 1e-5, forget_bias: float = 0.0, device=None, dtype=None, proj_size: int = 0):
         super().__init__()
         cls = type(self).__name__
         _check_common(cls, input_size, hidden_size, forget_bias, bias)
+        if not isinstance(proj_size, numbers.Integral) or isinstance(proj_size, bool) or proj_size < 0:
+            raise ValueError(f"{cls}: proj_size must be a non-negative integer, got {proj_size!r}")
+        if proj_size >= hidden_size:
+            raise ValueError(f"{cls}: proj_size must be smaller than hidden_size ({hidden_size}), got {proj_size}")
         if not isinstance(num_layers, numbers.Integral) or num_layers <= 0:
             raise ValueError(f"{cls}: num_layers must be a positive integer, got {num_layers!r}")
         if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
@@ -191,15 +198,16 @@ class _LayerNormRNNBase(nn.Module):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.eps, self.forget_bias = bidirectional, eps, forget_bias
+        self.proj_size = int(proj_size)
         factory = {"device": device, "dtype": dtype}
         D = 2 if bidirectional else 1
         self._names = []  # [layer][direction]: base name -> attribute name
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * D
+            layer_input = input_size if layer == 0 else (proj_size or hidden_size) * D
             dirs = []
             for d in range(D):
                 suffix = f"_l{layer}" + ("_reverse" if d == 1 else "")
-                shapes = _param_shapes(self.mode, layer_input, hidden_size, bias)
+                shapes = _param_shapes(self.mode, layer_input, hidden_size, bias, proj_size)
                 names = {base: base + suffix for base in shapes}
                 for base, (shape, _) in shapes.items():
                     self.register_parameter(names[base], nn.Parameter(torch.empty(shape, **factory)))
@@ -219,13 +227,13 @@ class _LayerNormRNNBase(nn.Module):
     def layer_parameters(self, layer: int, direction: int = 0) -> dict:
         """Base name -> Parameter (None where bias=False drops it) of one layer-direction."""
         names, _ = self._names[layer][direction]
-        full = _param_shapes(self.mode, 1, 1, True)
+        full = _param_shapes(self.mode, 1, 2, True, self.proj_size and 1)
         return {base: getattr(self, names[base]) if base in names else None for base in full}
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         for key, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
-                             ("dropout", 0.0), ("bidirectional", False), ("eps", 1e-5),
+                             ("dropout", 0.0), ("bidirectional", False), ("proj_size", 0), ("eps", 1e-5),
                              ("forget_bias", 0.0)):
             if getattr(self, key) != default:
                 s += f", {key}={getattr(self, key)}"
@@ -294,9 +302,9 @@ class _LayerNormRNNBase(nn.Module):
         """hx as nn.LSTM/GRU/RNN take it -> tuple of [L * D, B, H] in the sorted batch order."""
         cls = type(self).__name__
         shape = (self.num_layers * D, batch, self.hidden_size)
+        h_shape = shape[:2] + (self.proj_size or self.hidden_size,)  # h: the projection's size
         if hx is None:
-            zeros = x.new_zeros(shape)
-            return (zeros,) * self._num_states()
+            return (x.new_zeros(h_shape), x.new_zeros(shape))[: self._num_states()]
         if self.mode == "LSTM":
             if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
                 raise ValueError(f"{cls}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
@@ -306,11 +314,12 @@ class _LayerNormRNNBase(nn.Module):
                 raise ValueError(f"{cls}: hx must be a tensor h_0, got {type(hx).__name__}")
             hx, names = (hx,), ("h_0",)
         states = []
-        for name, s in zip(names, hx):
-            want = shape[:1] + shape[2:] if unbatched else shape
+        for name, s, full in zip(names, hx, (h_shape, shape)):
+            want = full[:1] + full[2:] if unbatched else full
+            size = "proj_size" if name == "h_0" and self.proj_size else "hidden_size"
             if not isinstance(s, torch.Tensor) or tuple(s.shape) != want:
                 raise ValueError(f"{cls}: {name} must have shape {list(want)} "
-                                 f"(num_layers * num_directions, {'' if unbatched else 'batch, '}hidden_size), "
+                                 f"(num_layers * num_directions, {'' if unbatched else 'batch, '}{size}), "
                                  f"got {list(getattr(s, 'shape', []))}")
             _check_like(cls, name, s, self.weight_ih_l0, amp)
             s = s.to(x.dtype).unsqueeze(1) if unbatched else s.to(x.dtype)
@@ -365,13 +374,15 @@ class LayerNormLSTM(_LayerNormRNNBase):
 
     forward(input, hx=None) -> (output, (h_n, c_n)), shapes as nn.LSTM; input may be a
     PackedSequence. forget_bias: initial value of b's forget-gate slice (paper: 0).
+    proj_size > 0: as nn.LSTM's, h = W_hr (s(o) tanh(LN(c))) with proj_size features
+    (weight_hr_l{k}), which the next step's W_h h and the output see.
     """
     mode = "LSTM"
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, eps=1e-5, forget_bias=0.0, device=None, dtype=None):
+                 dropout=0.0, bidirectional=False, proj_size=0, eps=1e-5, forget_bias=0.0, device=None, dtype=None):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, eps, forget_bias, device, dtype)
+                         bidirectional, eps, forget_bias, device, dtype, proj_size)
 
 
 class LayerNormGRU(_LayerNormRNNBase):

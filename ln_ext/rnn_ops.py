@@ -211,15 +211,16 @@ torch.library.register_autograd("ln_ext::gru_cell_fwd", _gru_backward, setup_con
 
 # ---------------------------------------------------------------- one step, and a sequence by steps
 
-def cell_step(mode: str, xs: tuple, state: tuple, weight_hh, params: tuple, eps: float, relu: bool = False) -> tuple:
+def cell_step(mode: str, xs: tuple, state: tuple, weight_hh, params: tuple, eps: float, relu: bool = False,
+              weight_hr=None) -> tuple:
     """One time step with per-step autograd: xs the step's input terms, state (h,) or
     (h, c), params the cell op's parameters in its argument order; relu: the LN-RNN's
-    nonlinearity is relu (else tanh)."""
+    nonlinearity is relu (else tanh); weight_hr: the LSTM's projection of h."""
     h = state[0]
     hproj = torch.mm(h, weight_hh.t())
     if mode == "LSTM":
         h, c, _, _ = _ops.lstm_cell_fwd(xs[0], hproj, state[1], *params, eps)
-        return h, c
+        return (h if weight_hr is None else torch.mm(h, weight_hr.t())), c
     if mode == "GRU":
         h, _, _ = _ops.gru_cell_fwd(xs[0], xs[1], hproj, h, *params, eps)
         return (h,)
@@ -236,7 +237,7 @@ def _resize(s, init, n):
     return s[:n] if m > n else torch.cat([s, init[m:n]])
 
 
-def sequence_by_steps(mode, xs, weight_hh, state, params, eps, reverse, sizes=None, relu=False):
+def sequence_by_steps(mode, xs, weight_hh, state, params, eps, reverse, sizes=None, relu=False, weight_hr=None):
     """The sequence ops' math with per-step autograd of the cell ops, for gradients that
     must themselves be differentiable. xs [T, B, n] (sizes None) or packed [sum(sizes), n];
     returns (output, *final_state), the final state of each row at its own last step."""
@@ -252,11 +253,11 @@ def sequence_by_steps(mode, xs, weight_hh, state, params, eps, reverse, sizes=No
             if bs < state[0].shape[0]:  # rows bs.. ended at the step before: final state
                 ended.append(tuple(s[bs:] for s in state))
             state = tuple(_resize(s, s0, bs) for s, s0 in zip(state, init))
-        state = cell_step(mode, per_step[t], state, weight_hh, params, eps, relu)
+        state = cell_step(mode, per_step[t], state, weight_hh, params, eps, relu, weight_hr)
         outs[t] = state[0]
     if ended:
         state = tuple(torch.cat([s] + [e[k] for e in reversed(ended)]) for k, s in enumerate(state))
-    if not T:
+    if not T:  # h's features: weight_hh's columns (the projection's size with one)
         return (xs[0].new_zeros((*xs[0].shape[:-1], weight_hh.shape[1])), *state)
     return ((torch.cat(outs) if packed else torch.stack(outs)), *state)
 
@@ -283,6 +284,18 @@ def _check_sequence(op, weight_hh, n_gates, batch_sizes, **operands) -> int:
         torch._check(batch_sizes.device.type == "cpu" and batch_sizes.dtype == torch.int64,
                      lambda: f"ln_ext.{op}: batch_sizes must be a 1-D int64 tensor on the CPU")
     return weight_hh.shape[1]
+
+
+def _check_lstm_sequence(op, weight_hh, weight_hr, batch_sizes, **operands) -> tuple:
+    """(H, P) of an LSTM sequence op: weight_hh [4H, P], P = H without weight_hr [P, H]."""
+    if weight_hr is None:
+        H = _check_sequence(op, weight_hh, 4, batch_sizes, **operands)
+        return H, H
+    check_same_device(op, "weight_hh", weight_hh, weight_hr=weight_hr, **operands)
+    torch._check(weight_hh.dim() == 2 and weight_hh.shape[0] % 4 == 0 and weight_hr.dim() == 2
+                 and weight_hr.shape[0] == weight_hh.shape[1] and weight_hr.shape[1] == weight_hh.shape[0] // 4,
+                 lambda: f"ln_ext.{op}: weight_hh must be [4 * hidden, proj_size] and weight_hr [proj_size, hidden]")
+    return weight_hh.shape[0] // 4, weight_hh.shape[1]
 
 
 def _seq(like, n, acc=False):
@@ -314,21 +327,25 @@ def _rnn_sequence_bwd_fake(grad_output, grad_h_n, xproj, weight_hh, h0, output, 
 
 @torch.library.register_fake("ln_ext::lstm_sequence_fwd")
 def _lstm_sequence_fwd_fake(xgates, weight_hh, h0, c0, gamma_h, bias, gamma_c, beta_c, batch_sizes, reverse, eps,
-                            save=True):
-    H = _check_sequence("lstm_sequence_fwd", weight_hh, 4, batch_sizes, xgates=xgates, h0=h0, c0=c0,
-                        gamma_h=gamma_h, bias=bias, gamma_c=gamma_c, beta_c=beta_c)
-    return (_seq(xgates, H), torch.empty_like(h0), torch.empty_like(c0), _saved(save, xgates, 4 * H),
-            _saved(save, xgates, H), _saved(save, xgates, 4 * H, acc=True), _saved(save, xgates, 4, acc=True))
+                            save=True, weight_hr=None):
+    H, P = _check_lstm_sequence("lstm_sequence_fwd", weight_hh, weight_hr, batch_sizes, xgates=xgates, h0=h0, c0=c0,
+                                gamma_h=gamma_h, bias=bias, gamma_c=gamma_c, beta_c=beta_c)
+    return (_seq(xgates, P), torch.empty_like(h0), torch.empty_like(c0), _saved(save, xgates, 4 * H),
+            _saved(save, xgates, H), _saved(save, xgates, 4 * H, acc=True), _saved(save, xgates, 4, acc=True),
+            _saved(save and weight_hr is not None, xgates, H))
 
 
 @torch.library.register_fake("ln_ext::lstm_sequence_bwd")
 def _lstm_sequence_bwd_fake(grad_output, grad_h_n, grad_c_n, weight_hh, h0, c0, output, hproj, cs, gates, stats,
-                            gamma_h, gamma_c, beta_c, batch_sizes, reverse):
-    H = _check_sequence("lstm_sequence_bwd", weight_hh, 4, batch_sizes, grad_output=grad_output,
-                        grad_h_n=grad_h_n, grad_c_n=grad_c_n, h0=h0, c0=c0, output=output, hproj=hproj, cs=cs,
-                        gates=gates, stats=stats, gamma_h=gamma_h, gamma_c=gamma_c, beta_c=beta_c)
+                            gamma_h, gamma_c, beta_c, batch_sizes, reverse, weight_hr=None, h_full=None):
+    H, _ = _check_lstm_sequence("lstm_sequence_bwd", weight_hh, weight_hr, batch_sizes, grad_output=grad_output,
+                                grad_h_n=grad_h_n, grad_c_n=grad_c_n, h0=h0, c0=c0, output=output, hproj=hproj,
+                                cs=cs, gates=gates, stats=stats, gamma_h=gamma_h, gamma_c=gamma_c, beta_c=beta_c,
+                                h_full=h_full)
+    d_weight_hr = torch.empty_like(weight_hr) if weight_hr is not None else weight_hh.new_empty((0,))
     return (_seq(output, 4 * H), torch.empty_like(weight_hh), torch.empty_like(h0), torch.empty_like(c0),
-            torch.empty_like(gamma_h), torch.empty_like(gamma_h), torch.empty_like(gamma_c), torch.empty_like(beta_c))
+            torch.empty_like(gamma_h), torch.empty_like(gamma_h), torch.empty_like(gamma_c), torch.empty_like(beta_c),
+            d_weight_hr)
 
 
 @torch.library.register_fake("ln_ext::gru_sequence_fwd")
@@ -351,54 +368,66 @@ def _gru_sequence_bwd_fake(grad_output, grad_h_n, weight_hh, h0, output, hproj, 
 def _sequence_autograd(mode: str) -> None:
     n_xs, n_states = _N_XS[mode], _N_STATES[mode]
     n_tensors = n_xs + 1 + n_states + _N_PARAMS[mode]
+    # After the tensors: batch_sizes, reverse, eps, then RNN: relu, save; LSTM: save,
+    # weight_hr (a differentiable tensor, or None); GRU: save.
+    n_trailing = {"RNN": 5, "LSTM": 5, "GRU": 4}[mode]
 
     def setup(ctx, inputs, output):
-        relu = False
-        *inputs, save = inputs
-        if mode == "RNN":
-            *inputs, relu = inputs
-        *tensors, batch_sizes, reverse, eps = inputs
+        tensors = inputs[:n_tensors]
+        batch_sizes, reverse, eps = inputs[n_tensors: n_tensors + 3]
+        ctx.relu = mode == "RNN" and inputs[n_tensors + 3]
+        weight_hr = inputs[-1] if mode == "LSTM" else None
+        ctx.projected = weight_hr is not None
         n_out = 1 + n_states
         ctx.mark_non_differentiable(*output[n_out:])
         # Otherwise autograd fills a zero gradient for each saved output (hproj, gates...:
         # [T * B, 4H] each) on every backward; a None gradient is handled below.
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*tensors, *output[:1], *output[n_out:])
-        ctx.batch_sizes, ctx.reverse, ctx.eps, ctx.relu = batch_sizes, reverse, eps, relu
+        ctx.save_for_backward(*tensors, *output[:1], *output[n_out:], *([weight_hr] if ctx.projected else []))
+        ctx.batch_sizes, ctx.reverse, ctx.eps = batch_sizes, reverse, eps
 
     def backward(ctx, *grads):
-        saved = ctx.saved_tensors
+        saved = list(ctx.saved_tensors)
+        weight_hr = saved.pop() if ctx.projected else None
         tensors, output, kept = saved[:n_tensors], saved[n_tensors], saved[n_tensors + 1:]
         xs, weight_hh = tensors[:n_xs], tensors[n_xs]
         states, params = tensors[n_xs + 1: n_xs + 1 + n_states], tensors[n_xs + 1 + n_states:]
         d_out = grads[0] if grads[0] is not None else torch.zeros_like(output)
         d_finals = [g if g is not None else torch.zeros_like(s) for g, s in zip(grads[1: 1 + n_states], states)]
         if torch.is_grad_enabled():  # create_graph: differentiable gradients, by steps
-            result = _sequence_grads_by_steps(ctx, mode, tensors, [d_out, *d_finals])
+            result = _sequence_grads_by_steps(ctx, mode, tensors, weight_hr, [d_out, *d_finals])
         else:
             bs, rev = ctx.batch_sizes, ctx.reverse
             if mode == "RNN":
                 args = (d_out, *d_finals, xs[0], weight_hh, *states, output, *kept, *params, bs, rev, ctx.relu)
             elif mode == "LSTM":
                 gamma_h, _, gamma_c, beta_c = params
-                args = (d_out, *d_finals, weight_hh, *states, output, *kept, gamma_h, gamma_c, beta_c, bs, rev)
+                *kept, h_full = kept
+                args = (d_out, *d_finals, weight_hh, *states, output, *kept, gamma_h, gamma_c, beta_c, bs, rev,
+                        weight_hr, h_full if ctx.projected else None)
             else:
                 args = (d_out, *d_finals, weight_hh, *states, output, *kept, params[0], bs, rev)
             result = getattr(_ops, _SEQUENCE_OP[mode] + "_bwd")(*args)
-        return _keep(ctx.needs_input_grad, *result) + (None,) * (5 if mode == "RNN" else 4)
+        # The gradients of the tensors, then of batch_sizes... (none) and, LSTM, of weight_hr.
+        trailing = [None] * n_trailing
+        if ctx.projected:
+            trailing[-1] = result[n_tensors]
+        return _keep(ctx.needs_input_grad, *result[:n_tensors], *trailing)
 
     torch.library.register_autograd(f"ln_ext::{_SEQUENCE_OP[mode]}_fwd", backward, setup_context=setup)
 
 
-def _sequence_grads_by_steps(ctx, mode, tensors, grads):
+def _sequence_grads_by_steps(ctx, mode, tensors, weight_hr, grads):
     n_xs, n_states = _N_XS[mode], _N_STATES[mode]
     xs, weight_hh = tensors[:n_xs], tensors[n_xs]
     states, params = tensors[n_xs + 1: n_xs + 1 + n_states], tensors[n_xs + 1 + n_states:]
     sizes = None if ctx.batch_sizes is None else ctx.batch_sizes.tolist()
-    wanted = [i for i, t in enumerate(tensors) if ctx.needs_input_grad[i]]
-    outs = sequence_by_steps(mode, xs, weight_hh, states, params, ctx.eps, ctx.reverse, sizes, ctx.relu)
-    got = torch.autograd.grad(outs, [tensors[i] for i in wanted], grads, create_graph=True, allow_unused=True)
-    result = [None] * len(tensors)
+    inputs = list(tensors) + ([weight_hr] if weight_hr is not None else [])
+    needs = list(ctx.needs_input_grad[: len(tensors)]) + ([ctx.needs_input_grad[-1]] if weight_hr is not None else [])
+    wanted = [i for i, n in enumerate(needs) if n]
+    outs = sequence_by_steps(mode, xs, weight_hh, states, params, ctx.eps, ctx.reverse, sizes, ctx.relu, weight_hr)
+    got = torch.autograd.grad(outs, [inputs[i] for i in wanted], grads, create_graph=True, allow_unused=True)
+    result = [None] * len(inputs)
     for i, g in zip(wanted, got):
         result[i] = g
     return tuple(result)
@@ -408,13 +437,13 @@ for _mode in _SEQUENCE_OP:
     _sequence_autograd(_mode)
 
 
-def sequence(mode, xs, weight_hh, state, params, batch_sizes, reverse, eps, relu=False) -> tuple:
+def sequence(mode, xs, weight_hh, state, params, batch_sizes, reverse, eps, relu=False, weight_hr=None) -> tuple:
     """One layer-direction over a sequence in one op: (output, *final_state). Without a
     gradient to compute (grad mode off, or no input that requires one), the op saves
-    nothing for a backward."""
+    nothing for a backward. weight_hr: the LSTM's projection (nn.LSTM's proj_size)."""
     fwd = getattr(_ops, _SEQUENCE_OP[mode] + "_fwd")
-    tensors = (*xs, weight_hh, *state, *params)
+    tensors = (*xs, weight_hh, *state, *params) + ((weight_hr,) if weight_hr is not None else ())
     save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    flags = (relu, save) if mode == "RNN" else (save,)
-    result = fwd(*tensors, batch_sizes, reverse, eps, *flags)
+    flags = {"RNN": (relu, save), "LSTM": (save, weight_hr), "GRU": (save,)}[mode]
+    result = fwd(*xs, weight_hh, *state, *params, batch_sizes, reverse, eps, *flags)
     return result[: 1 + _N_STATES[mode]]

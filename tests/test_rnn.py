@@ -81,8 +81,9 @@ def sample(mode, module, T=5, B=3, dtype=None, device="cpu", seed=1):
     dtype = dtype or module.weight_ih_l0.dtype
     D = 2 if module.bidirectional else 1
     x = torch.randn(T, B, module.input_size, generator=g, dtype=torch.float64)
-    hx = tuple(torch.randn(module.num_layers * D, B, module.hidden_size, generator=g, dtype=torch.float64)
-               for _ in range(n_states(mode)))
+    sizes = (getattr(module, "proj_size", 0) or module.hidden_size, module.hidden_size)  # h (projected), c
+    hx = tuple(torch.randn(module.num_layers * D, B, sizes[k], generator=g, dtype=torch.float64)
+               for k in range(n_states(mode)))
     return x.to(device, dtype), tuple(h.to(device, dtype) for h in hx)
 
 
@@ -639,7 +640,7 @@ def sequence_bwd_sample(mode, device="cpu", **kw):
     xs, w, states, params = args[:n_x], args[n_x], args[n_x + 1: n_x + 1 + n_s], args[n_x + 1 + n_s: -3]
     g = torch.Generator().manual_seed(8)
     grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in outs[: 1 + n_s]]
-    kept = outs[1 + n_s:]
+    kept = outs[1 + n_s: 7 if mode == "LSTM" else None]  # without the LSTM's h_full (no projection here)
     if mode == "RNN":
         bwd = (*grads, xs[0], w, *states, outs[0], *kept, *params)
     elif mode == "LSTM":
@@ -702,7 +703,8 @@ def test_sequence_op_inference_saves_nothing(mode, packed):
         inferred = fwd(*args, *flags, False)
         for a, b in zip(trained[: 1 + n_s], inferred[: 1 + n_s]):
             assert torch.equal(a, b)
-        assert all(t.numel() > 0 for t in trained[1 + n_s:])
+        kept = slice(1 + n_s, 7 if mode == "LSTM" else None)  # the LSTM's h_full: only with a projection
+        assert all(t.numel() > 0 for t in trained[kept])
         assert all(t.shape == (0,) for t in inferred[1 + n_s:])
         torch.library.opcheck(fwd, (*args, *flags, False))
 
@@ -719,7 +721,7 @@ def test_layers_without_grad_save_nothing(mode, monkeypatch):
     asked = []
 
     def recording(*args):
-        asked.append(args[-1])
+        asked.append(args[-2] if mode == "LSTM" else args[-1])  # save (the LSTM's weight_hr follows it)
         return fwd(*args)
 
     monkeypatch.setattr(ln_ext.rnn_ops, "_ops", type("Ops", (), {SEQ_OP[mode] + "_fwd": staticmethod(recording)}))
@@ -887,6 +889,116 @@ def test_relu_double_backward_compile_and_export():
     torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(xs)[0], model(xs)[0])
     ep = torch.export.export(model, (xs,))
     assert any("rnn_sequence" in str(n.target) for n in ep.graph.nodes)
+    torch.testing.assert_close(ep.module()(xs)[0], model(xs)[0])
+
+
+# ---------------------------------------------------------------- proj_size (nn.LSTM's)
+
+PROJ_CONFIGS = [dict(proj_size=3), dict(proj_size=2, num_layers=2, bidirectional=True),
+                dict(proj_size=4, num_layers=2, batch_first=True, bias=False)]
+
+
+@pytest.mark.parametrize("config", PROJ_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_projected_lstm_matches_reference_float64(config):
+    module = make("LSTM", **config)
+    x, hx = sample("LSTM", module, T=5, B=3)
+    assert hx[0].shape[-1] == config["proj_size"] and hx[1].shape[-1] == module.hidden_size
+    assert_matches_reference("LSTM", module, x, hx, torch.float64)
+
+
+def test_projected_lstm_reduced_precision_and_default_state():
+    module = make("LSTM", dtype=torch.float32, num_layers=2, bidirectional=True, hidden_size=24, input_size=10,
+                  proj_size=8)
+    x, hx = sample("LSTM", module, T=6, B=5)
+    assert_matches_reference("LSTM", module, x, hx, torch.float32)
+    out, (h_n, c_n) = module(x)
+    assert out.shape == (6, 5, 16) and h_n.shape == (4, 5, 8) and c_n.shape == (4, 5, 24)
+    out1, (h1, c1) = module(x[:, 0])  # unbatched
+    torch.testing.assert_close(out1, out[:, 0])
+    assert h1.shape == (4, 8) and c1.shape == (4, 24)
+
+
+def test_projected_lstm_takes_nn_lstm_arguments_and_refuses_others():
+    layer = ln_ext.LayerNormLSTM(5, 6, 2, True, False, 0.0, True, 3)  # nn.LSTM's positional order
+    torch_layer = torch.nn.LSTM(5, 6, 2, True, False, 0.0, True, 3)
+    ours = {n: tuple(p.shape) for n, p in layer.named_parameters()}
+    for name, p in torch_layer.named_parameters():
+        if name.startswith("weight_"):
+            assert ours[name] == tuple(p.shape), name
+    assert layer.proj_size == 3 and "proj_size=3" in repr(layer)
+    for bad, match in ((6, "proj_size must be smaller than hidden_size"), (-1, "non-negative integer"),
+                       (1.5, "non-negative integer")):
+        with pytest.raises(ValueError, match=match):
+            ln_ext.LayerNormLSTM(5, 6, proj_size=bad)
+    with pytest.raises(ValueError, match=r"h_0 must have shape \[1, 2, 3\] .*proj_size"):
+        ln_ext.LayerNormLSTM(5, 6, proj_size=3)(torch.randn(4, 2, 5), (torch.zeros(1, 2, 6), torch.zeros(1, 2, 6)))
+
+
+def test_projected_lstm_packed_per_step_and_inference():
+    module = make("LSTM", num_layers=2, bidirectional=True, proj_size=3)
+    lengths = [5, 3, 1]
+    x, hx = sample("LSTM", module, T=5, B=3)
+    out, (h_n, c_n) = module(pack_padded_sequence(x, torch.tensor(lengths)), hx)
+    padded, _ = pad_packed_sequence(out)
+    for b, n in enumerate(lengths):
+        h_b = tuple(h[:, b: b + 1].contiguous() for h in hx)
+        out_b, (hn_b, cn_b) = module(x[:n, b: b + 1], h_b)
+        torch.testing.assert_close(padded[:n, b: b + 1], out_b, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(h_n[:, b: b + 1], hn_b, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(c_n[:, b: b + 1], cn_b, atol=1e-12, rtol=1e-12)
+    with torch.no_grad():
+        inferred, (h_i, c_i) = module(x, hx)
+    trained, (h_t, c_t) = module(x, hx)
+    assert torch.equal(inferred, trained) and torch.equal(h_i, h_t) and torch.equal(c_i, c_t)
+    # The sequence op against per-step autograd of the cell op and a projection GEMM.
+    fwd = torch.ops.ln_ext.lstm_sequence_fwd
+    for lengths in (None, [4, 2, 2]):
+        for reverse in (False, True):
+            args = sequence_op_inputs("LSTM", lengths=lengths)
+            args[-2] = reverse
+            H = args[3].shape[1]
+            g = torch.Generator().manual_seed(4)
+            P = 2
+            w_hr = (0.5 * torch.randn(P, H, generator=g, dtype=torch.float64)).requires_grad_()
+            args[1] = args[1][:, :P].contiguous()  # weight_hh [4H, P]
+            args[2] = args[2][:, :P].contiguous()  # h0 [B, P]
+            tensors = [t.requires_grad_() for t in args[:-3]]
+            got = fwd(*args, True, w_hr)[:3]
+            sizes = None if lengths is None else args[-3].tolist()
+            want = ln_ext.rnn_ops.sequence_by_steps("LSTM", tensors[:1], tensors[1], tensors[2:4], tensors[4:], 1e-5,
+                                                    reverse, sizes, weight_hr=w_hr)
+            dys = [torch.randn_like(t) for t in want]
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+            leaves = [*tensors, w_hr]
+            for a, b in zip(torch.autograd.grad(got, leaves, dys), torch.autograd.grad(want, leaves, dys)):
+                torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10)
+            torch.library.opcheck(fwd, (*args, True, w_hr))
+            torch.library.opcheck(fwd, (*[t.detach() if isinstance(t, torch.Tensor) else t for t in args],
+                                        False, w_hr.detach()))
+
+
+def test_projected_lstm_double_backward_compile_and_export():
+    module = make("LSTM", input_size=2, hidden_size=3, proj_size=2)
+    x, hx = sample("LSTM", module, T=2, B=2)
+
+    def f(x, weight_hr, h0, c0):
+        out, (h_n, c_n) = torch.func.functional_call(module, {"weight_hr_l0": weight_hr}, (x, (h0, c0)), strict=False)
+        return out, h_n, c_n
+
+    assert torch.autograd.gradgradcheck(f, [x.clone().requires_grad_(), module.weight_hr_l0.detach().requires_grad_(),
+                                            *(h.clone().requires_grad_() for h in hx)])
+    torch._dynamo.reset()
+    model = make("LSTM", dtype=torch.float32, num_layers=2, bidirectional=True, proj_size=3)
+    xs = torch.randn(6, 2, 5)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    xc, xe = xs.clone().requires_grad_(), xs.clone().requires_grad_()
+    out_c, out_e = compiled(xc)[0], model(xe)[0]
+    torch.testing.assert_close(out_c, out_e)
+    out_c.sum().backward()
+    out_e.sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad)
+    ep = torch.export.export(model, (xs,))
     torch.testing.assert_close(ep.module()(xs)[0], model(xs)[0])
 
 
