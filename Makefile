@@ -6,7 +6,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 PY          ?= $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.14.1
-DEPS        ?= numpy pytest ninja setuptools wheel matplotlib tqdm scikit-learn $(MODEL_DEPS)
+DEPS        ?= numpy pytest expecttest==0.3.0 ninja setuptools wheel matplotlib tqdm scikit-learn $(MODEL_DEPS)
 # The model libraries whose norms convert_layer_norm converts (tests build tiny models from
 # configs; nothing is downloaded). timm needs torchvision, pinned to TORCH_SPEC's.
 MODEL_DEPS  ?= transformers==5.23.0 timm==1.0.31 kernels==0.18.3 torchvision==0.29.1

@@ -1002,6 +1002,50 @@ def test_projected_lstm_double_backward_compile_and_export():
     torch.testing.assert_close(ep.module()(xs)[0], model(xs)[0])
 
 
+# ---------------------------------------------------------------- PyTorch's own samples
+
+def _module_db_samples():
+    """(nn class name, constructor kwargs, forward args) of PyTorch's ModuleInfo samples for
+    nn.RNN, nn.LSTM and nn.GRU (float64)."""
+    common_modules = pytest.importorskip("torch.testing._internal.common_modules")
+    out = []
+    for info in common_modules.module_db:
+        if info.module_cls in (torch.nn.RNN, torch.nn.LSTM, torch.nn.GRU):
+            for sample in info.module_inputs_func(info, device="cpu", dtype=torch.float64, requires_grad=False,
+                                                  training=True):
+                out.append((info.module_cls.__name__, sample.constructor_input, sample.forward_input))
+    return out
+
+
+def test_pytorch_module_info_samples_match_reference():
+    """Every ModuleInfo sample of nn.RNN/LSTM/GRU (nonlinearity, proj_size, bias,
+    batch_first, bidirectional, unbatched input, with and without hx) builds the LN layer
+    with the same arguments, and its outputs, final states and gradients match the float64
+    reference of the equations."""
+    samples = _module_db_samples()
+    assert len(samples) >= 80, len(samples)
+    for name, ctor, fwd in samples:
+        mode = name
+        module = randomize(LAYER[mode](*ctor.args, **ctor.kwargs, dtype=torch.float64))
+        x = fwd.args[0]
+        hx = fwd.args[1] if len(fwd.args) > 1 else None
+        got, got_hn = module(*fwd.args)  # as the sample calls it (unbatched here)
+        unbatched = x.dim() == 2
+        xb = x.unsqueeze(1) if unbatched else (x.transpose(0, 1) if module.batch_first else x)
+        if hx is None:
+            hxb = tuple(torch.zeros_like(h) for h in states_tuple(mode, got_hn))
+        else:
+            hxb = states_tuple(mode, hx)
+        hxb = tuple(h.unsqueeze(1) if unbatched else h for h in hxb)
+        if unbatched:
+            module.batch_first = False  # the batched run below is time-major
+        assert_matches_reference(mode, module, xb, hxb, torch.float64)
+        want, _ = reference.ln_rnn_layers(mode, xb, hxb, ref_params(module), module.eps,
+                                          getattr(module, "nonlinearity", "tanh"))
+        want = want.squeeze(1) if unbatched else (want.transpose(0, 1) if module.batch_first else want)
+        torch.testing.assert_close(got, want.detach(), msg=lambda m: f"{name} {ctor.kwargs}: {m}")
+
+
 # ---------------------------------------------------------------- export and compile of whole models
 
 class _Holder(torch.nn.Module):
