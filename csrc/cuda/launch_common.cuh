@@ -32,8 +32,8 @@ namespace cuda_launch {
 // Longest row the kernels index with int column offsets (chunk math adds < 2 * 16).
 constexpr int64_t kMaxCols = INT_MAX - 64;
 
-// Threads per block when several rows share a block.
-constexpr int kMultiRowBlock = 256;
+// Threads per block when several rows share a block (the rows kernels' launch bounds count on it).
+constexpr int kMultiRowBlock = kernels::kMultiRowBlock;
 
 // Threads per block of the one-row-per-block "long" kernels.
 constexpr int kLongBlock = 1024;

@@ -51,6 +51,8 @@
 // Measured: not yet on a GPU (see benchmarks/NOTES.md for ptxas/SASS facts).
 #pragma once
 
+#include <type_traits>
+
 #include "cluster.cuh"
 #include "norm_math.cuh"
 #include "reduce.cuh"
@@ -81,19 +83,43 @@ struct BwdParams {
   acc_t<T> weight_offset = 0;     // g = dy * (weight_offset + weight)
 };
 
-// out += the chunk's dh (the gradient of h from outside the norm), when there is one.
+// out += the chunk's dh (the gradient of h from outside the norm), when there is one,
+// from its words `dh_raw` loaded ahead (load_chunk_words) when the chunk is full.
 template <int V, typename T, typename DY, typename P, typename A>
 __device__ __forceinline__ void add_grad_h(const BwdParams<T, DY, P>& p, int64_t chunk, bool full, int col0,
-                                           A (&out)[V]) {
+                                           const T (&dh_raw)[V], A (&out)[V]) {
   if (p.dh == nullptr) return;
   A dh[V];
-  load_chunk(p.dh + chunk * V, full, col0, p.cols, A(0), dh);
+  convert_chunk(p.dh + chunk * V, dh_raw, full, col0, p.cols, A(0), dh);
 #pragma unroll
   for (int i = 0; i < V; ++i) out[i] += dh[i];
 }
 
+// The first phase of reading the chunk's dh: its words, zeros without a dh (words left
+// unwritten on a path stay live: load_chunk_words).
+template <int V, typename T, typename DY, typename P>
+__device__ __forceinline__ void load_grad_h_words(const BwdParams<T, DY, P>& p, int64_t chunk, bool full,
+                                                  T (&dh_raw)[V]) {
+  load_chunk_words<V>(p.dh != nullptr ? p.dh + chunk * V : nullptr, full && p.dh != nullptr, dh_raw);
+}
+
+// Launch bounds of the rows kernel: K=1 runs kMultiRowBlock threads, resident
+// `bwd_rows_min_blocks` blocks per multiprocessor; K=2 up to 512 threads, one block.
+// Without a minimum, ptxas sized the K=1 kernels for 512-thread blocks: it kept them
+// at 64 registers, where the centered 16-bit ones spilled (dbias sums, the sum(d)
+// reduction, float weights: ~70 live), and past 64 it took up to 128. The minimums are
+// the most blocks whose share of registers holds each kernel (with the two-phase loads)
+// without spills (sm_90, measured): float 48 and, centered, 64 registers; 16-bit and
+// double 64 and, centered, 80.
+template <typename T, bool kCentered, int K>
+constexpr int bwd_rows_min_blocks() {
+  if constexpr (K != 1) return 1;
+  if constexpr (sizeof(T) == 4) return kCentered ? 4 : 5;
+  return kCentered ? 3 : 4;
+}
+
 template <typename T, typename DY, typename P, bool kCentered, int K>
-__global__ void __launch_bounds__(512)
+__global__ void __launch_bounds__(K == 1 ? kMultiRowBlock : 512, (bwd_rows_min_blocks<T, kCentered, K>()))
     layer_norm_bwd_rows_kernel(const BwdParams<T, DY, P> p, const int group) {
   using A = acc_t<T>;
   constexpr int V = kVecElems<T>;
@@ -145,8 +171,21 @@ __global__ void __launch_bounds__(512)
     const T* x_row = p.x + rc.first * V;
     const DY* dy_row = p.dy + rc.first * V;
 
-    // This thread's chunks s = k * group + lane: d = x - mean then xhat, dy then g;
-    // zero outside the row.
+    // This thread's chunks s = k * group + lane, in two phases (vec.cuh): every 16-byte
+    // load of x, dy and dh first, then the conversions. dh waits in its raw words for
+    // the dx stores, so that it is not read chunk by chunk behind them.
+    alignas(16) T x_raw[K][V], dh_raw[K][V];
+    alignas(16) DY dy_raw[K][V];
+    bool full[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int s = k * group + lane;
+      full[k] = s < rc.count && chunk_is_full<V>(p.vec_ok, s * V - rc.head, n);
+      load_chunk_words<V>(x_row + s * V, full[k], x_raw[k]);
+      load_chunk_words<V>(dy_row + s * V, full[k], dy_raw[k]);
+      load_grad_h_words(p, rc.first + s, full[k], dh_raw[k]);
+    }
+    // d = x - mean then xhat, dy then g; zero outside the row.
     A xhat[K][V], g[K][V];
     A sum_d = 0;
 #pragma unroll
@@ -154,9 +193,8 @@ __global__ void __launch_bounds__(512)
       const int s = k * group + lane;
       const int col0 = s * V - rc.head;
       if (s < rc.count) {
-        const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
-        load_chunk(x_row + s * V, full, col0, n, A(0), xhat[k]);
-        load_chunk(dy_row + s * V, full, col0, n, A(0), g[k]);
+        convert_chunk(x_row + s * V, x_raw[k], full[k], col0, n, A(0), xhat[k]);
+        convert_chunk(dy_row + s * V, dy_raw[k], full[k], col0, n, A(0), g[k]);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           xhat[k][i] = in_row(col0 + i, n) ? xhat[k][i] - mean : A(0);
@@ -179,8 +217,7 @@ __global__ void __launch_bounds__(512)
       const int col0 = s * V - rc.head;
       A w[V];
       if (s < rc.count) {
-        load_gain_chunk(p.weight, A(p.weight_offset), chunk_is_full<V>(p.vec_ok, col0, n) && p.weight_vec_ok, col0, n,
-                        w);
+        load_gain_chunk(p.weight, A(p.weight_offset), full[k] && p.weight_vec_ok, col0, n, w);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           xhat[k][i] = in_row(col0 + i, n) ? (xhat[k][i] - st.residual) * rstd : A(0);
@@ -234,9 +271,8 @@ __global__ void __launch_bounds__(512)
           A out[V];
 #pragma unroll
           for (int i = 0; i < V; ++i) out[i] = layer_norm_dx(g[k][i], xhat[k][i], A(n), sums[0], sums[1], rstd_n);
-          const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
-          add_grad_h(p, rc.first + s, full, col0, out);
-          store_chunk(dx_row + s * V, full, col0, n, out);
+          add_grad_h(p, rc.first + s, full[k], col0, dh_raw[k], out);
+          store_chunk(dx_row + s * V, full[k], col0, n, out);
         }
       }
     }
@@ -311,22 +347,26 @@ __global__ void __launch_bounds__(1024)
     cache_chunks<V, kBwdCacheBatchBytes>(x_row, x_cache, 0, cache_end, rc.head, n, p.vec_ok);
     cache_chunks<V, kBwdCacheBatchBytes>(dy_row, dy_cache, 0, cache_end, rc.head, n, p.vec_ok);
 
-    // f(col0, full, d, dy, w) for this thread's chunks: d = x - mean and dy, zero
-    // outside the row, and the weight. From the cache below cache_end, from memory
-    // beyond (two loops, so that each load is a plain shared or global one).
-    auto for_my_chunks = [&](auto&& f) {
+    // f(s, col0, full, d, dy, w, dh_raw) for this thread's chunks: d = x - mean and dy,
+    // zero outside the row, and the weight. From the cache below cache_end, from memory
+    // beyond (two loops, so that each load is a plain shared or global one). `grad_h`
+    // true: dh_raw holds the chunk's dh words (load_grad_h_words), loaded first, with x,
+    // dy and the weight, not behind the dx math and the previous chunk's dx store.
+    auto for_my_chunks = [&](auto grad_h, auto&& f) {
       for_chunks_split(cache_end, rc.count, [&](int s, auto cached) {
         const T* xs = (cached.value ? x_cache : x_row) + s * V;
         const DY* dys = (cached.value ? dy_cache : dy_row) + s * V;
         const int col0 = s * V - rc.head;
         const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
+        alignas(16) T dh_raw[V];
+        if constexpr (decltype(grad_h)::value) load_grad_h_words(p, rc.first + s, full, dh_raw);
         A d[V], dy[V], w[V];
         load_chunk(xs, full, col0, n, A(0), d);
         load_chunk(dys, full, col0, n, A(0), dy);
         load_gain_chunk(p.weight, A(p.weight_offset), full && p.weight_vec_ok, col0, n, w);
 #pragma unroll
         for (int i = 0; i < V; ++i) d[i] = in_row(col0 + i, n) ? d[i] - mean : A(0);
-        f(s, col0, full, d, dy, w);
+        f(s, col0, full, d, dy, w, dh_raw);
       });
     };
 
@@ -344,7 +384,8 @@ __global__ void __launch_bounds__(1024)
       continue;
     }
     A sums[3] = {0, 0, 0};  // sum(d), sum(g), sum(g * d)
-    for_my_chunks([&](int, int, bool, const A(&d)[V], const A(&dy)[V], const A(&w)[V]) {
+    for_my_chunks(std::false_type{}, [&](int, int, bool, const A(&d)[V], const A(&dy)[V], const A(&w)[V],
+                                         const T(&)[V]) {
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const A g = dy[i] * w[i];
@@ -373,14 +414,15 @@ __global__ void __launch_bounds__(1024)
     const A sum_g = kCentered ? sums[1] : A(0), sum_gx = rstd * (sums[2] - st.residual * sums[1]);
     const A rstd_n = rstd / A(n);
     T* dx_row = p.dx + rc.first * V;
-    for_my_chunks([&](int s, int col0, bool full, const A(&d)[V], const A(&dy)[V], const A(&w)[V]) {
+    for_my_chunks(std::true_type{}, [&](int s, int col0, bool full, const A(&d)[V], const A(&dy)[V], const A(&w)[V],
+                                        const T(&dh_raw)[V]) {
       A out[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const A xhat = in_row(col0 + i, n) ? (d[i] - st.residual) * rstd : A(0);
         out[i] = layer_norm_dx(dy[i] * w[i], xhat, A(n), sum_g, sum_gx, rstd_n);
       }
-      add_grad_h(p, rc.first + s, full, col0, out);
+      add_grad_h(p, rc.first + s, full, col0, dh_raw, out);
       store_chunk(dx_row + s * V, full, col0, n, out);
     });
   }
@@ -437,24 +479,28 @@ __global__ void __launch_bounds__(1024)
     cache_chunks<V, kBwdCacheBatchBytes>(x_row, x_cache, begin, cache_end, rc.head, n, p.vec_ok);
     cache_chunks<V, kBwdCacheBatchBytes>(dy_row, dy_cache, begin, cache_end, rc.head, n, p.vec_ok);
 
-    // f(s, col0, full, d, dy, w) for this thread's chunks s (the ones it cached): d = x -
-    // mean and dy, zero outside the row, and the weight.
-    auto for_my_chunks = [&](auto&& f) {
+    // f(s, col0, full, d, dy, w, dh_raw) for this thread's chunks s (the ones it cached):
+    // d = x - mean and dy, zero outside the row, the weight, and with `grad_h` the chunk's
+    // dh words, as in the long kernel.
+    auto for_my_chunks = [&](auto grad_h, auto&& f) {
       for (int s = begin + threadIdx.x; s < end; s += blockDim.x) {
         const int col0 = s * V - rc.head;
         const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
+        alignas(16) T dh_raw[V];
+        if constexpr (decltype(grad_h)::value) load_grad_h_words(p, rc.first + s, full, dh_raw);
         A d[V], dy[V], w[V];
         load_chunk(x_cache + (s - begin) * V, full, col0, n, A(0), d);
         load_chunk(dy_cache + (s - begin) * V, full, col0, n, A(0), dy);
         load_gain_chunk(p.weight, A(p.weight_offset), full && p.weight_vec_ok, col0, n, w);
 #pragma unroll
         for (int i = 0; i < V; ++i) d[i] = in_row(col0 + i, n) ? d[i] - mean : A(0);
-        f(s, col0, full, d, dy, w);
+        f(s, col0, full, d, dy, w, dh_raw);
       }
     };
 
     A sums[3] = {0, 0, 0};  // sum(d), sum(g), sum(g * d)
-    for_my_chunks([&](int, int, bool, const A(&d)[V], const A(&dy)[V], const A(&w)[V]) {
+    for_my_chunks(std::false_type{}, [&](int, int, bool, const A(&d)[V], const A(&dy)[V], const A(&w)[V],
+                                         const T(&)[V]) {
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const A g = dy[i] * w[i];
@@ -480,14 +526,15 @@ __global__ void __launch_bounds__(1024)
     const A sum_g = kCentered ? sums[1] : A(0), sum_gx = rstd * (sums[2] - st.residual * sums[1]);
     const A rstd_n = rstd / A(n);
     T* dx_row = p.dx + rc.first * V;
-    for_my_chunks([&](int s, int col0, bool full, const A(&d)[V], const A(&dy)[V], const A(&w)[V]) {
+    for_my_chunks(std::true_type{}, [&](int s, int col0, bool full, const A(&d)[V], const A(&dy)[V], const A(&w)[V],
+                                        const T(&dh_raw)[V]) {
       A out[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const A xhat = in_row(col0 + i, n) ? (d[i] - st.residual) * rstd : A(0);
         out[i] = layer_norm_dx(dy[i] * w[i], xhat, A(n), sum_g, sum_gx, rstd_n);
       }
-      add_grad_h(p, rc.first + s, full, col0, out);
+      add_grad_h(p, rc.first + s, full, col0, dh_raw, out);
       store_chunk(dx_row + s * V, full, col0, n, out);
     });
   }

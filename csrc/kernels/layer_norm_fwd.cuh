@@ -68,19 +68,41 @@ struct FwdParams {
   acc_t<T> weight_offset = 0;     // the gain is weight_offset + weight
 };
 
-// Chunk s of the row as the norm's input u (acc), zero outside the row: x, or, with a
-// residual, h = x + residual rounded to R, which is also stored.
-template <int V, typename T, typename P, typename Y, typename R, typename A>
-__device__ __forceinline__ void load_input_chunk(const FwdParams<T, P, Y, R>& p, int64_t first, int s,
-                                                 bool full, int col0, A (&u)[V]) {
+// The raw words of chunk s of a row's x and residual (the first phase of a chunk load, vec.cuh).
+template <int V, typename T, typename P, typename Y, typename R>
+__device__ __forceinline__ void load_input_words(const FwdParams<T, P, Y, R>& p, int64_t first, int s,
+                                                 bool full, T (&x_raw)[V], R (&residual_raw)[V]) {
   const int64_t at = (first + s) * V;
-  load_chunk(p.x + at, full, col0, p.cols, A(0), u);
+  load_chunk_words<V>(p.x + at, full, x_raw);
+  // Zeros without a residual: words left unwritten on a path stay live (load_chunk_words).
+  load_chunk_words<V>(p.residual != nullptr ? p.residual + at : nullptr, full && p.residual != nullptr, residual_raw);
+}
+
+// Chunk s of the row as the norm's input u (acc), zero outside the row, from the words
+// load_input_words loaded: x, or, with a residual, h = x + residual rounded to R, which
+// is also stored.
+template <int V, typename T, typename P, typename Y, typename R, typename A>
+__device__ __forceinline__ void input_chunk(const FwdParams<T, P, Y, R>& p, int64_t first, int s, bool full,
+                                            int col0, const T (&x_raw)[V], const R (&residual_raw)[V],
+                                            A (&u)[V]) {
+  const int64_t at = (first + s) * V;
+  convert_chunk(p.x + at, x_raw, full, col0, p.cols, A(0), u);
   if (p.residual == nullptr) return;
   A r[V];
-  load_chunk(p.residual + at, full, col0, p.cols, A(0), r);
+  convert_chunk(p.residual + at, residual_raw, full, col0, p.cols, A(0), r);
 #pragma unroll
   for (int i = 0; i < V; ++i) u[i] = to_acc(from_acc<R>(u[i] + r[i]));
   store_chunk(p.h + at, full, col0, p.cols, u);
+}
+
+// Both phases for one chunk.
+template <int V, typename T, typename P, typename Y, typename R, typename A>
+__device__ __forceinline__ void load_input_chunk(const FwdParams<T, P, Y, R>& p, int64_t first, int s,
+                                                 bool full, int col0, A (&u)[V]) {
+  alignas(16) T x_raw[V];
+  alignas(16) R residual_raw[V];
+  load_input_words(p, first, s, full, x_raw, residual_raw);
+  input_chunk(p, first, s, full, col0, x_raw, residual_raw, u);
 }
 
 // y for the chunk's columns from the row's input values u (acc), then store.
@@ -162,8 +184,20 @@ __device__ __forceinline__ void fill_input(const FwdParams<T, P, Y, R>& p, const
   }
 }
 
+// Launch bounds of the rows kernel: K=1 runs kMultiRowBlock threads, resident
+// `fwd_rows_min_blocks` blocks per multiprocessor (the most whose share of registers
+// holds the two-phase loads without spills, sm_90, measured: float 40, 16-bit 48, double
+// 48 and, centered, 64); K=4 up to 512 threads, one block. Without a minimum ptxas sized
+// K=1 for 512-thread blocks and took up to 64 registers.
+template <typename T, bool kCentered, int K>
+constexpr int fwd_rows_min_blocks() {
+  if constexpr (K != 1) return 1;
+  if constexpr (sizeof(T) == 4) return 6;
+  return sizeof(T) == 8 && kCentered ? 4 : 5;
+}
+
 template <typename T, typename P, typename Y, typename R, bool kCentered, int K>
-__global__ void __launch_bounds__(512)
+__global__ void __launch_bounds__(K == 1 ? kMultiRowBlock : 512, (fwd_rows_min_blocks<T, kCentered, K>()))
     layer_norm_fwd_rows_kernel(const FwdParams<T, P, Y, R> p, const int group) {
   using A = acc_t<T>;
   constexpr int V = kVecElems<T>;
@@ -179,13 +213,25 @@ __global__ void __launch_bounds__(512)
     const bool valid = row < p.rows;
     const RowChunks rc = valid ? row_chunks<V>(row, n) : RowChunks{0, 0, 0};
 
-    A u[K][V];  // this thread's chunks of the row's input: chunk s = k * group + lane
+    // This thread's chunks s = k * group + lane of the row's input, in two phases: every
+    // 16-byte load of x and the residual first, then the conversions (and h stores, which
+    // thus never stand before a load of the row: without __restrict__ they would order it).
+    alignas(16) T x_raw[K][V];
+    alignas(16) R residual_raw[K][V];
+    bool full[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int s = k * group + lane;
+      full[k] = s < rc.count && chunk_is_full<V>(p.vec_ok, s * V - rc.head, n);
+      load_input_words(p, rc.first, s, full[k], x_raw[k], residual_raw[k]);
+    }
+    A u[K][V];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int s = k * group + lane;
       const int col0 = s * V - rc.head;
       if (s < rc.count) {
-        load_input_chunk(p, rc.first, s, chunk_is_full<V>(p.vec_ok, col0, n), col0, u[k]);
+        input_chunk(p, rc.first, s, full[k], col0, x_raw[k], residual_raw[k], u[k]);
       } else {
 #pragma unroll
         for (int i = 0; i < V; ++i) u[k][i] = 0;
@@ -207,10 +253,7 @@ __global__ void __launch_bounds__(512)
     for (int k = 0; k < K; ++k) {
       const int s = k * group + lane;
       const int col0 = s * V - rc.head;
-      if (s < rc.count) {
-        const bool full = chunk_is_full<V>(p.vec_ok, col0, n);
-        fwd_write_chunk<V>(p, y_row + s * V, full, full && p.params_vec_ok, col0, u[k], st);
-      }
+      if (s < rc.count) fwd_write_chunk<V>(p, y_row + s * V, full[k], full[k] && p.params_vec_ok, col0, u[k], st);
     }
   }
 }

@@ -11,6 +11,10 @@
 namespace ln_ext {
 namespace kernels {
 
+// Threads per block of the rows kernels when several rows share a block: always at K=1
+// (rows of up to 32 chunks), which their __launch_bounds__ count on.
+constexpr int kMultiRowBlock = 256;
+
 // Shared scratch a block sum of up to kMaxSums values needs: 32 (one per warp) each.
 constexpr int kMaxSums = 3;
 constexpr int kSumScratch = 32 * kMaxSums;

@@ -150,20 +150,47 @@ __device__ __forceinline__ void store_words(T* dst, const T (&src)[V]) {
   for (int w = 0; w < kWords; ++w) d[w] = s[w];
 }
 
-// out[v] = chunk[v] as acc for the columns col0 + v inside the row, `fill` elsewhere.
+// A chunk load in two phases, so that a thread issues the 16-byte loads of all its
+// chunks (of every tensor it reads) back to back before the first conversion waits on
+// one: load_chunk_words, then convert_chunk. Loading and converting chunk by chunk kept
+// one load in flight per thread (each LDG waited on by the next instruction).
+// Phase one: the raw words of a full chunk (a predicated load), zeros when not full:
+// words left unwritten on a path stayed live around the row loops (ptxas cannot tell
+// that phase two reads them only when full), a register each through every reduction.
+template <int V, typename T>
+__device__ __forceinline__ void load_chunk_words(const T* chunk, bool full, T (&raw)[V]) {
+  static_assert((sizeof(T) * V) % 16 == 0, "a chunk must be whole 16-byte words");
+  if (full) {
+    load_words<V>(chunk, raw);
+  } else {
+    uint4* d = reinterpret_cast<uint4*>(raw);
+#pragma unroll
+    for (int w = 0; w < static_cast<int>(sizeof(T) * V / 16); ++w) d[w] = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// Phase two: out[v] = chunk[v] as acc for the columns col0 + v inside the row, `fill`
+// elsewhere: from `raw` (load_chunk_words) when full, else element by element from memory.
 // `chunk` points at the chunk's first element (which may precede the row).
 template <typename A, int V, typename T>
-__device__ __forceinline__ void load_chunk(const T* chunk, bool full, int col0, int n, A fill,
-                                           A (&out)[V]) {
+__device__ __forceinline__ void convert_chunk(const T* chunk, const T (&raw)[V], bool full, int col0, int n,
+                                              A fill, A (&out)[V]) {
   if (full) {
-    alignas(16) T raw[V];
-    load_words<V>(chunk, raw);
 #pragma unroll
     for (int v = 0; v < V; ++v) out[v] = to_acc(raw[v]);
   } else {
 #pragma unroll
     for (int v = 0; v < V; ++v) out[v] = in_row(col0 + v, n) ? A(to_acc(chunk[v])) : fill;
   }
+}
+
+// Both phases for one chunk.
+template <typename A, int V, typename T>
+__device__ __forceinline__ void load_chunk(const T* chunk, bool full, int col0, int n, A fill,
+                                           A (&out)[V]) {
+  alignas(16) T raw[V];
+  load_chunk_words<V>(chunk, full, raw);
+  convert_chunk(chunk, raw, full, col0, n, fill, out);
 }
 
 // Writes the elements of the chunk that lie inside the row.
