@@ -872,6 +872,21 @@ def test_relu_ops_gradcheck_opcheck_and_per_step_match():
             assert not torch.allclose(got[0], tanh_out)  # the flag reaches the kernel
 
 
+def test_relu_gradient_is_torch_threshold_backward():
+    """Columns whose output relu zeroed pass back exactly 0, even for an inf gradient (torch's
+    threshold_backward: 0 where the output is <= 0), so da stays finite."""
+    xproj, hproj, gamma, beta = cell_op_inputs("RNN", B=5, H=8, requires_grad=False)
+    h, stats = torch.ops.ln_ext.rnn_cell_fwd(xproj, hproj, gamma, beta, 1e-5, True)
+    masked = h == 0
+    assert masked.any() and (~masked).any()
+    dh = torch.randn_like(h)
+    dh[masked] = float("inf")
+    da, dgamma_rows, dbeta_rows = torch.ops.ln_ext.rnn_cell_bwd(dh, xproj, hproj, stats, gamma, beta, True)
+    assert torch.isfinite(da).all()
+    assert (dbeta_rows[masked] == 0).all() and (dgamma_rows[masked] == 0).all()
+    torch.testing.assert_close(dbeta_rows[~masked], dh[~masked])
+
+
 def test_relu_double_backward_compile_and_export():
     module = make_relu(input_size=2, hidden_size=3, bidirectional=True)
     x, hx = sample("RNN", module, T=2, B=2)

@@ -229,7 +229,9 @@ void launch_bwd(const NormBwdArgs& a) {
   TORCH_CHECK(a.cols <= kMaxCols, "ln_ext (CUDA): normalized size ", a.cols,
               " is larger than the supported ", kMaxCols);
   kernels::BwdParams<T, DY, P> p;
-  p.dh = const_ptr<T>(a.dh);
+  // dh only adds to dx: without dx the rows kernel (which loads it with x and dy) skips it,
+  // and an unused dh does not decide the alignment path.
+  p.dh = a.dx.defined() ? const_ptr<T>(a.dh) : nullptr;
   p.dy = const_ptr<DY>(a.dy);
   p.x = const_ptr<T>(a.x);
   p.mean = const_ptr<A>(a.mean);

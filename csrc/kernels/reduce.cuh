@@ -12,7 +12,8 @@ namespace ln_ext {
 namespace kernels {
 
 // Threads per block of the rows kernels when several rows share a block: always at K=1
-// (rows of up to 32 chunks), which their __launch_bounds__ count on.
+// (rows of up to 32 chunks), which their __launch_bounds__ count on, and at K=4 / K=2 for
+// groups of up to 32 threads (those kernels are bounded at 512).
 constexpr int kMultiRowBlock = 256;
 
 // Shared scratch a block sum of up to kMaxSums values needs: 32 (one per warp) each.

@@ -129,10 +129,10 @@ LN_EXT_FN void rnn_bwd_row(const Exec& ex, const RnnRow<T, A>& r, int64_t H) {
   auto ahat = [&](int64_t j) { return (A(r.xproj[j]) + A(r.hproj[j]) - mean) * rstd; };
   // dy: gradient at the LN output (= the beta row); d(ahat) = dy * gamma.
   A s[2];
-  const auto sums = [&](auto activation_grad) {  // activation_grad(ln output): d act / d ln
+  const auto sums = [&](auto activation_backward) {  // (dh, ln output) -> gradient at the ln output
     ex.sum_cols(H, [&](int64_t j, A* v) {
       const A xh = ahat(j);
-      const A dy = A(r.dh[j]) * activation_grad(A(r.gamma[j]) * xh + A(r.beta[j]));
+      const A dy = activation_backward(A(r.dh[j]), A(r.gamma[j]) * xh + A(r.beta[j]));
       const A g = dy * A(r.gamma[j]);
       v[0] = g;
       v[1] = g * xh;
@@ -141,11 +141,13 @@ LN_EXT_FN void rnn_bwd_row(const Exec& ex, const RnnRow<T, A>& r, int64_t H) {
     }, s);
   };
   if (r.relu) {
-    sums([](A z) { return z > A(0) ? A(1) : A(0); });  // torch's relu gradient: 1 where the output is > 0
+    // torch's threshold_backward: 0 where the output is <= 0, else dh as it is (a NaN z
+    // passes dh; an inf or NaN dh of a masked column gives 0, not 0 * inf).
+    sums([](A dh, A z) { return z <= A(0) ? A(0) : dh; });
   } else {
-    sums([](A z) {
+    sums([](A dh, A z) {
       const A y = ftanh(z);
-      return A(1) - y * y;
+      return dh * (A(1) - y * y);
     });
   }
   const A rstd_n = rstd / A(H);

@@ -398,11 +398,12 @@ struct CellData {
 };
 
 template <bool Dev, typename T, typename A, typename D>
-auto rnn_row(D& d) {
+auto rnn_row(D& d, bool relu) {
   using TT = std::conditional_t<Dev, T, double>; using AA = std::conditional_t<Dev, A, double>;
   auto io = [&](const char* n) { return static_cast<TT*>(d.template ptr<Dev>(n)); };
   auto ac = [&](const char* n) { return static_cast<AA*>(d.template ptr<Dev>(n)); };
-  return cell::RnnRow<TT, AA>{io("xproj"), io("hproj"), io("gamma"), io("beta"), io("dh"), io("h"), io("da"), ac("stats"), ac("dgamma_rows"), ac("dbeta_rows")};
+  return cell::RnnRow<TT, AA>{io("xproj"), io("hproj"), io("gamma"), io("beta"), io("dh"), io("h"), io("da"), ac("stats"),
+                              ac("dgamma_rows"), ac("dbeta_rows"), relu};
 }
 template <bool Dev, typename T, typename A, typename D>
 auto lstm_row(D& d) {
@@ -485,14 +486,16 @@ void cell_suite(const std::vector<int64_t>& hs, const std::vector<int64_t>& bs) 
   using A = acc_t<T>;
   int cases = 0;
   for (int64_t H : hs) for (int64_t B : bs) {
-    // LN-RNN. H = 1: the layer norm's output is beta whatever its input: da = 0 exactly.
-    test_cell<T, A>("rnn", B, H,
-        {{"xproj", H, false, false}, {"hproj", H, false, false}, {"gamma", H, true, false}, {"beta", H, true, false}, {"dh", H, false, false},
-         {"h", H, false, false}, {"da", H, false, false}, {"stats", 2, false, true}, {"dgamma_rows", H, false, true}, {"dbeta_rows", H, false, true}},
-        {"h", "stats"}, {"da", "dgamma_rows", "dbeta_rows"},
-        [](auto dev, auto& d) { return rnn_row<decltype(dev)::value, T, A>(d); },
-        [](auto r, int64_t H, A eps) { cell::rnn_fwd_kernel<T, A>(r, H, eps); }, [](auto r, int64_t H) { cell::rnn_bwd_kernel<T, A>(r, H); },
-        [H](const char* n, int64_t) { return H == 1 && std::string(n) == "da"; });
+    // LN-RNN, tanh and relu. H = 1: the layer norm's output is beta whatever its input: da = 0 exactly.
+    for (const bool relu : {false, true}) {
+      test_cell<T, A>(relu ? "rnn relu" : "rnn", B, H,
+          {{"xproj", H, false, false}, {"hproj", H, false, false}, {"gamma", H, true, false}, {"beta", H, true, false}, {"dh", H, false, false},
+           {"h", H, false, false}, {"da", H, false, false}, {"stats", 2, false, true}, {"dgamma_rows", H, false, true}, {"dbeta_rows", H, false, true}},
+          {"h", "stats"}, {"da", "dgamma_rows", "dbeta_rows"},
+          [relu](auto dev, auto& d) { return rnn_row<decltype(dev)::value, T, A>(d, relu); },
+          [](auto r, int64_t H, A eps) { cell::rnn_fwd_kernel<T, A>(r, H, eps); }, [](auto r, int64_t H) { cell::rnn_bwd_kernel<T, A>(r, H); },
+          [H](const char* n, int64_t) { return H == 1 && std::string(n) == "da"; });
+    }
     // LN-LSTM (dc = 0 at H = 1: the c layer norm passes nothing back, so the i, f, g
     // gradients and dc_prev are exactly 0).
     test_cell<T, A>("lstm", B, H,
@@ -524,7 +527,7 @@ void cell_suite(const std::vector<int64_t>& hs, const std::vector<int64_t>& bs) 
         [H](const char* n, int64_t col) { return H == 1 && std::string(n) == "dhproj" && col == 2; });
     cases++;
   }
-  std::printf("cells T=%zu: %d shapes x 3 cells, failures so far %d (%.0f s)\n", sizeof(T), cases, failures, lap());
+  std::printf("cells T=%zu: %d shapes x 4 cells, failures so far %d (%.0f s)\n", sizeof(T), cases, failures, lap());
 }
 
 // ---------------------------------------------------------------- channels-first norms
