@@ -650,6 +650,17 @@ def sequence_bwd_sample(mode, device="cpu", **kw):
     return SEQ_OP[mode] + "_bwd", [*bwd, args[-3], args[-2]]
 
 
+def assert_same_outputs_and_grads(got, want, leaves):
+    """float64 outputs within 1e-12 of each other, and the gradients of a random linear
+    function of them with respect to `leaves` within 1e-11."""
+    g = torch.Generator().manual_seed(3)
+    dys = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    for k, (a, b) in enumerate(zip(torch.autograd.grad(got, leaves, dys), torch.autograd.grad(want, leaves, dys))):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10, msg=lambda m: f"gradient {k}: {m}")
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("packed", [False, True])
 def test_sequence_op_opcheck(mode, packed):
@@ -679,12 +690,7 @@ def test_sequence_op_matches_per_step_autograd(mode, reverse, packed):
     sizes = None if lengths is None else args[-3].tolist()
     want = ln_ext.rnn_ops.sequence_by_steps(mode, tensors[:n_x], tensors[n_x], tensors[n_x + 1: n_x + 1 + n_s],
                                             tensors[n_x + 1 + n_s:], 1e-5, reverse, sizes)
-    g = torch.Generator().manual_seed(3)
-    dys = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
-    for k, (a, b) in enumerate(zip(torch.autograd.grad(got, tensors, dys), torch.autograd.grad(want, tensors, dys))):
-        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10, msg=lambda m: f"gradient {k}: {m}")
+    assert_same_outputs_and_grads(got, want, tensors)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -863,11 +869,7 @@ def test_relu_ops_gradcheck_opcheck_and_per_step_match():
             sizes = None if lengths is None else args[-3].tolist()
             want = ln_ext.rnn_ops.sequence_by_steps("RNN", tensors[:1], tensors[1], tensors[2:3], tensors[3:], 1e-5,
                                                     reverse, sizes, relu=True)
-            dys = [torch.randn_like(t) for t in want]
-            for a, b in zip(got, want):
-                torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
-            for a, b in zip(torch.autograd.grad(got, tensors, dys), torch.autograd.grad(want, tensors, dys)):
-                torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10)
+            assert_same_outputs_and_grads(got, want, tensors)
             tanh_out = fwd(*[t.detach() if isinstance(t, torch.Tensor) else t for t in args])[0]
             assert not torch.allclose(got[0], tanh_out)  # the flag reaches the kernel
 
@@ -982,12 +984,7 @@ def test_projected_lstm_packed_per_step_and_inference():
             sizes = None if lengths is None else args[-3].tolist()
             want = ln_ext.rnn_ops.sequence_by_steps("LSTM", tensors[:1], tensors[1], tensors[2:4], tensors[4:], 1e-5,
                                                     reverse, sizes, weight_hr=w_hr)
-            dys = [torch.randn_like(t) for t in want]
-            for a, b in zip(got, want):
-                torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
-            leaves = [*tensors, w_hr]
-            for a, b in zip(torch.autograd.grad(got, leaves, dys), torch.autograd.grad(want, leaves, dys)):
-                torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10)
+            assert_same_outputs_and_grads(got, want, [*tensors, w_hr])
             torch.library.opcheck(fwd, (*args, True, w_hr))
             torch.library.opcheck(fwd, (*[t.detach() if isinstance(t, torch.Tensor) else t for t in args],
                                         False, w_hr.detach()))
