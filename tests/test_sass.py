@@ -23,13 +23,19 @@ _ROWS_KERNELS = ("layer_norm_fwd_rows_kernel", "layer_norm_bwd_rows_kernel")
 
 
 def parse_sass(text):
-    """{function name: [instruction lines]} from cuobjdump -sass output (names as printed: mangled)."""
+    """{(arch, function name): [instruction lines]} from cuobjdump -sass output (names as printed:
+    mangled; arch "sm_90"...: a fat binary holds each kernel once per architecture, and one
+    architecture's code must not hide another's)."""
     functions = {}
-    current = None
+    current, arch = None, ""
     for line in text.splitlines():
+        code = re.match(r"\s*code for (sm_\w+)", line)
+        if code:
+            arch = code.group(1)
+            continue
         header = re.match(r"\s*Function : (\S+)", line)
         if header:
-            current = functions.setdefault(header.group(1), [])
+            current = functions.setdefault((arch, header.group(1)), [])
         elif current is not None and re.search(r"/\*[0-9a-f]{4,}\*/", line):
             current.append(line.strip())
     return functions
@@ -43,16 +49,17 @@ def spilling(functions):
 
 def without_16_byte_loads(functions, name_parts=_ROWS_KERNELS):
     """The functions whose name contains one of name_parts and that have no LDG.*.128."""
-    return sorted(name for name, body in functions.items()
-                  if any(part in name for part in name_parts) and not any(_LDG_128.search(i) for i in body))
+    return sorted(key for key, body in functions.items()
+                  if any(part in key[1] for part in name_parts) and not any(_LDG_128.search(i) for i in body))
 
 
-def demangle(names):
+def demangle(keys):
+    """'arch: readable name' for (arch, mangled name) keys."""
+    names = [name for _, name in keys]
     cxxfilt = shutil.which("c++filt")
-    if not names or cxxfilt is None:
-        return list(names)
-    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout
-    return out.splitlines()
+    if names and cxxfilt is not None:
+        names = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return [f"{arch}: {name}" for (arch, _), name in zip(keys, names)]
 
 
 def find_cuobjdump():
@@ -92,7 +99,7 @@ def test_no_kernel_spills(sass):
 
 @pytest.mark.check
 def test_rows_kernels_use_16_byte_loads(sass):
-    rows = [name for name in sass if any(part in name for part in _ROWS_KERNELS)]
+    rows = [key for key in sass if any(part in key[1] for part in _ROWS_KERNELS)]
     assert rows, "no rows kernels in the extension's SASS"
     missing = without_16_byte_loads(sass)
     assert not missing, "rows kernels without a 16-byte global load (LDG.E.128):\n" + "\n".join(demangle(missing))
@@ -123,5 +130,9 @@ def test_sass_checks_find_spills_and_missing_16_byte_loads():
     assert spilling(functions) == {bwd: 2}
     # fwd has a 16-byte store only; the reduce kernel is not a rows kernel.
     assert without_16_byte_loads(functions) == [fwd]
+    assert bwd[0] == "sm_90" and demangle([bwd])[0].startswith("sm_90: ")
     assert "layer_norm_bwd_rows_kernel<__nv_bfloat16, __nv_bfloat16, float, true, 1>" in demangle([bwd])[0] \
         or shutil.which("c++filt") is None
+    # The same kernel in a second architecture is checked on its own.
+    twice = parse_sass(_SNIPPET + _SNIPPET.replace("sm_90", "sm_100").replace("@P0 LDG.E.128", "@P0 LDG.E"))
+    assert len(twice) == 6 and ("sm_100", bwd[1]) in without_16_byte_loads(twice)
