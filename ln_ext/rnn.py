@@ -227,7 +227,7 @@ class _LayerNormRNNBase(nn.Module):
     def layer_parameters(self, layer: int, direction: int = 0) -> dict:
         """Base name -> Parameter (None where bias=False drops it) of one layer-direction."""
         names, _ = self._names[layer][direction]
-        full = _param_shapes(self.mode, 1, 2, True, self.proj_size and 1)
+        full = _param_shapes(self.mode, 1, 1, True, self.proj_size)  # every name this layer may have
         return {base: getattr(self, names[base]) if base in names else None for base in full}
 
     def extra_repr(self) -> str:
