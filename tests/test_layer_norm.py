@@ -258,10 +258,30 @@ def test_cuda_kernel_by_shape(device):
         assert "fwd long rows=2 N=262144" in log and "bwd long rows=2 N=262144" in log, log
 
 
+def test_outputs_larger_than_a_cache_match_reference():
+    """y and dx from 32 MiB on are stored around the caches (non-temporal stores in the AVX2
+    and AVX-512 builds): the same values, for rows that start 64-byte aligned (N = 4096) and
+    rows that start anywhere (N = 4099: some rows stream, some do not)."""
+    torch.manual_seed(0)
+    for n in (4096, 4099):
+        m = (32 << 20) // (4 * n) + 3
+        x = (torch.randn(m, n) * 2 + 0.5).requires_grad_()
+        w, b = torch.randn(n) * 0.5 + 1, torch.randn(n)
+        dy = torch.randn(m, n)
+        y = ln_ext.layer_norm(x, (n,), w, b, 1e-5)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        x64 = x.detach().double().requires_grad_()
+        want = F.layer_norm(x64, (n,), w.double(), b.double(), 1e-5)
+        (want_dx,) = torch.autograd.grad(want, x64, dy.double())
+        torch.testing.assert_close(y.double(), want.detach(), atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(dx.double(), want_dx, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_capped_cpu_build_matches_reference(isa):
     """The reference comparison again with the CPU row kernels capped at `isa`: the generic
     build, and on an AVX-512 CPU the AVX2 one (which the CPU would not pick)."""
     run_with_cpu_isa_cap(["test_layer_norm.py::test_matches_float64_reference",
                           "test_layer_norm.py::test_non_finite_row_stays_in_its_row",
+                          "test_layer_norm.py::test_outputs_larger_than_a_cache_match_reference",
                           "test_layer_norm_autograd.py::test_gradients_independent_of_thread_count"], isa=isa)

@@ -86,6 +86,14 @@ int64_t bwd_blocks(int64_t rows, int64_t cols, int64_t x_elem_size) {
   return std::max<int64_t>(1, std::min({kMaxBlocks, by_traffic, by_work}));
 }
 
+// An output at least as large as a last-level cache would only pass through it: stored
+// around the caches it costs no read-for-ownership, a third of a float forward's traffic
+// (2 threads of an AMD EPYC, [2048, 4096] float32 forward: 1.07 -> 1.39x torch).
+bool streams(const at::Tensor& out) {
+  constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
+  return out.defined() && out.nbytes() >= kStreamMinBytes;
+}
+
 // At least this many elements of work per thread before a loop is split.
 constexpr int64_t kGrainElements = 8192;
 
@@ -114,6 +122,7 @@ void norm_fwd_cpu_kernel(const NormFwdArgs& a) {
   call.rstd = a.rstd.mutable_data_ptr();
   call.n = N;
   call.eps = a.eps;
+  call.stream_y = streams(a.y);
   const auto& k = cpu::row_kernels();
   const int64_t grain = std::max<int64_t>(1, kGrainElements / N);
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) { k.fwd(call, begin, end); });
@@ -138,6 +147,7 @@ void norm_bwd_cpu_kernel(const NormBwdArgs& a) {
   call.rstd = a.rstd.const_data_ptr();
   call.dx = a.dx.defined() ? a.dx.mutable_data_ptr() : nullptr;
   call.n = N;
+  call.stream_dx = streams(a.dx);
   const bool want_params = a.dweight.defined() || a.dbias.defined();
   if (!want_params) {
     const int64_t grain = std::max<int64_t>(1, kGrainElements / N);

@@ -34,6 +34,7 @@ struct FwdCall {
   void* rstd;              // acc_t [rows]
   int64_t n;
   double eps;
+  bool stream_y = false;   // y is larger than a last-level cache: stored around the caches (AVX2, AVX-512 builds)
 };
 
 // One backward call: the gradient of the norm's input (x, or h of add + norm).
@@ -49,6 +50,7 @@ struct BwdCall {
   const void* rstd;        // acc_t [rows]
   void* dx;                // [rows, n] of x_t, or null: not asked for
   int64_t n;
+  bool stream_dx = false;  // as FwdCall::stream_y, for dx
 };
 
 struct RowKernels {

@@ -262,9 +262,39 @@ inline acc_t row_sum_squares(const T* __restrict x, int64_t n) {
 // One row of the forward: y = xhat * (w + w_off) + b (LayerNorm, kCentered) or y = xhat *
 // (w + w_off) (RMSNorm: xhat = x * rstd, no mean, no bias); mean (LayerNorm only) and rstd
 // stored.
+// A whole vector stored around the caches (a non-temporal store), where the build has one
+// for Y and p is aligned for it; false: the caller stores it as usual. A range of rows that
+// streamed ends with stream_fence().
+#if defined(LN_EXT_AVX512) || defined(LN_EXT_F16C)
+#define LN_EXT_STREAM_STORES 1
+#endif
+template <typename Y, typename V>
+inline bool stream_store(Y* p, V v) {
+#ifdef LN_EXT_STREAM_STORES
+  if constexpr (std::is_same_v<Y, float>) {
+    if (reinterpret_cast<uintptr_t>(p) % sizeof(V) == 0) {
+#ifdef LN_EXT_AVX512
+      _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+#else
+      _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
+#endif
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+// Streamed stores are weakly ordered: fenced before the thread reports its rows done.
+inline void stream_fence() {
+#ifdef LN_EXT_STREAM_STORES
+  _mm_sfence();
+#endif
+}
+
 template <typename T, typename Y, typename P, typename acc_t, bool kCentered>
 inline void norm_row(const T* __restrict xr, const P* __restrict w, acc_t w_off, const P* __restrict b,
-                     Y* __restrict yr, acc_t* mean, acc_t* rstd, int64_t n, acc_t inv_n, acc_t eps) {
+                     Y* __restrict yr, acc_t* mean, acc_t* rstd, int64_t n, acc_t inv_n, acc_t eps,
+                     bool stream) {
   constexpr int W = Vec<acc_t>::width;
   const int64_t body = n - n % W;
   acc_t k = 0, c = 0, m2;
@@ -279,12 +309,20 @@ inline void norm_row(const T* __restrict xr, const P* __restrict w, acc_t w_off,
   }
   const acc_t rs = acc_t(1) / std::sqrt(m2 * inv_n + eps);
   *rstd = rs;
-  for (int64_t i = 0; i < body; i += W) {
+  const auto y_of = [&](int64_t i) {
     if constexpr (kCentered) {
-      vstore(yr + i, ((vload(xr + i) - k) - c) * rs * (vload(w + i) + w_off) + vload(b + i));
+      return ((vload(xr + i) - k) - c) * rs * (vload(w + i) + w_off) + vload(b + i);
     } else {
-      vstore(yr + i, vload(xr + i) * rs * (vload(w + i) + w_off));
+      return vload(xr + i) * rs * (vload(w + i) + w_off);
     }
+  };
+  if (stream) {
+    for (int64_t i = 0; i < body; i += W) {
+      const auto v = y_of(i);
+      if (!stream_store(yr + i, v)) vstore(yr + i, v);
+    }
+  } else {
+    for (int64_t i = 0; i < body; i += W) vstore(yr + i, y_of(i));
   }
   for (int64_t i = body; i < n; ++i) {
     if constexpr (kCentered) {
@@ -327,11 +365,14 @@ void fwd_rows(const FwdCall& a, int64_t begin, int64_t end) {
     acc_t* mean_r = kCentered ? mean + r : nullptr;
     if (res != nullptr) {
       add_row(x + r * n, res + r * n, h + r * n, n);
-      norm_row<H, Y, P, acc_t, kCentered>(h + r * n, w, w_off, b, y + r * n, mean_r, rstd + r, n, inv_n, eps);
+      norm_row<H, Y, P, acc_t, kCentered>(h + r * n, w, w_off, b, y + r * n, mean_r, rstd + r, n, inv_n, eps,
+                                          a.stream_y);
     } else if constexpr (std::is_same_v<T, H>) {
-      norm_row<T, Y, P, acc_t, kCentered>(x + r * n, w, w_off, b, y + r * n, mean_r, rstd + r, n, inv_n, eps);
+      norm_row<T, Y, P, acc_t, kCentered>(x + r * n, w, w_off, b, y + r * n, mean_r, rstd + r, n, inv_n, eps,
+                                          a.stream_y);
     }
   }
+  if (a.stream_y) stream_fence();
 }
 
 // dx of one element (or a vector of them): rstd / n * (n g - sum(g) - xhat sum(g xhat)),
@@ -485,10 +526,10 @@ inline void bwd_row_group(const BwdCall& a, const P* __restrict w, acc_t* __rest
       for (int k = 0; k < R; ++k) {
         const V dy = vload(dyr[k] + i);
         const V d = vload(xr[k] + i) - mu[k];  // RMSNorm: mu = c = 0
-        if (dxr[k] != nullptr) {  // loop-invariant (so are dh's): unswitched
+        if (dxr[k] != nullptr) {  // loop-invariant (so are dh's and stream_dx): unswitched
           V out = dx_row[k](dy * wv, d);
           if (dhr[k] != nullptr) out += vload(dhr[k] + i);
-          vstore(dxr[k] + i, out);
+          if (!(a.stream_dx && stream_store(dxr[k] + i, out))) vstore(dxr[k] + i, out);
         }
         if constexpr (p == kUnshift) dw_i -= dy * shift[k];
         if constexpr (p == kAdd) {
@@ -543,6 +584,7 @@ void bwd_rows(const BwdCall& a, void* dw_part, void* db_part, int64_t begin, int
     for (; r + 2 <= end; r += 2) bwd_row_group<2, T, D, P, acc_t, kParams, kCentered>(a, w, dw, db, r, inv_n);
   }
   for (; r < end; ++r) bwd_row_group<1, T, D, P, acc_t, kParams, kCentered>(a, w, dw, db, r, inv_n);
+  if (a.stream_dx) stream_fence();
 }
 
 // ---------------------------------------------------------------- dtype dispatch
