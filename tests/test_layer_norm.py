@@ -259,12 +259,12 @@ def test_cuda_kernel_by_shape(device):
 
 
 def test_outputs_larger_than_a_cache_match_reference():
-    """y and dx from 32 MiB on are stored around the caches (non-temporal stores in the AVX2
+    """y and dx from 16 MiB on are stored around the caches (non-temporal stores in the AVX2
     and AVX-512 builds): the same values, for rows that start 64-byte aligned (N = 4096) and
     rows that start anywhere (N = 4099: some rows stream, some do not)."""
     torch.manual_seed(0)
     for n in (4096, 4099):
-        m = (32 << 20) // (4 * n) + 3
+        m = (16 << 20) // (4 * n) + 3
         x = (torch.randn(m, n) * 2 + 0.5).requires_grad_()
         w, b = torch.randn(n) * 0.5 + 1, torch.randn(n)
         dy = torch.randn(m, n)

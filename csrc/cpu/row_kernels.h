@@ -34,7 +34,7 @@ struct FwdCall {
   void* rstd;              // acc_t [rows]
   int64_t n;
   double eps;
-  bool stream_y = false;   // y is larger than a last-level cache: stored around the caches (AVX2, AVX-512 builds)
+  bool stream_y = false;   // y outgrows the caches: stored around them (AVX2, AVX-512 builds)
 };
 
 // One backward call: the gradient of the norm's input (x, or h of add + norm).

@@ -316,21 +316,30 @@ inline void norm_row(const T* __restrict xr, const P* __restrict w, acc_t w_off,
       return vload(xr + i) * rs * (vload(w + i) + w_off);
     }
   };
-  if (stream) {
-    for (int64_t i = 0; i < body; i += W) {
-      const auto v = y_of(i);
-      if (!stream_store(yr + i, v)) vstore(yr + i, v);
-    }
-  } else {
-    for (int64_t i = 0; i < body; i += W) vstore(yr + i, y_of(i));
-  }
-  for (int64_t i = body; i < n; ++i) {
+  const auto store_one = [&](int64_t i) {
     if constexpr (kCentered) {
       store(yr + i, ((to_acc(xr[i]) - k) - c) * rs * (to_acc(w[i]) + w_off) + to_acc(b[i]));
     } else {
       store(yr + i, to_acc(xr[i]) * rs * (to_acc(w[i]) + w_off));
     }
+  };
+  if (stream) {
+    // Elements one by one up to the first vector-aligned y (rows of any n start anywhere),
+    // then whole vectors around the caches, then the tail.
+    constexpr int64_t kBytes = sizeof(typename Vec<acc_t>::type);
+    const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(yr) % kBytes);
+    const int64_t head = misalign % sizeof(Y) ? 0 : std::min(n, ((kBytes - misalign) % kBytes) / int64_t{sizeof(Y)});
+    int64_t i = 0;
+    for (; i < head; ++i) store_one(i);
+    for (; i + W <= n; i += W) {
+      const auto v = y_of(i);
+      if (!stream_store(yr + i, v)) vstore(yr + i, v);
+    }
+    for (; i < n; ++i) store_one(i);
+    return;
   }
+  for (int64_t i = 0; i < body; i += W) vstore(yr + i, y_of(i));
+  for (int64_t i = body; i < n; ++i) store_one(i);
 }
 
 // h = x + residual for one row, added in acc_t and rounded once to H (the residual
