@@ -2,9 +2,9 @@
 //
 // rnn_cpu.cpp (the torch side: dtypes, threads) hands each thread a range of batch
 // rows and calls these through a table chosen once per process: the build of the ISA
-// the LayerNorm row kernels (row_kernels.h) were picked for (AVX-512, AVX2 or generic). Every build runs the row functions shared with
-// CUDA (kernels/rnn_cells.cuh) on the SerialRow executor; rnn_cells_impl.h says how the
-// builds are kept from sharing code.
+// the LayerNorm row kernels (row_kernels.h) were picked for (AVX-512, AVX2 or generic).
+// Every build runs the row functions shared with CUDA (kernels/rnn_cells.cuh) on the
+// SerialRow executor; rnn_cells_impl.h says how the builds are kept from sharing code.
 //
 // Row structs point at row 0 of each operand; a kernel runs rows [begin, end).
 #pragma once

@@ -3,8 +3,9 @@
 // layer_norm_cpu.cpp (the torch side: checks, threads, dtypes) hands each thread a
 // range of rows and calls these through a table chosen once per process for the
 // CPU it runs on: AVX-512 (64-byte vectors) or AVX2+FMA+F16C on x86-64 when the CPU has
-// them, else the generic build (the compiler's baseline ISA). The kernels include no torch header, so the
-// AVX2 build cannot leak AVX2 copies of shared inline functions into the generic path.
+// them, else the generic build (the compiler's baseline ISA). The kernels include no torch
+// header, so the AVX builds cannot leak their copies of shared inline functions into the
+// generic path.
 //
 // Shapes: x, residual, h, y, dy, dh, dx: [rows, n] row-major (rows [begin, end) of them);
 // w, b (x's dtype, or float32 beside 16-bit x), dw_part, db_part: [n]; mean, rstd: [rows].
@@ -76,7 +77,8 @@ RowKernels row_kernels_avx512();
 bool cpu_has_avx512();
 
 // Whether LN_EXT_CPU_ISA in the environment caps the CPU builds at `isa` ("generic",
-// "avx2": no AVX-512 build): tests run the builds this CPU would not pick. Every family's choice reads it.
+// "avx2": no AVX-512 build): tests run the builds this CPU would not pick. Every family's
+// choice reads it.
 bool cpu_isa_capped_at(const char* isa);
 
 // The best table for this CPU, chosen on first use; LN_EXT_CPU_ISA=generic forces the

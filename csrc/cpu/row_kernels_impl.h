@@ -2,15 +2,15 @@
 // row_kernels_generic.cpp, row_kernels_avx2.cpp and row_kernels_avx512.cpp with
 // different target ISAs.
 // Include it after every other header, inside nothing: everything here has
-// internal linkage, so the two builds never share a symbol.
+// internal linkage, so the builds never share a symbol.
 //
 // Work split: one call handles a range of rows; the caller spreads ranges over
 // threads. Vectors are GCC/Clang vector extensions of 32 bytes (one AVX2 register,
 // two SSE/NEON ones in the generic build) or 64 (AVX-512); half/bfloat16 conversions
-// use F16C/AVX2 or AVX-512 intrinsics in those builds. Every row sum keeps 2 vectors of partial sums, folded
-// into running totals every kChunk elements, then tree-summed: the order of additions
-// depends on n alone (never on the thread count), and the rounding error grows with
-// kChunk / 16 + n / kChunk rather than n.
+// use F16C/AVX2 or AVX-512 intrinsics in those builds. Every row sum keeps 2 vectors of
+// partial sums, folded into running totals every kChunk elements, then tree-summed: the
+// order of additions depends on n and the build alone (never on the thread count), and
+// the rounding error grows with kChunk / 16 + n / kChunk rather than n.
 // Forward: the corrected two-pass moments (row_moments: the first chunk's mean as a
 // shift, then sum(x - K) and sum((x - K)^2) in one pass over the row), then y: two
 // passes over the row in memory. Backward: one pass for the row sums (with the residual
@@ -259,9 +259,6 @@ inline acc_t row_sum_squares(const T* __restrict x, int64_t n) {
   return sq[0];
 }
 
-// One row of the forward: y = xhat * (w + w_off) + b (LayerNorm, kCentered) or y = xhat *
-// (w + w_off) (RMSNorm: xhat = x * rstd, no mean, no bias); mean (LayerNorm only) and rstd
-// stored.
 // A whole vector stored around the caches (a non-temporal store), where the build has one
 // for Y and p is aligned for it; false: the caller stores it as usual. A range of rows that
 // streamed ends with stream_fence().
@@ -291,12 +288,14 @@ inline void stream_fence() {
 #endif
 }
 
+// One row of the forward: y = xhat * (w + w_off) + b (LayerNorm, kCentered) or y = xhat *
+// (w + w_off) (RMSNorm: xhat = x * rstd, no mean, no bias); mean (LayerNorm only) and rstd
+// stored; y streamed around the caches when `stream`.
 template <typename T, typename Y, typename P, typename acc_t, bool kCentered>
 inline void norm_row(const T* __restrict xr, const P* __restrict w, acc_t w_off, const P* __restrict b,
                      Y* __restrict yr, acc_t* mean, acc_t* rstd, int64_t n, acc_t inv_n, acc_t eps,
                      bool stream) {
   constexpr int W = Vec<acc_t>::width;
-  const int64_t body = n - n % W;
   acc_t k = 0, c = 0, m2;
   if constexpr (kCentered) {
     const RowMoments<acc_t> m = row_moments<T, acc_t>(xr, n, inv_n);
@@ -323,23 +322,21 @@ inline void norm_row(const T* __restrict xr, const P* __restrict w, acc_t w_off,
       store(yr + i, to_acc(xr[i]) * rs * (to_acc(w[i]) + w_off));
     }
   };
+  // Streaming: elements one by one up to the first vector-aligned y (rows of any n start
+  // anywhere), so that the whole vectors after it can go around the caches.
+  int64_t head = 0;
   if (stream) {
-    // Elements one by one up to the first vector-aligned y (rows of any n start anywhere),
-    // then whole vectors around the caches, then the tail.
     constexpr int64_t kBytes = sizeof(typename Vec<acc_t>::type);
     const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(yr) % kBytes);
-    const int64_t head = misalign % sizeof(Y) ? 0 : std::min(n, ((kBytes - misalign) % kBytes) / int64_t{sizeof(Y)});
-    int64_t i = 0;
-    for (; i < head; ++i) store_one(i);
-    for (; i + W <= n; i += W) {
-      const auto v = y_of(i);
-      if (!stream_store(yr + i, v)) vstore(yr + i, v);
-    }
-    for (; i < n; ++i) store_one(i);
-    return;
+    head = misalign % sizeof(Y) ? 0 : std::min(n, ((kBytes - misalign) % kBytes) / int64_t{sizeof(Y)});
   }
-  for (int64_t i = 0; i < body; i += W) vstore(yr + i, y_of(i));
-  for (int64_t i = body; i < n; ++i) store_one(i);
+  int64_t i = 0;
+  for (; i < head; ++i) store_one(i);
+  for (; i + W <= n; i += W) {  // `stream` is loop-invariant: unswitched
+    const auto v = y_of(i);
+    if (!(stream && stream_store(yr + i, v))) vstore(yr + i, v);
+  }
+  for (; i < n; ++i) store_one(i);
 }
 
 // h = x + residual for one row, added in acc_t and rounded once to H (the residual
