@@ -172,10 +172,12 @@ at::Tensor step_gemm_weight(const at::Tensor& weight_hh) {
 }
 
 // What every op checks: the io dtype and device (weight_hh's), shapes, H >= 1.
-// hidden: H; state: the size of h, H or (LSTM with a projection) weight_hr's rows P < H.
+// hidden: H; state: the size of h, H or (LSTM with a projection) weight_hr's rows P < H;
+// weight_hr: the checked projection [P, H], undefined without one.
 struct Common {
   Checker ck;
   int64_t batch, hidden, state;
+  at::Tensor weight_hr;
   Common(const char* op, const at::Tensor& weight_hh, const at::Tensor& h0, int64_t gates,
          const c10::optional<at::Tensor>& weight_hr = c10::nullopt)
       : ck(op, weight_hh, "weight_hh") {
@@ -191,7 +193,7 @@ struct Common {
                 "] with hidden >= 1, got shape ", weight_hh.sizes());
     hidden = weight_hh.size(0) / gates;
     state = weight_hh.size(1);
-    if (weight_hr.has_value()) ck.io(*weight_hr, "weight_hr", {state, hidden});
+    if (weight_hr.has_value()) this->weight_hr = ck.io(*weight_hr, "weight_hr", {state, hidden});
     TORCH_CHECK(h0.dim() == 2, op, ": h0 must be [batch, ", P < 0 ? "hidden" : "proj_size", "], got shape ",
                 h0.sizes());
     batch = h0.size(0);
@@ -366,7 +368,7 @@ lstm_sequence_fwd_impl(const at::Tensor& xgates, const at::Tensor& weight_hh, co
   const ForBackward h_full(save && projected, N, B, projected ? H : 0, x.options());
   at::Tensor staging_h = at::empty({B, P}, x.options()), staging_c = at::empty({B, H}, x.options());
   const at::Tensor w_t = step_gemm_weight(weight_hh);
-  const at::Tensor w_hr_t = projected ? step_gemm_weight(c.ck.io(*weight_hr, "weight_hr", {P, H})) : at::Tensor();
+  const at::Tensor w_hr_t = projected ? step_gemm_weight(c.weight_hr) : at::Tensor();
   for (int64_t k = 0; k < s.count(); ++k) {
     const int64_t t = s.nth(k);
     a.batch = s.size[t];
@@ -408,7 +410,6 @@ lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n
   const at::Tensor dout = as_rows(c.ck.io(grad_output, "grad_output", seq(P)), P);
   const at::Tensor out = as_rows(c.ck.io(output, "output", seq(P)), P);
   TORCH_CHECK(projected == h_full_in.has_value(), op, ": h_full is given exactly when weight_hr is");
-  const at::Tensor w_hr = projected ? c.ck.io(*weight_hr, "weight_hr", {P, H}) : at::Tensor();
   const at::Tensor h_full = projected ? as_rows(c.ck.io(*h_full_in, "h_full", seq(H)), H) : at::Tensor();
   const at::Tensor hp = as_rows(c.ck.io(hproj, "hproj", seq(4 * H)), 4 * H);
   const at::Tensor cs = as_rows(c.ck.io(cs_in, "cs", seq(H)), H);
@@ -440,7 +441,7 @@ lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n
     if (projected) {  // out = h_full weight_hr^T
       rows_of_step(d_out, s, t).copy_(a.dh);
       at::Tensor dh = rows_view(dh_full, 0, n);
-      a.dh = at::mm_out(dh, a.dh, w_hr);
+      a.dh = at::mm_out(dh, a.dh, c.weight_hr);
     }
     a.dc = rows_view(dc, 0, n);
     a.hproj = rows_of_step(hp, s, t);

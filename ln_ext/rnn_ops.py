@@ -264,10 +264,11 @@ def sequence_by_steps(mode, xs, weight_hh, state, params, eps, reverse, sizes=No
 
 # ---------------------------------------------------------------- sequence ops
 # One layer-direction over a whole sequence (csrc/rnn_sequence.cpp). Forward op
-# arguments: (*xs, weight_hh, *h0 [, c0], *params, batch_sizes, reverse, eps [, relu]),
-# where xs are the input terms (GRU: xzr, xn), params the cell op's and relu the LN-RNN's
-# nonlinearity flag; results (output, h_n [, c_n], *saved). The backward op's results are
-# the gradients of the forward's tensor arguments in the same order.
+# arguments: (*xs, weight_hh, *h0 [, c0], *params, batch_sizes, reverse, eps, *flags), where
+# xs are the input terms (GRU: xzr, xn), params the cell op's and flags RNN (relu, save),
+# LSTM (save, weight_hr), GRU (save,); results (output, h_n [, c_n], *saved). The backward
+# op's results are the gradients of the forward's tensor arguments in the same order (the
+# LSTM's d_weight_hr last).
 
 _N_XS = {"RNN": 1, "LSTM": 1, "GRU": 2}
 _N_STATES = {"RNN": 1, "LSTM": 2, "GRU": 1}
@@ -275,27 +276,24 @@ _N_PARAMS = {"RNN": 2, "LSTM": 4, "GRU": 2}
 _SEQUENCE_OP = {"RNN": "rnn_sequence", "LSTM": "lstm_sequence", "GRU": "gru_sequence"}
 
 
-def _check_sequence(op, weight_hh, n_gates, batch_sizes, **operands) -> int:
-    """H of weight_hh [n_gates * H, H]; operands on weight_hh's device, batch_sizes on the CPU."""
-    check_same_device(op, "weight_hh", weight_hh, **operands)
-    torch._check(weight_hh.dim() == 2 and weight_hh.shape[0] == n_gates * weight_hh.shape[1],
-                 lambda: f"ln_ext.{op}: weight_hh must be [{n_gates} * hidden, hidden], got {list(weight_hh.shape)}")
+def _check_sequence(op, weight_hh, n_gates, batch_sizes, weight_hr=None, **operands) -> int:
+    """H of weight_hh [n_gates * H, H], or [n_gates * H, P] beside weight_hr [P, H] (the LSTM's
+    projection); operands on weight_hh's device, batch_sizes on the CPU."""
+    check_same_device(op, "weight_hh", weight_hh, weight_hr=weight_hr, **operands)
+    if weight_hr is None:
+        torch._check(weight_hh.dim() == 2 and weight_hh.shape[0] == n_gates * weight_hh.shape[1],
+                     lambda: f"ln_ext.{op}: weight_hh must be [{n_gates} * hidden, hidden], "
+                             f"got {list(weight_hh.shape)}")
+    else:
+        torch._check(weight_hh.dim() == 2 and weight_hh.shape[0] % n_gates == 0 and weight_hr.dim() == 2
+                     and weight_hr.shape[0] == weight_hh.shape[1]
+                     and weight_hr.shape[1] == weight_hh.shape[0] // n_gates,
+                     lambda: f"ln_ext.{op}: weight_hh must be [{n_gates} * hidden, proj_size] and weight_hr "
+                             "[proj_size, hidden]")
     if batch_sizes is not None:
         torch._check(batch_sizes.device.type == "cpu" and batch_sizes.dtype == torch.int64,
                      lambda: f"ln_ext.{op}: batch_sizes must be a 1-D int64 tensor on the CPU")
-    return weight_hh.shape[1]
-
-
-def _check_lstm_sequence(op, weight_hh, weight_hr, batch_sizes, **operands) -> tuple:
-    """(H, P) of an LSTM sequence op: weight_hh [4H, P], P = H without weight_hr [P, H]."""
-    if weight_hr is None:
-        H = _check_sequence(op, weight_hh, 4, batch_sizes, **operands)
-        return H, H
-    check_same_device(op, "weight_hh", weight_hh, weight_hr=weight_hr, **operands)
-    torch._check(weight_hh.dim() == 2 and weight_hh.shape[0] % 4 == 0 and weight_hr.dim() == 2
-                 and weight_hr.shape[0] == weight_hh.shape[1] and weight_hr.shape[1] == weight_hh.shape[0] // 4,
-                 lambda: f"ln_ext.{op}: weight_hh must be [4 * hidden, proj_size] and weight_hr [proj_size, hidden]")
-    return weight_hh.shape[0] // 4, weight_hh.shape[1]
+    return weight_hh.shape[0] // n_gates
 
 
 def _seq(like, n, acc=False):
@@ -328,9 +326,9 @@ def _rnn_sequence_bwd_fake(grad_output, grad_h_n, xproj, weight_hh, h0, output, 
 @torch.library.register_fake("ln_ext::lstm_sequence_fwd")
 def _lstm_sequence_fwd_fake(xgates, weight_hh, h0, c0, gamma_h, bias, gamma_c, beta_c, batch_sizes, reverse, eps,
                             save=True, weight_hr=None):
-    H, P = _check_lstm_sequence("lstm_sequence_fwd", weight_hh, weight_hr, batch_sizes, xgates=xgates, h0=h0, c0=c0,
-                                gamma_h=gamma_h, bias=bias, gamma_c=gamma_c, beta_c=beta_c)
-    return (_seq(xgates, P), torch.empty_like(h0), torch.empty_like(c0), _saved(save, xgates, 4 * H),
+    H = _check_sequence("lstm_sequence_fwd", weight_hh, 4, batch_sizes, weight_hr, xgates=xgates, h0=h0, c0=c0,
+                        gamma_h=gamma_h, bias=bias, gamma_c=gamma_c, beta_c=beta_c)
+    return (_seq(xgates, weight_hh.shape[1]), torch.empty_like(h0), torch.empty_like(c0), _saved(save, xgates, 4 * H),
             _saved(save, xgates, H), _saved(save, xgates, 4 * H, acc=True), _saved(save, xgates, 4, acc=True),
             _saved(save and weight_hr is not None, xgates, H))
 
@@ -338,10 +336,9 @@ def _lstm_sequence_fwd_fake(xgates, weight_hh, h0, c0, gamma_h, bias, gamma_c, b
 @torch.library.register_fake("ln_ext::lstm_sequence_bwd")
 def _lstm_sequence_bwd_fake(grad_output, grad_h_n, grad_c_n, weight_hh, h0, c0, output, hproj, cs, gates, stats,
                             gamma_h, gamma_c, beta_c, batch_sizes, reverse, weight_hr=None, h_full=None):
-    H, _ = _check_lstm_sequence("lstm_sequence_bwd", weight_hh, weight_hr, batch_sizes, grad_output=grad_output,
-                                grad_h_n=grad_h_n, grad_c_n=grad_c_n, h0=h0, c0=c0, output=output, hproj=hproj,
-                                cs=cs, gates=gates, stats=stats, gamma_h=gamma_h, gamma_c=gamma_c, beta_c=beta_c,
-                                h_full=h_full)
+    H = _check_sequence("lstm_sequence_bwd", weight_hh, 4, batch_sizes, weight_hr, grad_output=grad_output,
+                        grad_h_n=grad_h_n, grad_c_n=grad_c_n, h0=h0, c0=c0, output=output, hproj=hproj, cs=cs,
+                        gates=gates, stats=stats, gamma_h=gamma_h, gamma_c=gamma_c, beta_c=beta_c, h_full=h_full)
     d_weight_hr = torch.empty_like(weight_hr) if weight_hr is not None else weight_hh.new_empty((0,))
     return (_seq(output, 4 * H), torch.empty_like(weight_hh), torch.empty_like(h0), torch.empty_like(c0),
             torch.empty_like(gamma_h), torch.empty_like(gamma_h), torch.empty_like(gamma_c), torch.empty_like(beta_c),
