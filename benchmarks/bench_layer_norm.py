@@ -318,8 +318,7 @@ def per_call_records(dtypes: list[str], providers: list[Provider], device) -> li
                 calls.append((dict(base, mode="no_grad"), common.no_grad_call(fn, x)))
                 calls.append((dict(base, mode="fwd_bwd"),
                               lambda fn=fn, inputs=inputs: torch.autograd.grad(fn(x), inputs, dy)))
-            times = common.per_call_us([call for _, call in calls], device)
-            records += [dict(base, wall_us=us) for (base, _), us in zip(calls, times)]
+            records += common.timed_per_call(calls, device)
     return records
 
 
@@ -359,7 +358,6 @@ def summary(payload: dict, throughput: list[dict]) -> list[str]:
     shapes = sorted({(r["N"], r["M"]) for r in throughput})
     if not columns or not any(r["provider"] == "torch" for r in throughput):
         return []
-    short = {"fwd": "fwd", "bwd": "bwd", "fwd_bwd": "fwd+bwd"}
     rows = []
     for n, m in shapes:
         row = [n, m]
@@ -372,7 +370,7 @@ def summary(payload: dict, throughput: list[dict]) -> list[str]:
     return common.summary_block(
         "Summary: ln_ext's speed over nn.LayerNorm's", "Time of nn.LayerNorm over ln_ext's on the same shape "
         "in this run (above 1: ln_ext is faster); the tables below give GB/s and the other peers.",
-        ["N", "M"] + [f"{d} {short[mode]}" for d, mode in columns], rows)
+        ["N", "M"] + [f"{d} {common.MODE_SHORT[mode]}" for d, mode in columns], rows)
 
 
 def markdown_report(payload: dict) -> str:

@@ -267,8 +267,7 @@ def per_call_records(ops: list[str], dtypes: list[str], providers, device) -> li
                     calls.append((dict(base, mode="no_grad"), common.no_grad_call(fn, x, r)))
                     calls.append((dict(base, mode="fwd_bwd"),
                                   lambda fn=fn, leaves=leaves, g=g: torch.autograd.grad(fn(x, r), leaves, g)))
-                times = common.per_call_us([call for _, call in calls], device)
-                records += [dict(base, wall_us=us) for (base, _), us in zip(calls, times)]
+                records += common.timed_per_call(calls, device)
     return records
 
 
@@ -289,11 +288,10 @@ def summary(payload: dict, records: list[dict]) -> list[str]:
             rows.append(row)
     if not rows:
         return []
-    short = {"fwd": "fwd", "bwd": "bwd", "fwd_bwd": "fwd+bwd"}
     return common.summary_block(
         "Summary: ln_ext's speed over torch eager's", "Time of torch eager (F.rms_norm; the add, then the norm) "
         "over ln_ext's on the same shape in this run (above 1: ln_ext is faster).",
-        ["op", "N"] + [f"{d} {short[mode]}" for d, mode in columns], rows)
+        ["op", "N"] + [f"{d} {common.MODE_SHORT[mode]}" for d, mode in columns], rows)
 
 
 def markdown_report(payload: dict) -> str:

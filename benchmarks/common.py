@@ -313,6 +313,16 @@ def no_grad_call(fn: Callable, *args) -> Callable[[], object]:
     return call
 
 
+# Column titles of the passes in the summary tables.
+MODE_SHORT = {"fwd": "fwd", "bwd": "bwd", "fwd_bwd": "fwd+bwd"}
+
+
+def timed_per_call(calls: Sequence[tuple[dict, Callable[[], object]]], device: torch.device) -> list[dict]:
+    """The (record, call) pairs timed by per_call_us: each record with its wall_us."""
+    times = per_call_us([call for _, call in calls], device)
+    return [dict(record, wall_us=us) for (record, _), us in zip(calls, times)]
+
+
 def per_call_us(fns: Sequence[Callable[[], object]], device: torch.device, calls: int = 200,
                 rounds: int = 9) -> list[float]:
     """Wall µs per call of back-to-back calls of each fn, host included, the fns interleaved
