@@ -14,6 +14,7 @@
 #include <c10/util/Optional.h>
 
 #include <tuple>
+#include <vector>
 
 namespace ln_ext {
 
@@ -75,6 +76,26 @@ struct GruCellArgs {
 
 using RnnCellKernel = void (*)(const RnnCellArgs&);
 using LstmCellKernel = void (*)(const LstmCellArgs&);
+
+// One step of an LSTM sequence for a device's fused time loop: cell.hproj = h_prev W_h^T,
+// then the cell on cell's operands (cell.batch rows).
+struct LstmStep {
+  at::Tensor h_prev;  // [batch, H]
+  LstmCellArgs cell;
+};
+// A device's whole-sequence LSTM forward loop (the CPU's runs each step's GEMM and cell on
+// one team of threads, rnn_cpu.cpp): runs `steps` in order and returns true, or returns
+// false having run nothing where it does not apply, and the sequence op runs its own loop.
+using LstmStepsRunner = bool (*)(const std::vector<LstmStep>& steps, const at::Tensor& weight_hh);
+// One step of an LSTM sequence's backward for a device's fused loop, on the first
+// cell.batch rows of `carry` (the gradient reaching h from later steps, [B, H]):
+// cell.dh = dout + carry, the cell's backward, cell.dc = cell.dc_prev, carry = cell.dhproj W_h.
+struct LstmBackStep {
+  at::Tensor dout;  // [batch, H]: the step's output gradient
+  LstmCellArgs cell;
+};
+using LstmBackStepsRunner = bool (*)(const std::vector<LstmBackStep>& steps, const at::Tensor& weight_hh,
+                                     const at::Tensor& carry);
 using GruCellKernel = void (*)(const GruCellArgs&);
 
 // Device-independent op bodies (csrc/rnn.cpp): check, make contiguous,
@@ -168,7 +189,8 @@ lstm_sequence_fwd_impl(const at::Tensor& xgates, const at::Tensor& weight_hh, co
                        const at::Tensor& c0, const at::Tensor& gamma_h, const at::Tensor& bias,
                        const at::Tensor& gamma_c, const at::Tensor& beta_c,
                        const OptTensorRef& batch_sizes, bool reverse, double eps, bool save,
-                       const OptTensorRef& weight_hr, LstmCellKernel kernel);
+                       const OptTensorRef& weight_hr, LstmCellKernel kernel,
+                       LstmStepsRunner run_steps = nullptr);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                        const at::Tensor& weight_hh, const at::Tensor& h0, const at::Tensor& c0,
@@ -176,7 +198,8 @@ lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n
                        const at::Tensor& gates, const at::Tensor& stats, const at::Tensor& gamma_h,
                        const at::Tensor& gamma_c, const at::Tensor& beta_c,
                        const OptTensorRef& batch_sizes, bool reverse, const OptTensorRef& weight_hr,
-                       const OptTensorRef& h_full, LstmCellKernel kernel);
+                       const OptTensorRef& h_full, LstmCellKernel kernel,
+                       LstmBackStepsRunner run_back_steps = nullptr);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_sequence_fwd_impl(
     const at::Tensor& xzr, const at::Tensor& xn, const at::Tensor& weight_hh, const at::Tensor& h0,
     const at::Tensor& gamma_h, const at::Tensor& beta_h, const OptTensorRef& batch_sizes,
@@ -204,14 +227,15 @@ struct RnnSequenceOps {
                                  beta, batch_sizes, reverse, relu, Bwd);
   }
 };
-template <LstmCellKernel Fwd, LstmCellKernel Bwd>
+template <LstmCellKernel Fwd, LstmCellKernel Bwd, LstmStepsRunner RunSteps = nullptr,
+          LstmBackStepsRunner RunBackSteps = nullptr>
 struct LstmSequenceOps {
   static auto fwd(const at::Tensor& xgates, const at::Tensor& weight_hh, const at::Tensor& h0,
                   const at::Tensor& c0, const at::Tensor& gamma_h, const at::Tensor& bias,
                   const at::Tensor& gamma_c, const at::Tensor& beta_c, const OptTensorRef& batch_sizes,
                   bool reverse, double eps, bool save, const OptTensorRef& weight_hr) {
     return lstm_sequence_fwd_impl(xgates, weight_hh, h0, c0, gamma_h, bias, gamma_c, beta_c, batch_sizes,
-                                  reverse, eps, save, weight_hr, Fwd);
+                                  reverse, eps, save, weight_hr, Fwd, RunSteps);
   }
   static auto bwd(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                   const at::Tensor& weight_hh, const at::Tensor& h0, const at::Tensor& c0,
@@ -221,7 +245,7 @@ struct LstmSequenceOps {
                   bool reverse, const OptTensorRef& weight_hr, const OptTensorRef& h_full) {
     return lstm_sequence_bwd_impl(grad_output, grad_h_n, grad_c_n, weight_hh, h0, c0, output, hproj, cs,
                                   gates, stats, gamma_h, gamma_c, beta_c, batch_sizes, reverse, weight_hr, h_full,
-                                  Bwd);
+                                  Bwd, RunBackSteps);
   }
 };
 template <GruCellKernel Fwd, GruCellKernel Bwd>

@@ -5,7 +5,10 @@
 // and one GEMM for the gradient reaching h_{t-1}; after the loop the weight_hh
 // gradient as one GEMM over all rows and every LN / bias gradient as one
 // fixed-order column sum. Nothing in either loop allocates or syncs, so a
-// layer's forward and backward can be captured in a CUDA graph.
+// layer's forward and backward can be captured in a CUDA graph. A device may run an
+// LSTM's loops itself (LstmStepsRunner, LstmBackStepsRunner: the CPU's float32 loops,
+// one thread team with its own step GEMM, rnn_cpu.cpp); this file still builds every
+// step's operands for it.
 //
 // Row layout: every per-step tensor is [N, n] rows, step t owning rows
 // [offset[t], offset[t] + size[t]); unpacked input [T, B, n] is N = T * B rows of
@@ -118,6 +121,17 @@ at::Tensor state_before(const Steps& s, int64_t t, const at::Tensor& steps, cons
   if (s.size[p] >= n) return rows_view(steps, s.offset[p], n);
   copy_state_before(s, t, steps, init, staging);
   return rows_view(staging, 0, n);
+}
+
+// Whether every step's state is a view of the previous step's rows or of the initial
+// state (no staging copy, which must wait for the previous step): all but reverse runs
+// of packed sequences whose batch grows.
+bool states_are_views(const Steps& s) {
+  for (int64_t t = 0; t < s.count(); ++t) {
+    const int64_t p = s.before(t);
+    if (p >= 0 && s.size[p] < s.size[t]) return false;
+  }
+  return true;
 }
 
 // The final state of every row, its own last step's: forwards rows
@@ -341,7 +355,8 @@ lstm_sequence_fwd_impl(const at::Tensor& xgates, const at::Tensor& weight_hh, co
                        const at::Tensor& c0_in, const at::Tensor& gamma_h, const at::Tensor& bias,
                        const at::Tensor& gamma_c, const at::Tensor& beta_c,
                        const c10::optional<at::Tensor>& batch_sizes, bool reverse, double eps, bool save,
-                       const c10::optional<at::Tensor>& weight_hr, LstmCellKernel kernel) {
+                       const c10::optional<at::Tensor>& weight_hr, LstmCellKernel kernel,
+                       LstmStepsRunner run_steps) {
   const char* op = "ln_ext.lstm_sequence_fwd";
   const Common c(op, weight_hh, h0_in, 4, weight_hr);
   const int64_t B = c.batch, H = c.hidden, P = c.state;  // P: h's size (H without a projection)
@@ -367,23 +382,38 @@ lstm_sequence_fwd_impl(const at::Tensor& xgates, const at::Tensor& weight_hh, co
   const ForBackward gates(save, N, B, 4 * H, acc), stats(save, N, B, 4, acc);
   const ForBackward h_full(save && projected, N, B, projected ? H : 0, x.options());
   at::Tensor staging_h = at::empty({B, P}, x.options()), staging_c = at::empty({B, H}, x.options());
-  const at::Tensor w_t = step_gemm_weight(weight_hh);
-  const at::Tensor w_hr_t = projected ? step_gemm_weight(c.weight_hr) : at::Tensor();
-  for (int64_t k = 0; k < s.count(); ++k) {
-    const int64_t t = s.nth(k);
-    a.batch = s.size[t];
-    a.hproj = hproj.of_step(s, t);
-    at::mm_out(a.hproj, state_before(s, t, out, h0, staging_h), w_t);
-    a.c_prev = state_before(s, t, cs, c0, staging_c);
-    a.xgates = rows_of_step(x, s, t);
-    a.h = projected ? h_full.of_step(s, t) : rows_of_step(out, s, t);
-    a.c = rows_of_step(cs, s, t);
-    a.gates = gates.of_step(s, t);
-    a.stats = stats.of_step(s, t);
-    if (a.batch > 0) kernel(a);  // an empty batch: nothing to launch
-    if (projected) {
-      at::Tensor h = rows_of_step(out, s, t);
-      at::mm_out(h, a.h, w_hr_t);
+  // Step t's operands; its state staged (a copy of the previous step's rows) where rows start.
+  const auto step = [&](int64_t t) {
+    LstmStep st{state_before(s, t, out, h0, staging_h), a};
+    LstmCellArgs& sa = st.cell;
+    sa.batch = s.size[t];
+    sa.hproj = hproj.of_step(s, t);
+    sa.c_prev = state_before(s, t, cs, c0, staging_c);
+    sa.xgates = rows_of_step(x, s, t);
+    sa.h = projected ? h_full.of_step(s, t) : rows_of_step(out, s, t);
+    sa.c = rows_of_step(cs, s, t);
+    sa.gates = gates.of_step(s, t);
+    sa.stats = stats.of_step(s, t);
+    return st;
+  };
+  bool ran = false;
+  if (run_steps != nullptr && !projected && states_are_views(s)) {
+    std::vector<LstmStep> steps;
+    for (int64_t k = 0; k < s.count(); ++k) steps.push_back(step(s.nth(k)));
+    ran = run_steps(steps, weight_hh);
+  }
+  if (!ran) {
+    const at::Tensor w_t = step_gemm_weight(weight_hh);
+    const at::Tensor w_hr_t = projected ? step_gemm_weight(c.weight_hr) : at::Tensor();
+    for (int64_t k = 0; k < s.count(); ++k) {
+      const int64_t t = s.nth(k);
+      LstmStep st = step(t);
+      at::mm_out(st.cell.hproj, st.h_prev, w_t);
+      if (st.cell.batch > 0) kernel(st.cell);  // an empty batch: nothing to launch
+      if (projected) {
+        at::Tensor h = rows_of_step(out, s, t);
+        at::mm_out(h, st.cell.h, w_hr_t);
+      }
     }
   }
   const auto seq = [&](int64_t n) { return like_xs(xgates, n); };
@@ -400,7 +430,7 @@ lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n
                        const at::Tensor& gamma_c, const at::Tensor& beta_c,
                        const c10::optional<at::Tensor>& batch_sizes, bool reverse,
                        const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& h_full_in,
-                       LstmCellKernel kernel) {
+                       LstmCellKernel kernel, LstmBackStepsRunner run_back_steps) {
   const char* op = "ln_ext.lstm_sequence_bwd";
   const Common c(op, weight_hh, h0_in, 4, weight_hr);
   const int64_t B = c.batch, H = c.hidden, P = c.state;
@@ -434,31 +464,50 @@ lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n
   at::Tensor staging_c = at::empty({B, H}, io);
   at::Tensor dgamma_h_rows = at::empty({N, 4 * H}, acc);
   at::Tensor dgamma_c_rows = at::empty({N, H}, acc), dbeta_c_rows = at::empty({N, H}, acc);
+  // Step t's cell operands but dh (its state staged where rows start, as in the forward).
+  const auto step = [&](int64_t t) {
+    const int64_t n = s.size[t];
+    LstmCellArgs sa = a;
+    sa.batch = n;
+    sa.dc = rows_view(dc, 0, n);
+    sa.hproj = rows_of_step(hp, s, t);
+    sa.c_prev = state_before(s, t, cs, c0, staging_c);
+    sa.c = rows_of_step(cs, s, t);
+    sa.gates = rows_of_step(gt, s, t);
+    sa.stats = rows_of_step(st, s, t);
+    sa.dgates = rows_of_step(dgates, s, t);
+    sa.dhproj = rows_of_step(dhproj, s, t);
+    sa.dc_prev = rows_view(dc_prev, 0, n);  // not into dc itself: the kernel reads dc in a later pass
+    sa.dgamma_h_rows = rows_of_step(dgamma_h_rows, s, t);
+    sa.dgamma_c_rows = rows_of_step(dgamma_c_rows, s, t);
+    sa.dbeta_c_rows = rows_of_step(dbeta_c_rows, s, t);
+    return sa;
+  };
+  bool ran = false;
+  if (run_back_steps != nullptr && !projected && states_are_views(s)) {
+    std::vector<LstmBackStep> steps;
+    for (int64_t k = s.count() - 1; k >= 0; --k) {
+      const int64_t t = s.nth(k);
+      steps.push_back({rows_of_step(dout, s, t), step(t)});
+      steps.back().cell.dh = rows_view(carry.dh_step, 0, s.size[t]);
+    }
+    ran = run_back_steps(steps, weight_hh, carry.dh);
+  }
   for (int64_t k = s.count() - 1; k >= 0; --k) {
     const int64_t t = s.nth(k), n = s.size[t];
-    a.batch = n;
-    a.dh = carry.step_grad(rows_of_step(dout, s, t));
-    if (projected) {  // out = h_full weight_hr^T
-      rows_of_step(d_out, s, t).copy_(a.dh);
-      at::Tensor dh = rows_view(dh_full, 0, n);
-      a.dh = at::mm_out(dh, a.dh, c.weight_hr);
+    if (!ran) {
+      LstmCellArgs sa = step(t);
+      sa.dh = carry.step_grad(rows_of_step(dout, s, t));
+      if (projected) {  // out = h_full weight_hr^T
+        rows_of_step(d_out, s, t).copy_(sa.dh);
+        at::Tensor dh = rows_view(dh_full, 0, n);
+        sa.dh = at::mm_out(dh, sa.dh, c.weight_hr);
+      }
+      if (n > 0) kernel(sa);  // an empty batch: nothing to launch
+      sa.dc.copy_(sa.dc_prev);
+      carry.to_previous(sa.dhproj, weight_hh);
     }
-    a.dc = rows_view(dc, 0, n);
-    a.hproj = rows_of_step(hp, s, t);
-    a.c_prev = state_before(s, t, cs, c0, staging_c);
-    a.c = rows_of_step(cs, s, t);
-    a.gates = rows_of_step(gt, s, t);
-    a.stats = rows_of_step(st, s, t);
-    a.dgates = rows_of_step(dgates, s, t);
-    a.dhproj = rows_of_step(dhproj, s, t);
-    a.dc_prev = rows_view(dc_prev, 0, n);  // not into dc itself: the kernel reads dc in a later pass
-    a.dgamma_h_rows = rows_of_step(dgamma_h_rows, s, t);
-    a.dgamma_c_rows = rows_of_step(dgamma_c_rows, s, t);
-    a.dbeta_c_rows = rows_of_step(dbeta_c_rows, s, t);
-    if (a.batch > 0) kernel(a);  // an empty batch: nothing to launch
-    a.dc.copy_(a.dc_prev);
     copy_state_before(s, t, out, h0, rows_of_step(h_prev, s, t));
-    carry.to_previous(a.dhproj, weight_hh);
   }
   return {dgates.view(seq(4 * H)), dhproj.t().mm(h_prev), carry.dh, dc,
           column_sums(dgamma_h_rows, gamma_h.scalar_type()), column_sums(dgates, gamma_h.scalar_type()),

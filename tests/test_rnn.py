@@ -1224,6 +1224,31 @@ def test_cpu_cell_ops_independent_of_thread_count(mode, dtype, num_threads):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["tensor", "packed"])
+def test_cpu_fused_lstm_loop_matches_reference_on_any_thread_count(packed, num_threads):
+    """The CPU's whole-sequence LSTM loop (float32: one thread team, its own step GEMM)
+    on shapes that leave a partial GEMM panel (4H = 268) and a partial row tile (B = 19),
+    forwards and in reverse, with steps large enough for a team of two: the float64
+    reference's outputs and gradients, and the same bits on 1 and 2 threads."""
+    results = []
+    for n in (1, 2):
+        num_threads(n)
+        # Packed: one direction (the reverse one, whose batch grows, runs the generic loop).
+        module = make("LSTM", dtype=torch.float32, hidden_size=67, input_size=9, bidirectional=not packed)
+        x, hx = sample("LSTM", module, T=4, B=19)
+        if packed:  # batches 19, 19, 12, 5: every step's state a view of the previous step's
+            lengths = torch.tensor([4] * 5 + [3] * 7 + [2] * 7)
+            x = torch.nn.utils.rnn.pack_padded_sequence(x, lengths)
+            out, (h, c) = module(x, hx)
+            results.append((out.data, h, c))
+            continue
+        assert_matches_reference("LSTM", module, x, hx, torch.float32)
+        results.append(run_and_grads("LSTM", module, x, hx))
+    flat = [[t for part in r for t in (part if isinstance(part, (list, tuple)) else (part,))] for r in results]
+    for a, b in zip(*flat):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_capped_cpu_cell_build_matches_reference(isa):
     """The float32 checks again with the CPU cell kernels capped at `isa`: the generic
@@ -1231,7 +1256,8 @@ def test_capped_cpu_cell_build_matches_reference(isa):
     run_with_cpu_isa_cap([f"test_rnn.py::{name}" for name in (
         "test_cpu_cell_math_matches_float64", "test_cpu_saturated_cells_match_float64",
         "test_layers_match_reference_reduced_precision", "test_larger_hidden_float32",
-        "test_cpu_cell_ops_independent_of_thread_count", "test_cpu_kernel_isas_follow_the_cap")], isa=isa)
+        "test_cpu_cell_ops_independent_of_thread_count", "test_cpu_fused_lstm_loop_matches_reference_on_any_thread_count",
+        "test_cpu_kernel_isas_follow_the_cap")], isa=isa)
 
 
 def _cpu_flags() -> set:

@@ -8,6 +8,7 @@
 #include "avx2_target_push.h"
 
 #define LN_EXT_ISA_NAME "avx2"
+#define LN_EXT_GEMM_VEC_BYTES 32
 #include "rnn_cells_impl.h"
 
 #include "avx2_target_pop.h"

@@ -15,7 +15,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace ln_ext::cpu {
@@ -30,9 +32,21 @@ struct CellKernels {
   void (*gru_bwd)(const cell::GruRow<T, A>& rows, int64_t begin, int64_t end, int64_t H);
 };
 
+// The fused LSTM time loop's step GEMM (float32): c[rows, cols] = a[rows, K] b, where b
+// [K, cols] is packed in panels of `panel` columns, [panels][K][panel] with the last one
+// zero-padded. A call runs panels [p0, p1) (columns p0 * panel .. min(cols, p1 * panel))
+// for every row; each output is summed in k order whatever the split, so the result
+// does not depend on the thread count.
+struct StepGemm {
+  int64_t panel;
+  void (*run)(const float* a, int64_t lda, int64_t rows, const float* packed, int64_t K,
+              int64_t p0, int64_t p1, float* c, int64_t ldc, int64_t cols);
+};
+
 // One build's kernels for every io dtype T (A: float32, float64 for double T).
 struct CellKernelSet {
   const char* isa;
+  StepGemm gemm_f32;
   CellKernels<float, float> f32;
   CellKernels<double, double> f64;
   CellKernels<c10::Half, float> f16;

@@ -50,6 +50,73 @@ __attribute__((flatten)) void gru_bwd(const cell::GruRow<T, A>& rows, int64_t be
   for (int64_t b = begin; b < end; ++b) cell::gru_bwd_row(Serial{}, rows.at(b, H), H);
 }
 
+// The step GEMM (StepGemm): register tiles of kGemmRows rows x 2 vectors; per k one row of
+// the panel is loaded and each row's a[k] broadcast into multiply-adds. Vectors of
+// LN_EXT_GEMM_VEC_BYTES (64 in the AVX-512 build: 32 registers hold the 16 accumulators
+// of 8 rows; 32 in the AVX2 build and 16 in the generic one, 6 rows: 12 of 16 registers).
+#ifndef LN_EXT_GEMM_VEC_BYTES
+#define LN_EXT_GEMM_VEC_BYTES 16
+#endif
+#ifndef LN_EXT_GEMM_ROWS
+#define LN_EXT_GEMM_ROWS 6
+#endif
+typedef float gemm_vec __attribute__((vector_size(LN_EXT_GEMM_VEC_BYTES)));
+constexpr int64_t kGemmLanes = LN_EXT_GEMM_VEC_BYTES / sizeof(float);
+constexpr int64_t kGemmPanel = 2 * kGemmLanes;
+constexpr int kGemmRows = LN_EXT_GEMM_ROWS;
+
+// Rows [0, R) of a (row stride lda) times one panel, into the first `cols` (<= panel)
+// columns of c.
+template <int R>
+__attribute__((always_inline)) inline void gemm_tile(const float* a, int64_t lda, const float* panel,
+                                                     int64_t K, float* c, int64_t ldc, int64_t cols) {
+  gemm_vec acc[R][2] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    gemm_vec b0, b1;
+    std::memcpy(&b0, panel + k * kGemmPanel, sizeof b0);
+    std::memcpy(&b1, panel + k * kGemmPanel + kGemmLanes, sizeof b1);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float ar = a[r * lda + k];
+      acc[r][0] += ar * b0;
+      acc[r][1] += ar * b1;
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    if (cols == kGemmPanel) {
+      std::memcpy(c + r * ldc, &acc[r][0], sizeof acc[r][0]);
+      std::memcpy(c + r * ldc + kGemmLanes, &acc[r][1], sizeof acc[r][1]);
+    } else {
+      float tile[kGemmPanel];
+      std::memcpy(tile, &acc[r][0], sizeof acc[r][0]);
+      std::memcpy(tile + kGemmLanes, &acc[r][1], sizeof acc[r][1]);
+      std::memcpy(c + r * ldc, tile, cols * sizeof(float));
+    }
+  }
+}
+
+template <int R>
+void gemm_tile_rows(int rows, const float* a, int64_t lda, const float* panel, int64_t K, float* c,
+                    int64_t ldc, int64_t cols) {
+  if constexpr (R > 1) {
+    if (rows < R) return gemm_tile_rows<R - 1>(rows, a, lda, panel, K, c, ldc, cols);
+  }
+  gemm_tile<R>(a, lda, panel, K, c, ldc, cols);
+}
+
+void step_gemm(const float* a, int64_t lda, int64_t rows, const float* packed, int64_t K, int64_t p0,
+               int64_t p1, float* c, int64_t ldc, int64_t cols) {
+  for (int64_t p = p0; p < p1; ++p) {  // the panel stays in cache across the row tiles
+    const float* panel = packed + p * K * kGemmPanel;
+    const int64_t width = std::min(kGemmPanel, cols - p * kGemmPanel);
+    for (int64_t r = 0; r < rows; r += kGemmRows) {
+      const int n = static_cast<int>(std::min<int64_t>(kGemmRows, rows - r));
+      gemm_tile_rows<kGemmRows>(n, a + r * lda, lda, panel, K, c + r * ldc + p * kGemmPanel, ldc, width);
+    }
+  }
+}
+
 template <class T, class A>
 CellKernels<T, A> make_cell_kernels() {
   return {&rnn_fwd<T, A>, &rnn_bwd<T, A>, &lstm_fwd<T, A>,
@@ -57,7 +124,7 @@ CellKernels<T, A> make_cell_kernels() {
 }
 
 CellKernelSet make_cell_kernel_set() {
-  return {LN_EXT_ISA_NAME, make_cell_kernels<float, float>(), make_cell_kernels<double, double>(),
+  return {LN_EXT_ISA_NAME, StepGemm{kGemmPanel, &step_gemm}, make_cell_kernels<float, float>(), make_cell_kernels<double, double>(),
           make_cell_kernels<c10::Half, float>(), make_cell_kernels<c10::BFloat16, float>()};
 }
 

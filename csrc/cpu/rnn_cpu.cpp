@@ -13,6 +13,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace ln_ext {
 
@@ -99,6 +105,141 @@ void gru_cell_bwd_cpu_kernel(const GruCellArgs& a) {
   });
 }
 
+namespace {
+
+// b [K, cols] (float, any strides) as the step GEMM's packed right operand (StepGemm):
+// panel p holds columns [p * panel, (p + 1) * panel), k-major, zero past the last column.
+at::Tensor pack_panels(const at::Tensor& b, int64_t panel) {
+  const int64_t K = b.size(0), cols = b.size(1), panels = (cols + panel - 1) / panel;
+  const int64_t sk = b.stride(0), sj = b.stride(1);
+  at::Tensor packed = at::zeros({panels, K, panel}, b.options());
+  const float* in = b.const_data_ptr<float>();
+  float* out = packed.data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t width = std::min(panel, cols - p * panel);
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t j = 0; j < width; ++j) out[(p * K + k) * panel + j] = in[k * sk + (p * panel + j) * sj];
+      }
+    }
+  });
+  return packed;
+}
+
+// How many threads a loop's steps take: at most torch's, at most one per GEMM panel, and
+// at least kMinStepFmas multiply-adds of the widest step's GEMM each.
+constexpr int64_t kMinStepFmas = 1 << 17;
+int team_size(int64_t fmas, int64_t panels) {
+  return static_cast<int>(std::clamp<int64_t>(fmas / kMinStepFmas, 1, std::min<int64_t>(at::get_num_threads(), panels)));
+}
+
+// Runs member(team, me, barrier) on every thread of one OpenMP team of `size` (fewer where
+// OpenMP gives fewer, as inside another parallel region); barrier() waits for the team.
+template <class Member>
+void run_team(int size, const Member& member) {
+#ifdef _OPENMP
+  if (size > 1) {
+    const auto barrier = [] {
+#pragma omp barrier
+    };
+#pragma omp parallel num_threads(size)
+    member(omp_get_num_threads(), omp_get_thread_num(), barrier);
+    return;
+  }
+#endif
+  member(1, 0, [] {});
+}
+
+// [begin, end) of `n` items for member `me` of a team of `team`: near-equal contiguous shares.
+std::pair<int64_t, int64_t> share(int64_t n, int team, int me) {
+  return {n * me / team, n * (me + 1) / team};
+}
+
+// The fused LSTM loops (float32): every step's GEMM split by column panels and its cell by
+// rows over one OpenMP team that lives for the whole sequence, two barriers a step (the
+// cell needs every column of its rows' GEMM output, the next GEMM every row of the cell's).
+// Against a BLAS call and a cell launch per step this drops two fork/joins and the BLAS's
+// repacking of the weight every step (packed here once per call); benchmarks/NOTES.md has
+// the numbers. Results do not depend on the thread count (StepGemm; a row's cell on one
+// thread).
+bool lstm_steps_cpu(const std::vector<LstmStep>& steps, const at::Tensor& weight_hh) {
+  if (weight_hh.scalar_type() != at::kFloat || steps.empty()) return false;
+  const cpu::CellKernelSet& set = cpu::cell_kernels();
+  const cpu::StepGemm gemm = set.gemm_f32;
+  const auto& cells = set.get<float>();
+  const int64_t cols = weight_hh.size(0), K = weight_hh.size(1), H = steps[0].cell.hidden;
+  const float eps = static_cast<float>(steps[0].cell.eps);
+  const at::Tensor packed = pack_panels(weight_hh.t(), gemm.panel);  // h_prev W_h^T
+  const float* w = packed.const_data_ptr<float>();
+  struct Step {
+    const float* h_prev;
+    float* hproj;
+    int64_t batch;
+    cell::LstmRow<float, float> rows;
+  };
+  std::vector<Step> run;
+  int64_t widest = 0;
+  for (const LstmStep& st : steps) {
+    run.push_back({st.h_prev.const_data_ptr<float>(), st.cell.hproj.data_ptr<float>(), st.cell.batch,
+                   rows_of<float, float>(st.cell)});
+    widest = std::max(widest, st.cell.batch);
+  }
+  const int64_t panels = packed.size(0);
+  run_team(team_size(widest * K * cols, panels), [&](int team, int me, const auto& barrier) {
+    const auto [p0, p1] = share(panels, team, me);
+    for (const Step& st : run) {
+      gemm.run(st.h_prev, K, st.batch, w, K, p0, p1, st.hproj, cols, cols);
+      barrier();
+      const auto [r0, r1] = share(st.batch, team, me);
+      if (r0 < r1) cells.lstm_fwd(st.rows, r0, r1, H, eps);
+      barrier();
+    }
+  });
+  return true;
+}
+
+bool lstm_back_steps_cpu(const std::vector<LstmBackStep>& steps, const at::Tensor& weight_hh,
+                         const at::Tensor& carry) {
+  if (weight_hh.scalar_type() != at::kFloat || steps.empty()) return false;
+  const cpu::CellKernelSet& set = cpu::cell_kernels();
+  const cpu::StepGemm gemm = set.gemm_f32;
+  const auto& cells = set.get<float>();
+  const int64_t K = weight_hh.size(0), cols = weight_hh.size(1), H = steps[0].cell.hidden;
+  const at::Tensor packed = pack_panels(weight_hh, gemm.panel);  // dhproj W_h
+  const float* w = packed.const_data_ptr<float>();
+  float* carried = carry.data_ptr<float>();
+  struct Step {
+    const float* dout;
+    float *dh, *dc, *dc_prev, *dhproj;
+    int64_t batch;
+    cell::LstmRow<float, float> rows;
+  };
+  std::vector<Step> run;
+  int64_t widest = 0;
+  for (const LstmBackStep& st : steps) {
+    const LstmCellArgs& c = st.cell;
+    run.push_back({st.dout.const_data_ptr<float>(), c.dh.data_ptr<float>(), c.dc.data_ptr<float>(),
+                   c.dc_prev.data_ptr<float>(), c.dhproj.data_ptr<float>(), c.batch, rows_of<float, float>(c)});
+    widest = std::max(widest, c.batch);
+  }
+  const int64_t panels = packed.size(0);
+  run_team(team_size(widest * K * cols, panels), [&](int team, int me, const auto& barrier) {
+    const auto [p0, p1] = share(panels, team, me);
+    for (const Step& st : run) {
+      const auto [r0, r1] = share(st.batch, team, me);
+      for (int64_t i = r0 * cols; i < r1 * cols; ++i) st.dh[i] = st.dout[i] + carried[i];
+      if (r0 < r1) cells.lstm_bwd(st.rows, r0, r1, H);
+      std::copy(st.dc_prev + r0 * H, st.dc_prev + r1 * H, st.dc + r0 * H);
+      barrier();
+      gemm.run(st.dhproj, K, st.batch, w, K, p0, p1, carried, cols, cols);
+      barrier();
+    }
+  });
+  return true;
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(ln_ext, CPU, m) {
   m.impl("rnn_cell_fwd", &rnn_cell_fwd_op<rnn_cell_fwd_cpu_kernel>);
   m.impl("rnn_cell_bwd", &rnn_cell_bwd_op<rnn_cell_bwd_cpu_kernel>);
@@ -107,7 +248,8 @@ TORCH_LIBRARY_IMPL(ln_ext, CPU, m) {
   m.impl("gru_cell_fwd", &gru_cell_fwd_op<gru_cell_fwd_cpu_kernel>);
   m.impl("gru_cell_bwd", &gru_cell_bwd_op<gru_cell_bwd_cpu_kernel>);
   using Rnn = RnnSequenceOps<rnn_cell_fwd_cpu_kernel, rnn_cell_bwd_cpu_kernel>;
-  using Lstm = LstmSequenceOps<lstm_cell_fwd_cpu_kernel, lstm_cell_bwd_cpu_kernel>;
+  using Lstm =
+      LstmSequenceOps<lstm_cell_fwd_cpu_kernel, lstm_cell_bwd_cpu_kernel, lstm_steps_cpu, lstm_back_steps_cpu>;
   using Gru = GruSequenceOps<gru_cell_fwd_cpu_kernel, gru_cell_bwd_cpu_kernel>;
   m.impl("rnn_sequence_fwd", &Rnn::fwd);
   m.impl("rnn_sequence_bwd", &Rnn::bwd);
