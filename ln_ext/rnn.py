@@ -73,6 +73,16 @@ def _param_shapes(mode: str, input_size: int, H: int, bias: bool, proj_size: int
     return shapes
 
 
+# Every base name a layer-direction may have (its bias ones included), by (mode, projected):
+# built once, not on every forward.
+_ALL_BASES = {(mode, projected): tuple(_param_shapes(mode, 1, 1, True, int(projected)))
+              for mode in _GATES for projected in (False, True)}
+
+
+def _all_bases(mode: str, proj_size: int = 0) -> tuple:
+    return _ALL_BASES[mode, proj_size > 0]
+
+
 def _init_params(module: nn.Module, names: dict, shapes: dict, H: int, forget_bias: float) -> None:
     """names: base name -> attribute name. nn.LSTM's init for weights; LN gains 1, shifts 0."""
     bound = 1.0 / math.sqrt(H) if H > 0 else 0.0
@@ -108,8 +118,9 @@ def _prepare(mode: str, p: dict, H: int, like: torch.Tensor) -> dict:
     def or_zeros(t, n):
         return t if t is not None else like.new_zeros(n)
 
-    # Under autocast the parameters are used in the compute dtype (like nn.LSTM).
-    q = {k: None if v is None else v.to(like.dtype) for k, v in p.items()}
+    # Under autocast the parameters are used in the compute dtype (like nn.LSTM). The dtype
+    # test first: a no-op .to() is a dispatcher call, ~1 us a parameter on every forward.
+    q = {k: v if v is None or v.dtype == like.dtype else v.to(like.dtype) for k, v in p.items()}
     p = q
     if mode == "RNN":
         q["beta"] = or_zeros(p.get("ln_bias"), H)
@@ -227,8 +238,8 @@ class _LayerNormRNNBase(nn.Module):
     def layer_parameters(self, layer: int, direction: int = 0) -> dict:
         """Base name -> Parameter (None where bias=False drops it) of one layer-direction."""
         names, _ = self._names[layer][direction]
-        full = _param_shapes(self.mode, 1, 1, True, self.proj_size)  # every name this layer may have
-        return {base: getattr(self, names[base]) if base in names else None for base in full}
+        return {base: getattr(self, names[base]) if base in names else None
+                for base in _all_bases(self.mode, self.proj_size)}
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -420,8 +431,7 @@ class _LayerNormCellBase(nn.Module):
 
     def layer_parameters(self, layer: int = 0, direction: int = 0) -> dict:
         """Base name -> Parameter (None where bias=False drops it), as the layers' method."""
-        full = _param_shapes(self.mode, 1, 1, True)
-        return {base: getattr(self, base) if base in self._shapes else None for base in full}
+        return {base: getattr(self, base) if base in self._shapes else None for base in _all_bases(self.mode)}
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
