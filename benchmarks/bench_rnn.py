@@ -179,11 +179,14 @@ def check(module: nn.Module, x: torch.Tensor, hidden: int, tf32: bool) -> dict:
 
 
 def run_shape(cell, dtype, hidden, providers, device, args, bar) -> list[dict]:
+    """Every provider on one shape: built and checked first, then each mode's calls timed in
+    interleaved rounds (common.interleaved_ms), so that their ratios come from the same
+    spells of this machine."""
     x_dtype = DTYPES[dtype][0]
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(args.seq_len, args.batch, hidden, generator=g, device=device).to(x_dtype)
     dout = torch.randn(args.seq_len, args.batch, hidden, generator=g, device=device).to(x_dtype)
-    records = []
+    records, ready = [], []
     for provider in providers:
         base = dict(kind="rnn", cell=cell, dtype=dtype, T=args.seq_len, B=args.batch, H=hidden, provider=provider.name)
         bar.set_postfix_str(f"{cell} {dtype} H={hidden} {provider.name}")
@@ -197,31 +200,95 @@ def run_shape(cell, dtype, hidden, providers, device, args, bar) -> list[dict]:
             continue
         if not verdict["ok"]:
             print(f"\nMISMATCH: {provider.name} {cell} {dtype} H={hidden}: {verdict}", file=sys.stderr)
+        ready.append((base, module, verdict))
+
+    def forward(module):
+        def call():
+            with torch.no_grad():
+                return module(x)
+        return call
+
+    def forward_backward(module):
         xg = x.detach().requires_grad_()
         inputs = [xg, *module.parameters()]
 
-        def forward():
-            with torch.no_grad():
-                return module(x)
-
-        def forward_backward():
+        def call():
             out, _ = module(xg)
             return torch.autograd.grad(out, inputs, dout, allow_unused=True)
+        return call
 
-        for mode, call in (("fwd", forward), ("fwd_bwd", forward_backward)):
+    for mode, make_call in (("fwd", forward), ("fwd_bwd", forward_backward)):
+        timed = []
+        for base, module, verdict in ready:
+            call = make_call(module)
             try:
-                ms = common.time_ms(call, device, rep_ms=args.rep_ms, warmup_ms=args.warmup_ms)
+                call()
             except Exception as exc:  # noqa: BLE001
                 records.append(dict(base, mode=mode, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300]))
             else:
-                records.append(dict(base, mode=mode, ms=ms, correct=verdict["ok"], check=verdict))
-            bar.update()
-        del module, inputs, xg
+                timed.append((base, verdict, call))
+        times = common.interleaved_ms([call for _, _, call in timed], device, rep_ms=args.rep_ms * len(timed),
+                                      warmup_ms=args.warmup_ms)
+        for (base, verdict, _), ms in zip(timed, times):
+            records.append(dict(base, mode=mode, ms=ms, correct=verdict["ok"], check=verdict))
+        bar.update(len(ready))
     return records
 
 
+def inference_path(cell, dtype, hidden, device, args) -> list[dict]:
+    """ln_ext's sequence op under no_grad as it runs now (save=False: nothing kept for a
+    backward) and as it ran before issue 21 (save=True: every step's hproj, gates and
+    statistics computed, stored and returned): time per call and the bytes its results hold."""
+    import ln_ext
+    from ln_ext import rnn as lnrnn
+
+    mode = cell.upper()
+    x_dtype = DTYPES[dtype][0]
+    torch.manual_seed(0)
+    module = build_ln_ext(cell, hidden, device, x_dtype)
+    x = torch.randn(args.seq_len, args.batch, hidden, device=device).to(x_dtype)
+    states = tuple(x.new_zeros(args.batch, hidden) for _ in range(2 if mode == "LSTM" else 1))
+    op = getattr(torch.ops.ln_ext, f"{cell}_sequence_fwd")
+    records = []
+    with torch.no_grad():
+        q = lnrnn._prepare(mode, module.layer_parameters(0, 0), hidden, x)
+        xs = lnrnn._project_inputs(mode, x, q, hidden, module.eps)
+        def call_saving(save):
+            extra = (save, None) if mode == "LSTM" else (save,)
+            return lambda: op(*xs, q["weight_hh"], *states, *lnrnn._cell_params(mode, q), None, False,
+                              module.eps, *extra)
+
+        calls = [call_saving(False), call_saving(True)]
+        held = [sum(t.numel() * t.element_size() for t in call()) for call in calls]
+        times = common.interleaved_ms(calls, device, rep_ms=2 * args.rep_ms, warmup_ms=args.warmup_ms)
+        for save, ms, nbytes in zip((False, True), times, held):
+            records.append(dict(kind="rnn_inference_path", cell=cell, dtype=dtype, T=args.seq_len, B=args.batch,
+                                H=hidden, provider="ln_ext", mode="saving" if save else "inference", ms=ms,
+                                bytes_held=nbytes))
+    return records
+
+
+def inference_path_markdown(records: list[dict]) -> list[str]:
+    rows = []
+    for r in records:
+        if r.get("kind") != "rnn_inference_path" or r["mode"] != "inference":
+            continue
+        before = next(b for b in records if b.get("kind") == r["kind"] and b["mode"] == "saving"
+                      and (b["cell"], b["dtype"], b["H"]) == (r["cell"], r["dtype"], r["H"]))
+        rows.append([r["cell"], r["dtype"], r["H"], common.fmt_ms(before["ms"]), common.fmt_ms(r["ms"]),
+                     f"{before['bytes_held'] / 2**20:.2f} MiB", f"{r['bytes_held'] / 2**20:.2f} MiB"])
+    if not rows:
+        return []
+    headers = ["cell", "dtype", "H", "time, saving (before)", "time, inference path", "results hold, saving",
+               "results hold, inference path"]
+    return ["### inference path: the sequence op under no_grad, saving for a backward (as before) and not", "",
+            "One layer-direction's sequence op (ln_ext.ops' `<cell>_sequence_fwd`), called with `save=True` "
+            "(what every call did before the inference path) and `save=False` (what no_grad calls run now); "
+            "bytes: the tensors the op returns.", "", common.markdown_table(headers, rows), ""]
+
+
 def add_relative_numbers(records: list[dict]) -> None:
-    """ln_ext time / nn.LSTM time (target <= 1.5) and naive time / each provider's time."""
+    """ln_ext time / nn.LSTM time (target <= 1.25) and naive time / each provider's time."""
     key = lambda r: (r["cell"], r["dtype"], r["H"], r["mode"])  # noqa: E731
     timed = [r for r in records if "ms" in r]
     torch_ms = {key(r): r["ms"] for r in timed if r["provider"] == "torch"}
@@ -260,7 +327,7 @@ def markdown_report(payload: dict) -> str:
                    if done["shapes"] < done["of"] else [])
     out = [f"## LN-RNN: {common.card_name(env)}", "", common.header_line(env), "", *interrupted,
            f"T = {cfg['seq_len']}, B = {cfg['batch']}, input size = hidden size H, one layer. "
-           f"Timing: {payload['timing']}. Forward: inference (no autograd graph); forward + backward: "
+           f"Timing: {payload['timing']}, the best of 5 rounds that interleave the providers. Forward: inference (no autograd graph); forward + backward: "
            f"gradients of the input and every parameter. TF32: matmul {env.get('tf32_matmul')}, "
            f"cuDNN {env.get('tf32_cudnn')}."]
     if payload["missing"]:
@@ -274,10 +341,10 @@ def markdown_report(payload: dict) -> str:
     out.append("")
     for mode in MODES:
         headers = ["cell", "dtype", "H"] + [labels[p] for p in names]
-        # Targets (issue 13): LN-LSTM within 1.5x of nn.LSTM, forward + backward and inference
-        # alike; the naive module composition at least 2x slower than ln_ext.
+        # Targets (issues 13 and 21): LN-LSTM within 1.25x of nn.LSTM, forward + backward and
+        # inference alike; the naive module composition at least 2x slower than ln_ext.
         if "ln_ext" in names and "torch" in names:
-            headers.append("ln_ext / nn (target ≤ 1.5×)")
+            headers.append("ln_ext / nn (target ≤ 1.25×)")
         if "ln_ext" in names and "naive" in names:
             headers.append("naive / ln_ext (target ≥ 2×)")
         rows = []
@@ -294,6 +361,7 @@ def markdown_report(payload: dict) -> str:
                     rows.append(row)
         title = "forward (inference)" if mode == "fwd" else "forward + backward"
         out += [f"### {title}, time per call", "", common.markdown_table(headers, rows), ""]
+    out += inference_path_markdown(records)
     return "\n".join(out)
 
 
@@ -415,6 +483,8 @@ def main(argv=None) -> int:
         with common.sigterm_as_interrupt():
             for cell, dtype, hidden in shapes:
                 records += run_shape(cell, dtype, hidden, providers, device, args, bar)
+                if any(p.name == "ln_ext" for p in providers):
+                    records += inference_path(cell, dtype, hidden, device, args)
                 done += 1
                 if on_gpu:
                     torch.cuda.empty_cache()

@@ -278,6 +278,19 @@ def time_ms(fn: Callable[[], object], device: torch.device, rep_ms: float = 100,
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def interleaved_ms(fns: Sequence[Callable[[], object]], device: torch.device, rep_ms: float = 100,
+                   warmup_ms: float = 25, rounds: int = 5) -> list[float]:
+    """time_ms of each fn, taken in `rounds` interleaved rounds (fn 0, fn 1, ..., fn 0, ...) of
+    rep_ms / rounds each; each fn's best round. On a shared or frequency-scaling CPU a slow
+    spell then hits every fn of a comparison alike instead of whichever ran during it."""
+    best = [float("inf")] * len(fns)
+    for r in range(rounds):
+        for i, fn in enumerate(fns):
+            ms = time_ms(fn, device, rep_ms=rep_ms / rounds, warmup_ms=warmup_ms if r == 0 else 0)
+            best[i] = min(best[i], ms)
+    return best
+
+
 def wall_us_per_call(fn: Callable[[], object], device: torch.device, calls: int = 200, repeats: int = 5) -> float:
     """Wall time per call of back-to-back calls, host (Python, dispatcher, launch) included:
     what a training loop sees when the work per call is small. Median over `repeats`."""

@@ -106,6 +106,12 @@ def test_rnn_benchmark_writes_reports(tmp_path):
     report = (tmp_path / "rnn.md").read_text()
     assert "| lstm | fp32 | 16 |" in report and "Interrupted" not in report
     assert (tmp_path / "rnn.png").read_bytes()[:4] == b"\x89PNG"
+    if "ln_ext" not in payload["missing"]:  # the inference path keeps less than a saving call
+        path = {(r["cell"], r["H"], r["mode"]): r for r in payload["results"] if r["kind"] == "rnn_inference_path"}
+        for cell in ("lstm", "gru"):
+            for hidden in (8, 16):
+                assert path[(cell, hidden, "inference")]["bytes_held"] < path[(cell, hidden, "saving")]["bytes_held"]
+        assert "### inference path" in report
 
 
 def test_norm_family_benchmark_writes_reports(tmp_path):
