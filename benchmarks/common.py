@@ -150,6 +150,9 @@ def environment(device: torch.device) -> dict:
         "triton": _module_version("triton"),
         "cpu": cpu_model(),
         "cpu_vector_isa": cpu_vector_isa(),
+        # The ISA torch's own CPU kernels run (ATEN_CPU_CAPABILITY may cap it, as LN_EXT_CPU_ISA
+        # caps ln_ext's: an AVX2 comparison on an AVX-512 CPU caps both).
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "device": device.type,
@@ -200,6 +203,8 @@ def header_line(env: dict) -> str:
         parts += [env.get("cpu_vector_isa", "?")]
         if env.get("ln_ext_cpu_kernels"):
             parts.append("ln_ext kernels " + ", ".join(f"{k} {v}" for k, v in sorted(env["ln_ext_cpu_kernels"].items())))
+        if env.get("torch_cpu_capability"):
+            parts.append(f"torch kernels {env['torch_cpu_capability']}")
         parts += [f"{env['cpu_threads']} threads"]
         if env.get("malloc_env"):
             parts.append(" ".join(f"{k}={v}" for k, v in env["malloc_env"].items()))

@@ -277,6 +277,33 @@ def test_outputs_larger_than_a_cache_match_reference():
         torch.testing.assert_close(dx.double(), want_dx, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_outputs_larger_than_a_cache_match_a_cached_call(dtype):
+    """A 16-bit y from 16 MiB on goes around the caches too (narrowed, then streamed; a
+    16-bit dx stays cached): every row of y and dx the same bits as a call small enough to
+    store as usual, and close to float64,
+    for aligned rows (N = 4096) and rows that start anywhere (N = 4099)."""
+    torch.manual_seed(0)
+    for n in (4096, 4099):
+        m = (16 << 20) // (2 * n) + 3
+        x = (torch.randn(m, n) * 2 + 0.5).to(dtype).requires_grad_()
+        w, b = (torch.randn(n) * 0.5 + 1).to(dtype), torch.randn(n).to(dtype)
+        dy = torch.randn(m, n).to(dtype)
+        y = ln_ext.layer_norm(x, (n,), w, b, 1e-5)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        few = 37  # rows of a cached call: 37 * n * 2 bytes, far below 16 MiB
+        x_few = x.detach()[-few:].clone().requires_grad_()
+        y_few = ln_ext.layer_norm(x_few, (n,), w, b, 1e-5)
+        (dx_few,) = torch.autograd.grad(y_few, x_few, dy[-few:])
+        assert torch.equal(y[-few:], y_few) and torch.equal(dx[-few:], dx_few)
+        x64 = x.detach()[:few].double().requires_grad_()
+        want = F.layer_norm(x64, (n,), w.double(), b.double(), 1e-5)
+        (want_dx,) = torch.autograd.grad(want, x64, dy[:few].double())
+        tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+        torch.testing.assert_close(y[:few].double(), want.detach(), atol=tol, rtol=tol)
+        torch.testing.assert_close(dx[:few].double(), want_dx, atol=tol * 4, rtol=tol)
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_capped_cpu_build_matches_reference(isa):
     """The reference comparison again with the CPU row kernels capped at `isa`: the generic
@@ -284,4 +311,5 @@ def test_capped_cpu_build_matches_reference(isa):
     run_with_cpu_isa_cap(["test_layer_norm.py::test_matches_float64_reference",
                           "test_layer_norm.py::test_non_finite_row_stays_in_its_row",
                           "test_layer_norm.py::test_outputs_larger_than_a_cache_match_reference",
+                          "test_layer_norm.py::test_16bit_outputs_larger_than_a_cache_match_a_cached_call",
                           "test_layer_norm_autograd.py::test_gradients_independent_of_thread_count"], isa=isa)

@@ -93,7 +93,8 @@ inline vf vload(const bf16_t* p) {
   const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return reinterpret_cast<vf>(_mm512_slli_epi32(u, 16));
 }
-inline void vstore(bf16_t* p, vf v) {
+// v rounded to 16 lanes of bfloat16 / float16 bits (vstore's, and stream_store's).
+inline __m256i narrow(bf16_t*, vf v) {
   const __m512i u = reinterpret_cast<__m512i>(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
@@ -101,21 +102,28 @@ inline void vstore(bf16_t* p, vf v) {
   const __mmask16 is_nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
   const __m512i h32 = _mm512_mask_blend_epi32(is_nan, rounded, _mm512_set1_epi32(0x7fc0));
   // Every 32-bit lane is below 2^16: narrowing keeps it whole.
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(h32));
+  return _mm512_cvtepi32_epi16(h32);
 }
+inline __m256i narrow(f16_t*, vf v) {
+  return _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT);
+}
+inline void vstore(bf16_t* p, vf v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow(p, v)); }
 inline vf vload(const f16_t* p) {
   return reinterpret_cast<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 }
-inline void vstore(f16_t* p, vf v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT));
+inline void vstore(f16_t* p, vf v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow(p, v)); }
+// A whole narrowed vector stored around the caches (p aligned to its 32 bytes).
+template <typename Y>
+inline void stream_narrowed(Y* p, vf v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow(p, v));
 }
 #elif defined(LN_EXT_F16C)  // the AVX2 build: the compiler's own widening/narrowing is slow here
 inline vf vload(const bf16_t* p) {
   const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return reinterpret_cast<vf>(_mm256_slli_epi32(u, 16));
 }
-inline void vstore(bf16_t* p, vf v) {
+// v rounded to 8 lanes of bfloat16 / float16 bits (vstore's, and stream_store's).
+inline __m128i narrow(bf16_t*, vf v) {
   const __m256i u = reinterpret_cast<__m256i>(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
@@ -123,16 +131,19 @@ inline void vstore(bf16_t* p, vf v) {
   const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
   const __m256i h32 = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), is_nan);
   // Pack the 32-bit lanes (each < 2^16) to 16 bits; packus works per 128-bit half.
-  const __m128i h16 = _mm_packus_epi32(_mm256_castsi256_si128(h32), _mm256_extracti128_si256(h32, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(h32), _mm256_extracti128_si256(h32, 1));
 }
+inline __m128i narrow(f16_t*, vf v) { return _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT); }
+inline void vstore(bf16_t* p, vf v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow(p, v)); }
 // The compiler does not vectorize _Float16 conversions by itself: F16C does it.
 inline vf vload(const f16_t* p) {
   return reinterpret_cast<vf>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
-inline void vstore(f16_t* p, vf v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
+inline void vstore(f16_t* p, vf v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow(p, v)); }
+// A whole narrowed vector stored around the caches (p aligned to its 16 bytes).
+template <typename Y>
+inline void stream_narrowed(Y* p, vf v) {
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), narrow(p, v));
 }
 #else
 inline vf vload(const bf16_t* p) {
@@ -268,15 +279,18 @@ inline acc_t row_sum_squares(const T* __restrict x, int64_t n) {
 template <typename Y, typename V>
 inline bool stream_store(Y* p, V v) {
 #ifdef LN_EXT_STREAM_STORES
+  constexpr size_t kStoreBytes = sizeof(V) / sizeof(v[0]) * sizeof(Y);  // the narrowed vector's
+  if (reinterpret_cast<uintptr_t>(p) % kStoreBytes != 0) return false;
   if constexpr (std::is_same_v<Y, float>) {
-    if (reinterpret_cast<uintptr_t>(p) % sizeof(V) == 0) {
 #ifdef LN_EXT_AVX512
-      _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+    _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
 #else
-      _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
+    _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
 #endif
-      return true;
-    }
+    return true;
+  } else if constexpr (std::is_same_v<Y, bf16_t> || std::is_same_v<Y, f16_t>) {
+    stream_narrowed(p, v);
+    return true;
   }
 #endif
   return false;
@@ -326,7 +340,7 @@ inline void norm_row(const T* __restrict xr, const P* __restrict w, acc_t w_off,
   // anywhere), so that the whole vectors after it can go around the caches.
   int64_t head = 0;
   if (stream) {
-    constexpr int64_t kBytes = sizeof(typename Vec<acc_t>::type);
+    constexpr int64_t kBytes = W * sizeof(Y);  // one stored vector
     const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(yr) % kBytes);
     head = misalign % sizeof(Y) ? 0 : std::min(n, ((kBytes - misalign) % kBytes) / int64_t{sizeof(Y)});
   }
