@@ -136,6 +136,11 @@ def cpu_vector_isa() -> str:
     return "SSE" if "sse2" in flags else platform.machine() or "unknown"
 
 
+# What caps the instruction set of ln_ext's, torch's, oneDNN's and MKL's CPU kernels: an AVX2
+# comparison on an AVX-512 CPU sets them all.
+ISA_CAP_ENV = ("LN_EXT_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def environment(device: torch.device) -> dict:
     """Everything needed to interpret (and reproduce) a run."""
     env = {
@@ -157,6 +162,7 @@ def environment(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "device": device.type,
         "malloc_env": {k: os.environ[k] for k in STEADY_MALLOC_ENV if k in os.environ},
+        "isa_caps": {k: os.environ[k] for k in ISA_CAP_ENV if k in os.environ},
     }
     try:
         import ln_ext
@@ -206,6 +212,8 @@ def header_line(env: dict) -> str:
         if env.get("torch_cpu_capability"):
             parts.append(f"torch kernels {env['torch_cpu_capability']}")
         parts += [f"{env['cpu_threads']} threads"]
+        if env.get("isa_caps"):
+            parts.append(" ".join(f"{k}={v}" for k, v in env["isa_caps"].items()))
         if env.get("malloc_env"):
             parts.append(" ".join(f"{k}={v}" for k, v in env["malloc_env"].items()))
     parts += [f"torch {env['torch']}"]
