@@ -284,6 +284,28 @@ __global__ void __launch_bounds__(K == 1 ? kMultiRowBlock : 512, (bwd_rows_min_b
   // shared memory [rows_per_block, N] (the launcher sizes it).
   A* block_partial = p.partials + static_cast<int64_t>(blockIdx.x) * 2 * n;
   if (rows_per_block == 1) {
+    // K == 1 rows come in groups of <= 32 lanes, several per block (not here); leaving
+    // this out of K == 1 keeps its 64-register bound free of spills.
+    if (K != 1 && !staged) {
+      // n % V == 0: a thread's V columns of chunk k are contiguous and whole, and
+      // block_partial + col0 is 16-byte aligned (V acc values are whole 16-byte words):
+      // 16-byte stores, lanes contiguous, instead of V 32/64-bit stores lanes V apart.
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int col0 = (k * group + lane) * V;
+        if (col0 >= n) continue;
+        alignas(16) A words[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) words[i] = acc_dw[k][i];
+        store_words<V>(block_partial + col0, words);
+        if constexpr (kCentered) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) words[i] = acc_db[k][i];
+          store_words<V>(block_partial + n + col0, words);
+        }
+      }
+      return;
+    }
     for_each_column([&](int k, int i, int col) {
       block_partial[col] = acc_dw[k][i];
       if constexpr (kCentered) block_partial[n + col] = acc_db[k][i];

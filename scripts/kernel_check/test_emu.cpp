@@ -632,7 +632,7 @@ int main(int argc, char** argv) {
   std::vector<int> ill_ns = ns;
   std::vector<int64_t> hs = {1, 2, 3, 31, 32, 33, 100, 255, 256, 257, 1000, 2048}, bs = {1, 3};
   if (mode == "q") {
-    ns = {1, 7, 33, 64, 1025};
+    ns = {1, 7, 33, 64, 1024, 1025};  // 1024: rows kernel, one row per block, n % V == 0 (16-byte partial stores)
     ms = {3};
     ill_ns = {2, 1025};
     hs = {1, 33, 257};
