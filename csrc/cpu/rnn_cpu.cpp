@@ -130,7 +130,17 @@ at::Tensor pack_panels(const at::Tensor& b, int64_t panel) {
 // at least kMinStepFmas multiply-adds of the widest step's GEMM each.
 constexpr int64_t kMinStepFmas = 1 << 17;
 int team_size(int64_t fmas, int64_t panels) {
+  if (at::in_parallel_region()) return 1;  // inside another team: no threads^2 workers
   return static_cast<int>(std::clamp<int64_t>(fmas / kMinStepFmas, 1, std::min<int64_t>(at::get_num_threads(), panels)));
+}
+
+// Whether the fused loops take a sequence: float32 steps, and a team to run them on (a build
+// without OpenMP would run them on one thread where the per-step loop's BLAS has several).
+bool fused_loops_apply(const at::Tensor& weight_hh, bool any_steps) {
+#ifndef _OPENMP
+  if (at::get_num_threads() > 1) return false;
+#endif
+  return weight_hh.scalar_type() == at::kFloat && any_steps;
 }
 
 // Runs member(team, me, barrier) on every thread of one OpenMP team of `size` (fewer where
@@ -160,10 +170,11 @@ std::pair<int64_t, int64_t> share(int64_t n, int team, int me) {
 // cell needs every column of its rows' GEMM output, the next GEMM every row of the cell's).
 // Against a BLAS call and a cell launch per step this drops two fork/joins and the BLAS's
 // repacking of the weight every step (packed here once per call); benchmarks/NOTES.md has
-// the numbers. Results do not depend on the thread count (StepGemm; a row's cell on one
-// thread).
+// the numbers. The loops' results do not depend on the thread count (StepGemm; a row's cell
+// on one thread); nothing inside a team may throw (an exception leaving an OpenMP region
+// terminates the process).
 bool lstm_steps_cpu(const std::vector<LstmStep>& steps, const at::Tensor& weight_hh) {
-  if (weight_hh.scalar_type() != at::kFloat || steps.empty()) return false;
+  if (!fused_loops_apply(weight_hh, !steps.empty())) return false;
   const cpu::CellKernelSet& set = cpu::cell_kernels();
   const cpu::StepGemm gemm = set.gemm_f32;
   const auto& cells = set.get<float>();
@@ -200,7 +211,7 @@ bool lstm_steps_cpu(const std::vector<LstmStep>& steps, const at::Tensor& weight
 
 bool lstm_back_steps_cpu(const std::vector<LstmBackStep>& steps, const at::Tensor& weight_hh,
                          const at::Tensor& carry) {
-  if (weight_hh.scalar_type() != at::kFloat || steps.empty()) return false;
+  if (!fused_loops_apply(weight_hh, !steps.empty())) return false;
   const cpu::CellKernelSet& set = cpu::cell_kernels();
   const cpu::StepGemm gemm = set.gemm_f32;
   const auto& cells = set.get<float>();
