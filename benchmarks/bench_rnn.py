@@ -239,7 +239,6 @@ def inference_path(cell, dtype, hidden, device, args) -> list[dict]:
     """ln_ext's sequence op under no_grad as it runs now (save=False: nothing kept for a
     backward) and as it ran before issue 21 (save=True: every step's hproj, gates and
     statistics computed, stored and returned): time per call and the bytes its results hold."""
-    import ln_ext
     from ln_ext import rnn as lnrnn
 
     mode = cell.upper()
@@ -253,6 +252,7 @@ def inference_path(cell, dtype, hidden, device, args) -> list[dict]:
     with torch.no_grad():
         q = lnrnn._prepare(mode, module.layer_parameters(0, 0), hidden, x)
         xs = lnrnn._project_inputs(mode, x, q, hidden, module.eps)
+
         def call_saving(save):
             extra = (save, None) if mode == "LSTM" else (save,)
             return lambda: op(*xs, q["weight_hh"], *states, *lnrnn._cell_params(mode, q), None, False,

@@ -11,10 +11,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/FunctionRef.h>
 #include <c10/util/Optional.h>
 
 #include <tuple>
-#include <vector>
 
 namespace ln_ext {
 
@@ -84,9 +84,11 @@ struct LstmStep {
   LstmCellArgs cell;
 };
 // A device's whole-sequence LSTM forward loop (the CPU's runs each step's GEMM and cell on
-// one team of threads, rnn_cpu.cpp): runs `steps` in order and returns true, or returns
-// false having run nothing where it does not apply, and the sequence op runs its own loop.
-using LstmStepsRunner = bool (*)(const std::vector<LstmStep>& steps, const at::Tensor& weight_hh);
+// one team of threads, rnn_cpu.cpp): runs the `count` steps `step(0)`, `step(1)`, ... in that
+// order and returns true, or returns false having asked for no step where it does not
+// apply, and the sequence op runs its own loop.
+using LstmStepsRunner = bool (*)(int64_t count, c10::function_ref<LstmStep(int64_t)> step,
+                                 const at::Tensor& weight_hh);
 // One step of an LSTM sequence's backward for a device's fused loop, on the first
 // cell.batch rows of `carry` (the gradient reaching h from later steps, [B, H]):
 // cell.dh = dout + carry, the cell's backward, cell.dc = cell.dc_prev, carry = cell.dhproj W_h.
@@ -94,8 +96,8 @@ struct LstmBackStep {
   at::Tensor dout;  // [batch, H]: the step's output gradient
   LstmCellArgs cell;
 };
-using LstmBackStepsRunner = bool (*)(const std::vector<LstmBackStep>& steps, const at::Tensor& weight_hh,
-                                     const at::Tensor& carry);
+using LstmBackStepsRunner = bool (*)(int64_t count, c10::function_ref<LstmBackStep(int64_t)> step,
+                                     const at::Tensor& weight_hh, const at::Tensor& carry);
 using GruCellKernel = void (*)(const GruCellArgs&);
 
 // Device-independent op bodies (csrc/rnn.cpp): check, make contiguous,

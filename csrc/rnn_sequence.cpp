@@ -398,9 +398,7 @@ lstm_sequence_fwd_impl(const at::Tensor& xgates, const at::Tensor& weight_hh, co
   };
   bool ran = false;
   if (run_steps != nullptr && !projected && states_are_views(s)) {
-    std::vector<LstmStep> steps;
-    for (int64_t k = 0; k < s.count(); ++k) steps.push_back(step(s.nth(k)));
-    ran = run_steps(steps, weight_hh);
+    ran = run_steps(s.count(), [&](int64_t k) { return step(s.nth(k)); }, weight_hh);
   }
   if (!ran) {
     const at::Tensor w_t = step_gemm_weight(weight_hh);
@@ -485,13 +483,13 @@ lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n
   };
   bool ran = false;
   if (run_back_steps != nullptr && !projected && states_are_views(s)) {
-    std::vector<LstmBackStep> steps;
-    for (int64_t k = s.count() - 1; k >= 0; --k) {
-      const int64_t t = s.nth(k);
-      steps.push_back({rows_of_step(dout, s, t), step(t)});
-      steps.back().cell.dh = rows_view(carry.dh_step, 0, s.size[t]);
-    }
-    ran = run_back_steps(steps, weight_hh, carry.dh);
+    const auto back_step = [&](int64_t k) {  // the k-th step the backward runs: the last first
+      const int64_t t = s.nth(s.count() - 1 - k);
+      LstmBackStep st{rows_of_step(dout, s, t), step(t)};
+      st.cell.dh = rows_view(carry.dh_step, 0, s.size[t]);
+      return st;
+    };
+    ran = run_back_steps(s.count(), back_step, weight_hh, carry.dh);
   }
   for (int64_t k = s.count() - 1; k >= 0; --k) {
     const int64_t t = s.nth(k), n = s.size[t];

@@ -173,13 +173,14 @@ std::pair<int64_t, int64_t> share(int64_t n, int team, int me) {
 // the numbers. The loops' results do not depend on the thread count (StepGemm; a row's cell
 // on one thread); nothing inside a team may throw (an exception leaving an OpenMP region
 // terminates the process).
-bool lstm_steps_cpu(const std::vector<LstmStep>& steps, const at::Tensor& weight_hh) {
-  if (!fused_loops_apply(weight_hh, !steps.empty())) return false;
+// The steps are taken as raw pointers, the step's views dropped: the op's tensors they point
+// into live through the call.
+bool lstm_steps_cpu(int64_t count, c10::function_ref<LstmStep(int64_t)> step, const at::Tensor& weight_hh) {
+  if (!fused_loops_apply(weight_hh, count > 0)) return false;
   const cpu::CellKernelSet& set = cpu::cell_kernels();
   const cpu::StepGemm gemm = set.gemm_f32;
   const auto& cells = set.get<float>();
-  const int64_t cols = weight_hh.size(0), K = weight_hh.size(1), H = steps[0].cell.hidden;
-  const float eps = static_cast<float>(steps[0].cell.eps);
+  const int64_t cols = weight_hh.size(0), K = weight_hh.size(1), H = cols / 4;
   const at::Tensor packed = pack_panels(weight_hh.t(), gemm.panel);  // h_prev W_h^T
   const float* w = packed.const_data_ptr<float>();
   struct Step {
@@ -190,10 +191,13 @@ bool lstm_steps_cpu(const std::vector<LstmStep>& steps, const at::Tensor& weight
   };
   std::vector<Step> run;
   int64_t widest = 0;
-  for (const LstmStep& st : steps) {
+  float eps = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    const LstmStep st = step(k);
     run.push_back({st.h_prev.const_data_ptr<float>(), st.cell.hproj.data_ptr<float>(), st.cell.batch,
                    rows_of<float, float>(st.cell)});
     widest = std::max(widest, st.cell.batch);
+    eps = static_cast<float>(st.cell.eps);
   }
   const int64_t panels = packed.size(0);
   run_team(team_size(widest * K * cols, panels), [&](int team, int me, const auto& barrier) {
@@ -209,13 +213,13 @@ bool lstm_steps_cpu(const std::vector<LstmStep>& steps, const at::Tensor& weight
   return true;
 }
 
-bool lstm_back_steps_cpu(const std::vector<LstmBackStep>& steps, const at::Tensor& weight_hh,
-                         const at::Tensor& carry) {
-  if (!fused_loops_apply(weight_hh, !steps.empty())) return false;
+bool lstm_back_steps_cpu(int64_t count, c10::function_ref<LstmBackStep(int64_t)> step,
+                         const at::Tensor& weight_hh, const at::Tensor& carry) {
+  if (!fused_loops_apply(weight_hh, count > 0)) return false;
   const cpu::CellKernelSet& set = cpu::cell_kernels();
   const cpu::StepGemm gemm = set.gemm_f32;
   const auto& cells = set.get<float>();
-  const int64_t K = weight_hh.size(0), cols = weight_hh.size(1), H = steps[0].cell.hidden;
+  const int64_t K = weight_hh.size(0), cols = weight_hh.size(1), H = K / 4;
   const at::Tensor packed = pack_panels(weight_hh, gemm.panel);  // dhproj W_h
   const float* w = packed.const_data_ptr<float>();
   float* carried = carry.data_ptr<float>();
@@ -227,7 +231,8 @@ bool lstm_back_steps_cpu(const std::vector<LstmBackStep>& steps, const at::Tenso
   };
   std::vector<Step> run;
   int64_t widest = 0;
-  for (const LstmBackStep& st : steps) {
+  for (int64_t k = 0; k < count; ++k) {
+    const LstmBackStep st = step(k);
     const LstmCellArgs& c = st.cell;
     run.push_back({st.dout.const_data_ptr<float>(), c.dh.data_ptr<float>(), c.dc.data_ptr<float>(),
                    c.dc_prev.data_ptr<float>(), c.dhproj.data_ptr<float>(), c.batch, rows_of<float, float>(c)});
