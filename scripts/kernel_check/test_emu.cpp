@@ -356,6 +356,9 @@ struct SerialDouble {
     for (int k = 0; k < N; ++k) s[k] = 0;
     for (int64_t j = 0; j < n; ++j) { A v[N]; f(j, v); for (int k = 0; k < N; ++k) s[k] += v[k]; }
   }
+  template <class T, class A> void mean_rstd(const T* x, int64_t n, A eps, A& mean, A& rstd) const {
+    ln_ext::cell::row_mean_rstd(*this, n, eps, [&](int64_t j) { return A(x[j]); }, mean, rstd);
+  }
   bool leader() const { return true; }
 };
 
