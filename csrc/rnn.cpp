@@ -4,6 +4,8 @@
 #include "rnn_checks.h"
 
 #include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
 
 
 namespace ln_ext {
@@ -196,5 +198,67 @@ gru_cell_bwd_impl(const at::Tensor& dh, const at::Tensor& hproj, const at::Tenso
   if (has_work(B, H)) kernel(a);
   return {a.dxzr, a.dxn, a.dhproj, a.dh_prev, a.dgamma_h_rows, a.dbeta_h_rows};
 }
+
+// ---------------------------------------------------------------- input projection
+
+void check_input_projection(const at::Tensor& x, const at::Tensor& weight) {
+  const char* op = "ln_ext.input_projection";
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out_features, in_features], got shape ", weight.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x's last dim must be weight's in_features ",
+              weight.size(1), ", got shape ", x.sizes());
+  TORCH_CHECK(x.device() == weight.device(), op, ": x is on ", x.device(), " but weight is on ", weight.device());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": x is ", x.scalar_type(), " but weight is ",
+              weight.scalar_type());
+}
+
+at::Tensor input_projection_by_linear(const at::Tensor& x, const at::Tensor& weight) {
+  check_input_projection(x, weight);
+  return at::linear(x, weight);
+}
+
+namespace {
+
+const auto& input_projection_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ln_ext::input_projection", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op;
+}
+
+// y = x @ weight^T; dx = dy @ weight (the same op, weight^T as its weight: on the CPU the
+// step GEMM's tiles again), dweight = dy^T x (ATen's mm). Through the dispatcher, so a
+// backward with create_graph=True records these ops in turn.
+struct InputProjection : public torch::autograd::Function<InputProjection> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight) {
+    ctx->save_for_backward({x, weight});
+    return input_projection_op().call(x, weight);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &dy = grads[0];
+    at::Tensor dx, dweight;
+    if (ctx->needs_input_grad(0)) dx = input_projection_op().call(dy, weight.t());
+    if (ctx->needs_input_grad(1)) {
+      dweight = dy.reshape({-1, weight.size(0)}).t().mm(x.reshape({-1, weight.size(1)}));
+    }
+    return {dx, dweight};
+  }
+};
+
+// With a graph to record, the InputProjection node; else straight to the device kernel.
+at::Tensor input_projection_autograd(const at::Tensor& x, const at::Tensor& weight) {
+  if (torch::autograd::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad())) {
+    check_input_projection(x, weight);
+    return InputProjection::apply(x, weight);
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return input_projection_op().call(x, weight);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ln_ext, Autograd, m) { m.impl("input_projection", &input_projection_autograd); }
 
 }  // namespace ln_ext

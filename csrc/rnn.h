@@ -96,8 +96,17 @@ struct LstmBackStep {
   at::Tensor dout;  // [batch, H]: the step's output gradient
   LstmCellArgs cell;
 };
+// What a fused backward loop sums while each step's rows are in cache: per batch row b, the
+// sum over the steps (in the order they run) of row b of the cell's dgamma_h_rows, dgates (the
+// bias gradient's rows), dgamma_c_rows and dbeta_c_rows; [B, 4H], [B, 4H], [B, H], [B, H] in
+// the accumulation dtype, zero on entry. The op then sums them over b: the same order on any
+// thread count, and no [N, n] rows read back from memory after the loop.
+struct LstmGradSums {
+  at::Tensor dgamma_h, dbias, dgamma_c, dbeta_c;
+};
 using LstmBackStepsRunner = bool (*)(int64_t count, c10::function_ref<LstmBackStep(int64_t)> step,
-                                     const at::Tensor& weight_hh, const at::Tensor& carry);
+                                     const at::Tensor& weight_hh, const at::Tensor& carry,
+                                     const LstmGradSums& sums);
 using GruCellKernel = void (*)(const GruCellArgs&);
 
 // Device-independent op bodies (csrc/rnn.cpp): check, make contiguous,
@@ -211,6 +220,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& h0, const at::Tensor& output, const at::Tensor& hproj, const at::Tensor& gates,
     const at::Tensor& stats, const at::Tensor& gamma_h, const OptTensorRef& batch_sizes,
     bool reverse, GruCellKernel kernel);
+
+// input_projection (x @ weight^T over x's last dim): its argument checks, shared by every
+// device's kernel; the kernel of devices without one of their own (at::linear).
+void check_input_projection(const at::Tensor& x, const at::Tensor& weight);
+at::Tensor input_projection_by_linear(const at::Tensor& x, const at::Tensor& weight);
 
 // The sequence ops bound to one device's cell kernels (fwd, bwd), for
 // TORCH_LIBRARY_IMPL: `Fwd` and `Bwd` are that device's cell kernel entry points.

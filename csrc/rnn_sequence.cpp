@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 namespace ln_ext {
@@ -214,10 +215,11 @@ struct Common {
   }
 };
 
-// What a forward computes only for its backward (hproj, gates, stats), [N, n] rows of the
-// sequence: all of them when the forward saves for a backward; else one step's worth
-// ([B, n]) that every step overwrites, and nothing returned (an inference run keeps no
-// per-step tensor but the output, and allocates [B, n] instead of [N, n]).
+// Per-step rows that only something after the loop reads, [N, n] rows of the sequence: all of
+// them when that reader exists; else one step's worth ([B, n]) that every step overwrites.
+// A forward's tensors for its backward (hproj, gates, stats: an inference run keeps no
+// per-step tensor but the output, and returns none), and a backward's parameter gradient
+// rows (a fused loop sums them as it goes).
 struct ForBackward {
   at::Tensor rows;  // [N, n] saved, or [B, n] scratch
   bool saved;
@@ -460,8 +462,16 @@ lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n
   at::Tensor d_out = projected ? at::empty({N, P}, io) : at::Tensor();
   at::Tensor dh_full = projected ? at::empty({B, H}, io) : at::Tensor();
   at::Tensor staging_c = at::empty({B, H}, io);
-  at::Tensor dgamma_h_rows = at::empty({N, 4 * H}, acc);
-  at::Tensor dgamma_c_rows = at::empty({N, H}, acc), dbeta_c_rows = at::empty({N, H}, acc);
+  // The parameter gradients' rows: every step's ([N, n]) for column_sums after the loop, or,
+  // for a device's fused loop, which sums each step's rows as it goes (LstmGradSums), one
+  // step's worth ([B, n]) that every step overwrites.
+  const bool fused = run_back_steps != nullptr && !projected && states_are_views(s);
+  const auto grad_rows = [&](bool per_step) {
+    return std::array<ForBackward, 3>{ForBackward(per_step, N, B, 4 * H, acc), ForBackward(per_step, N, B, H, acc),
+                                      ForBackward(per_step, N, B, H, acc)};
+  };
+  std::array<ForBackward, 3> grads = grad_rows(!fused);
+  const ForBackward &dgamma_h_rows = grads[0], &dgamma_c_rows = grads[1], &dbeta_c_rows = grads[2];
   // Step t's cell operands but dh (its state staged where rows start, as in the forward).
   const auto step = [&](int64_t t) {
     const int64_t n = s.size[t];
@@ -476,20 +486,24 @@ lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n
     sa.dgates = rows_of_step(dgates, s, t);
     sa.dhproj = rows_of_step(dhproj, s, t);
     sa.dc_prev = rows_view(dc_prev, 0, n);  // not into dc itself: the kernel reads dc in a later pass
-    sa.dgamma_h_rows = rows_of_step(dgamma_h_rows, s, t);
-    sa.dgamma_c_rows = rows_of_step(dgamma_c_rows, s, t);
-    sa.dbeta_c_rows = rows_of_step(dbeta_c_rows, s, t);
+    sa.dgamma_h_rows = dgamma_h_rows.of_step(s, t);
+    sa.dgamma_c_rows = dgamma_c_rows.of_step(s, t);
+    sa.dbeta_c_rows = dbeta_c_rows.of_step(s, t);
     return sa;
   };
   bool ran = false;
-  if (run_back_steps != nullptr && !projected && states_are_views(s)) {
+  const LstmGradSums sums = fused ? LstmGradSums{at::zeros({B, 4 * H}, acc), at::zeros({B, 4 * H}, acc),
+                                                 at::zeros({B, H}, acc), at::zeros({B, H}, acc)}
+                                  : LstmGradSums{};
+  if (fused) {
     const auto back_step = [&](int64_t k) {  // the k-th step the backward runs: the last first
       const int64_t t = s.nth(s.count() - 1 - k);
       LstmBackStep st{rows_of_step(dout, s, t), step(t)};
       st.cell.dh = rows_view(carry.dh_step, 0, s.size[t]);
       return st;
     };
-    ran = run_back_steps(s.count(), back_step, weight_hh, carry.dh);
+    ran = run_back_steps(s.count(), back_step, weight_hh, carry.dh, sums);
+    if (!ran) grads = grad_rows(true);
   }
   for (int64_t k = s.count() - 1; k >= 0; --k) {
     const int64_t t = s.nth(k), n = s.size[t];
@@ -508,8 +522,10 @@ lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n
     copy_state_before(s, t, out, h0, rows_of_step(h_prev, s, t));
   }
   return {dgates.view(seq(4 * H)), dhproj.t().mm(h_prev), carry.dh, dc,
-          column_sums(dgamma_h_rows, gamma_h.scalar_type()), column_sums(dgates, gamma_h.scalar_type()),
-          column_sums(dgamma_c_rows, gamma_c.scalar_type()), column_sums(dbeta_c_rows, beta_c.scalar_type()),
+          column_sums(ran ? sums.dgamma_h : dgamma_h_rows.rows, gamma_h.scalar_type()),
+          column_sums(ran ? sums.dbias : dgates, gamma_h.scalar_type()),
+          column_sums(ran ? sums.dgamma_c : dgamma_c_rows.rows, gamma_c.scalar_type()),
+          column_sums(ran ? sums.dbeta_c : dbeta_c_rows.rows, beta_c.scalar_type()),
           projected ? d_out.t().mm(h_full) : out.new_empty({0})};
 }
 

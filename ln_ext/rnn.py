@@ -138,17 +138,18 @@ def _project_inputs(mode: str, x: torch.Tensor, q: dict, H: int, eps: float) -> 
     RNN (W_x x,), LSTM (LN(W_x x),), GRU (LN(W_zr x), LN(W_n x)). One GEMM and one
     LN launch each over all leading rows."""
     w = q["weight_ih"]
+    linear = _ops.input_projection  # F.linear without bias (its autograd where one is needed)
     if mode == "RNN":
-        return (F.linear(x, w),)
+        return (linear(x, w),)
     g, b = q["ln_ih_weight"], q.get("ln_ih_bias")
     if mode == "LSTM":
-        return (layer_norm(F.linear(x, w), (4 * H,), g, b, eps),)
+        return (layer_norm(linear(x, w), (4 * H,), g, b, eps),)
 
     def part(t, lo, hi):
         return None if t is None else t[lo:hi]
 
     return tuple(
-        layer_norm(F.linear(x, w[lo:hi]), (hi - lo,), part(g, lo, hi), part(b, lo, hi), eps)
+        layer_norm(linear(x, w[lo:hi]), (hi - lo,), part(g, lo, hi), part(b, lo, hi), eps)
         for lo, hi in ((0, 2 * H), (2 * H, 3 * H))
     )
 

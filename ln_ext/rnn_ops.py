@@ -42,6 +42,18 @@ def _check_hproj(hproj: torch.Tensor, n_gates: int, op: str, **operands) -> int:
 
 # ---------------------------------------------------------------- fake kernels
 
+@torch.library.register_fake("ln_ext::input_projection")
+def _input_projection_fake(x, weight):
+    check_same_device("input_projection", "x", x, weight=weight)
+    torch._check(weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1],
+                 lambda: f"ln_ext.input_projection: x's last dim must be weight's in_features, got x "
+                         f"{list(x.shape)} and weight {list(weight.shape)}")
+    torch._check(x.dtype == weight.dtype and x.is_floating_point(),
+                 lambda: f"ln_ext.input_projection: x ({x.dtype}) and weight ({weight.dtype}) must share "
+                         "a floating-point dtype")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 @torch.library.register_fake("ln_ext::rnn_cell_fwd")
 def _rnn_cell_fwd_fake(xproj, hproj, gamma, beta, eps, relu=False):
     H = _check_hproj(hproj, 1, "rnn_cell_fwd", xproj=xproj, gamma=gamma, beta=beta)
@@ -442,5 +454,9 @@ def sequence(mode, xs, weight_hh, state, params, batch_sizes, reverse, eps, relu
     tensors = (*xs, weight_hh, *state, *params) + ((weight_hr,) if weight_hr is not None else ())
     save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     flags = {"RNN": (relu, save), "LSTM": (save, weight_hr), "GRU": (save,)}[mode]
-    result = fwd(*xs, weight_hh, *state, *params, batch_sizes, reverse, eps, *flags)
+    if save or torch.compiler.is_compiling():
+        result = fwd(*xs, weight_hh, *state, *params, batch_sizes, reverse, eps, *flags)
+    else:  # no graph to record: past the Python autograd kernel (~5 us a call)
+        with torch._C._AutoDispatchBelowAutograd():
+            result = fwd(*xs, weight_hh, *state, *params, batch_sizes, reverse, eps, *flags)
     return result[: 1 + _N_STATES[mode]]

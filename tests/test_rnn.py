@@ -693,6 +693,38 @@ def test_sequence_op_matches_per_step_autograd(mode, reverse, packed):
     assert_same_outputs_and_grads(got, want, tensors)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_cpu_fused_lstm_backward_matches_float64(packed, num_threads):
+    """The CPU's fused float32 LSTM loops (forward and backward, the parameter gradients
+    summed per batch row as the backward runs): every output and every gradient of the
+    sequence op against the same op in float64, packed too (rows ending at several steps),
+    on 1 and 2 threads with the same bits."""
+    lengths = [7, 7, 5, 5, 5, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1] if packed else None
+    kw = dict(T=7, B=18, H=64, lengths=lengths)  # a team of 2 splits the 18 rows
+    args64 = sequence_op_inputs("LSTM", **kw)
+    results = []
+    for n in (1, 2):
+        num_threads(n)
+        args32 = sequence_op_inputs("LSTM", dtype=torch.float32, **kw)
+        tensors32 = [t.float().requires_grad_() for t in args32[:-3]]
+        out32 = torch.ops.ln_ext.lstm_sequence_fwd(*tensors32, *args32[-3:])[:3]
+        g = torch.Generator().manual_seed(3)
+        dys = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in out32]
+        grads32 = torch.autograd.grad(out32, tensors32, [d.float() for d in dys])
+        results.append([*out32, *grads32])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    tensors64 = [t.requires_grad_() for t in args64[:-3]]
+    out64 = torch.ops.ln_ext.lstm_sequence_fwd(*tensors64, *args64[-3:])[:3]
+    grads64 = torch.autograd.grad(out64, tensors64, dys)
+    (fa, fr), (ga, gr) = TOL[torch.float32]
+    for a, b in zip(out32, out64):
+        torch.testing.assert_close(a.double(), b.detach(), atol=fa, rtol=fr)
+    for k, (a, b) in enumerate(zip(grads32, grads64)):
+        torch.testing.assert_close(a.double(), b, atol=ga * max(1.0, b.abs().max().item()), rtol=gr,
+                                   msg=lambda m: f"gradient {k}: {m}")
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("packed", [False, True])
 def test_sequence_op_inference_saves_nothing(mode, packed):
@@ -1249,6 +1281,75 @@ def test_cpu_fused_lstm_loop_matches_reference_on_any_thread_count(packed, num_t
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_inference_call_matches_reference(mode):
+    """An inference call (no_grad: nothing saved, and enough rows, 32 x 9, for the CPU's own
+    float32 input projection) against the float64 reference, with H = 150 (two k blocks of
+    the step GEMM, a partial panel) and bidirectional; and the training call's output."""
+    module = make(mode, dtype=torch.float32, hidden_size=150, input_size=140, bidirectional=True)
+    x, hx = sample(mode, module, T=32, B=9)
+    with torch.no_grad():
+        out, hn = module(x.float(), tuple(h.float() for h in hx) if mode == "LSTM" else hx[0].float())
+    rout, rhn, _ = ref_run_and_grads(mode, module, x, hx)
+    (fa, fr), _ = TOL[torch.float32]
+    torch.testing.assert_close(out.double(), rout.detach(), atol=fa, rtol=fr)
+    for a, b in zip(hn if mode == "LSTM" else (hn,), rhn):
+        torch.testing.assert_close(a.double(), b.detach(), atol=fa, rtol=fr)
+    trained, _, _ = run_and_grads(mode, module, x.float(), tuple(h.float() for h in hx))
+    torch.testing.assert_close(out, trained.detach(), atol=fa, rtol=fr)
+
+
+@pytest.mark.parametrize("shape", [(300, 9, 268), (517, 300, 40), (256, 1030, 64), (2, 256, 7, 33)], ids=str)
+def test_input_projection_matches_float64_no_worse_than_linear(shape, num_threads):
+    """ln_ext.input_projection (x @ weight^T; float32 on the CPU by the step GEMM's tiles from
+    256 rows): float64 closeness, an error no larger than F.linear's (MKL) on the same input
+    beyond a 1.25x margin, the same bits on 1 and 2 threads, and a non-contiguous x."""
+    *lead, K, out_features = shape
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(*lead, K, generator=g) * 3 + 1).float()
+    w = torch.randn(out_features, K, generator=g).float()
+    want = x.double() @ w.double().t()
+    results = []
+    for n in (1, 2):
+        num_threads(n)
+        results.append(torch.ops.ln_ext.input_projection(x, w))
+    assert torch.equal(results[0], results[1])
+    got = results[1]
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    err = (got.double() - want).abs().max().item()
+    err_linear = (torch.nn.functional.linear(x, w).double() - want).abs().max().item()
+    assert err <= 1.25 * err_linear, (err, err_linear)
+    strided = torch.ops.ln_ext.input_projection(x.transpose(-1, -2).contiguous().transpose(-1, -2), w)
+    assert torch.equal(strided, got)
+
+
+def test_input_projection_edges_and_autograd():
+    op = torch.ops.ln_ext.input_projection
+    w = torch.randn(12, 5)
+    assert op(torch.randn(0, 5), w).shape == (0, 12)
+    assert torch.equal(op(torch.randn(300, 0), torch.randn(12, 0)), torch.zeros(300, 12))
+    x64 = torch.randn(7, 5, dtype=torch.float64)
+    torch.testing.assert_close(op(x64, w.double()), x64 @ w.double().t())
+    for args, match in [((torch.randn(3, 4), w), "in_features 5"), ((torch.randn(3, 5), w[0]), "weight must be 2-D"),
+                        ((torch.randn(3, 5), w.double()), "Float but weight is Double"),
+                        ((torch.ones(3, 5, dtype=torch.int64), w.long()), "floating-point"),
+                        ((torch.randn(3, 5), w.to("meta")), "meta")]:
+        with pytest.raises(RuntimeError, match=match):
+            op(*args)
+    # Its gradients: F.linear's (dx by the op itself, 300 rows), and twice differentiable.
+    xd, wd = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True), torch.randn(6, 5, dtype=torch.float64,
+                                                                                    requires_grad=True)
+    assert torch.autograd.gradcheck(op, (xd, wd)) and torch.autograd.gradgradcheck(op, (xd, wd))
+    x = torch.randn(300, 5, requires_grad=True)
+    wg = w.clone().requires_grad_()
+    op(x, wg).square().sum().backward()
+    xr, wr = x.detach().clone().requires_grad_(), w.clone().requires_grad_()
+    torch.nn.functional.linear(xr, wr).square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(wg.grad, wr.grad)
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_capped_cpu_cell_build_matches_reference(isa):
     """The float32 checks again with the CPU cell kernels capped at `isa`: the generic
@@ -1257,6 +1358,7 @@ def test_capped_cpu_cell_build_matches_reference(isa):
         "test_cpu_cell_math_matches_float64", "test_cpu_saturated_cells_match_float64",
         "test_layers_match_reference_reduced_precision", "test_larger_hidden_float32",
         "test_cpu_cell_ops_independent_of_thread_count", "test_cpu_fused_lstm_loop_matches_reference_on_any_thread_count",
+        "test_inference_call_matches_reference", "test_input_projection_matches_float64_no_worse_than_linear",
         "test_cpu_kernel_isas_follow_the_cap")], isa=isa)
 
 

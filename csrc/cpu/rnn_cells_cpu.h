@@ -35,10 +35,11 @@ struct CellKernels {
 // The fused LSTM time loop's step GEMM (float32): c[rows, cols] = a[rows, K] b, where b
 // [K, cols] is packed in panels of `panel` columns, [panels][K][panel] with the last one
 // zero-padded. A call runs panels [p0, p1) (columns p0 * panel .. min(cols, p1 * panel))
-// for every row; each output is summed in k order whatever the split, so the result
-// does not depend on the thread count.
+// for every row; each output is summed by one register tile in the same order (blocks of
+// k in order) whatever the split, so the result does not depend on the thread count.
 struct StepGemm {
   int64_t panel;
+  int64_t tile_rows;  // rows of its register tile
   void (*run)(const float* a, int64_t lda, int64_t rows, const float* packed, int64_t K,
               int64_t p0, int64_t p1, float* c, int64_t ldc, int64_t cols);
 };

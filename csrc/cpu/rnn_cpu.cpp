@@ -109,29 +109,55 @@ namespace {
 
 // b [K, cols] (float, any strides) as the step GEMM's packed right operand (StepGemm):
 // panel p holds columns [p * panel, (p + 1) * panel), k-major, zero past the last column.
+// Read along b's shorter stride (a weight's transpose: down its columns).
 at::Tensor pack_panels(const at::Tensor& b, int64_t panel) {
   const int64_t K = b.size(0), cols = b.size(1), panels = (cols + panel - 1) / panel;
   const int64_t sk = b.stride(0), sj = b.stride(1);
-  at::Tensor packed = at::zeros({panels, K, panel}, b.options());
+  at::Tensor packed = at::empty({panels, K, panel}, b.options());
   const float* in = b.const_data_ptr<float>();
   float* out = packed.data_ptr<float>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t width = std::min(panel, cols - p * panel);
-      for (int64_t k = 0; k < K; ++k) {
-        for (int64_t j = 0; j < width; ++j) out[(p * K + k) * panel + j] = in[k * sk + (p * panel + j) * sj];
+      float* dst = out + p * K * panel;
+      const float* src = in + p * panel * sj;
+      if (sk <= sj) {
+        for (int64_t j = 0; j < width; ++j) {
+          for (int64_t k = 0; k < K; ++k) dst[k * panel + j] = src[k * sk + j * sj];
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t j = 0; j < width; ++j) dst[k * panel + j] = src[k * sk + j * sj];
+        }
       }
+      for (int64_t k = 0; width < panel && k < K; ++k) std::fill(dst + k * panel + width, dst + (k + 1) * panel, 0.0f);
     }
   });
   return packed;
 }
 
-// How many threads a loop's steps take: at most torch's, at most one per GEMM panel, and
-// at least kMinStepFmas multiply-adds of the widest step's GEMM each.
+// How a team of the fused loops splits each step. By rows when every member gets a full
+// register tile of the widest step's rows: a step's rows are independent of each other
+// (a row's GEMM output, its cell and its next state or carried gradient are that row's
+// alone), so a member keeps its rows through the whole sequence with no barrier at all.
+// Else (few rows) by the GEMM's column panels, the cell by rows, two barriers a step.
+// Measured (LN-LSTM layer, T32 B16, 2 threads, AMD EPYC Zen 4, interleaved rounds): by
+// rows / by panels 0.97-1.02 at H = 128, 256, 512, forward and backward; chosen for the
+// cache (a row's GEMM output read by its cell on the same core) and no waits on a
+// neighbour's share on a shared machine.
+struct TeamPlan {
+  int size;      // threads: at most torch's, at most one per panel (or tile of rows), and
+                 // at least kMinStepFmas multiply-adds of the widest step's GEMM each
+  bool by_rows;
+};
 constexpr int64_t kMinStepFmas = 1 << 17;
-int team_size(int64_t fmas, int64_t panels) {
-  if (at::in_parallel_region()) return 1;  // inside another team: no threads^2 workers
-  return static_cast<int>(std::clamp<int64_t>(fmas / kMinStepFmas, 1, std::min<int64_t>(at::get_num_threads(), panels)));
+TeamPlan plan_team(int64_t widest, int64_t K, int64_t cols, int64_t panels, const cpu::StepGemm& gemm) {
+  if (at::in_parallel_region()) return {1, false};  // inside another team: no threads^2 workers
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (widest * K * cols) / kMinStepFmas);
+  if (threads >= 2 && widest >= 2 * gemm.tile_rows) {
+    return {static_cast<int>(std::min(threads, widest / gemm.tile_rows)), true};
+  }
+  return {static_cast<int>(std::clamp<int64_t>(threads, 1, panels)), false};
 }
 
 // Whether the fused loops take a sequence: float32 steps, and a team to run them on (a build
@@ -165,10 +191,11 @@ std::pair<int64_t, int64_t> share(int64_t n, int team, int me) {
   return {n * me / team, n * (me + 1) / team};
 }
 
-// The fused LSTM loops (float32): every step's GEMM split by column panels and its cell by
-// rows over one OpenMP team that lives for the whole sequence, two barriers a step (the
-// cell needs every column of its rows' GEMM output, the next GEMM every row of the cell's).
-// Against a BLAS call and a cell launch per step this drops two fork/joins and the BLAS's
+// The fused LSTM loops (float32): every step's GEMM and cell over one OpenMP team that lives
+// for the whole sequence, split as TeamPlan says (by rows: no barrier; by panels: two a step,
+// as the cell needs every column of its rows' GEMM output, the next GEMM every row of the
+// cell's). The backward adds each step's parameter gradient rows into per-row sums
+// (LstmGradSums) while they are in cache. Against a BLAS call and a cell launch per step this drops two fork/joins and the BLAS's
 // repacking of the weight every step (packed here once per call); benchmarks/NOTES.md has
 // the numbers. The loops' results do not depend on the thread count (StepGemm; a row's cell
 // on one thread); nothing inside a team may throw (an exception leaving an OpenMP region
@@ -200,7 +227,18 @@ bool lstm_steps_cpu(int64_t count, c10::function_ref<LstmStep(int64_t)> step, co
     eps = static_cast<float>(st.cell.eps);
   }
   const int64_t panels = packed.size(0);
-  run_team(team_size(widest * K * cols, panels), [&](int team, int me, const auto& barrier) {
+  const TeamPlan plan = plan_team(widest, K, cols, panels, gemm);
+  run_team(plan.size, [&](int team, int me, const auto& barrier) {
+    if (plan.by_rows) {
+      const auto [r0, widest_r1] = share(widest, team, me);
+      for (const Step& st : run) {
+        const int64_t r1 = std::min(widest_r1, st.batch);  // packed: later steps hold fewer rows
+        if (r0 >= r1) continue;
+        gemm.run(st.h_prev + r0 * K, K, r1 - r0, w, K, 0, panels, st.hproj + r0 * cols, cols, cols);
+        cells.lstm_fwd(st.rows, r0, r1, H, eps);
+      }
+      return;
+    }
     const auto [p0, p1] = share(panels, team, me);
     for (const Step& st : run) {
       gemm.run(st.h_prev, K, st.batch, w, K, p0, p1, st.hproj, cols, cols);
@@ -214,7 +252,7 @@ bool lstm_steps_cpu(int64_t count, c10::function_ref<LstmStep(int64_t)> step, co
 }
 
 bool lstm_back_steps_cpu(int64_t count, c10::function_ref<LstmBackStep(int64_t)> step,
-                         const at::Tensor& weight_hh, const at::Tensor& carry) {
+                         const at::Tensor& weight_hh, const at::Tensor& carry, const LstmGradSums& sums) {
   if (!fused_loops_apply(weight_hh, count > 0)) return false;
   const cpu::CellKernelSet& set = cpu::cell_kernels();
   const cpu::StepGemm gemm = set.gemm_f32;
@@ -223,6 +261,8 @@ bool lstm_back_steps_cpu(int64_t count, c10::function_ref<LstmBackStep(int64_t)>
   const at::Tensor packed = pack_panels(weight_hh, gemm.panel);  // dhproj W_h
   const float* w = packed.const_data_ptr<float>();
   float* carried = carry.data_ptr<float>();
+  float *sum_gamma_h = sums.dgamma_h.data_ptr<float>(), *sum_bias = sums.dbias.data_ptr<float>();
+  float *sum_gamma_c = sums.dgamma_c.data_ptr<float>(), *sum_beta_c = sums.dbeta_c.data_ptr<float>();
   struct Step {
     const float* dout;
     float *dh, *dc, *dc_prev, *dhproj;
@@ -239,13 +279,36 @@ bool lstm_back_steps_cpu(int64_t count, c10::function_ref<LstmBackStep(int64_t)>
     widest = std::max(widest, c.batch);
   }
   const int64_t panels = packed.size(0);
-  run_team(team_size(widest * K * cols, panels), [&](int team, int me, const auto& barrier) {
-    const auto [p0, p1] = share(panels, team, me);
-    for (const Step& st : run) {
-      const auto [r0, r1] = share(st.batch, team, me);
+  const TeamPlan plan = plan_team(widest, K, cols, panels, gemm);
+  run_team(plan.size, [&](int team, int me, const auto& barrier) {
+    // Rows [r0, r1) of a step: the cell's backward, its parameter gradient rows added into
+    // those rows' sums (still in cache), then (the caller) their gradient reaching h_{t-1}.
+    const auto add_rows = [&](float* sum, const float* rows, int64_t r0, int64_t r1, int64_t n) {
+      for (int64_t i = r0 * n; i < r1 * n; ++i) sum[i] += rows[i];
+    };
+    const auto cell_rows = [&](const Step& st, int64_t r0, int64_t r1) {
       for (int64_t i = r0 * cols; i < r1 * cols; ++i) st.dh[i] = st.dout[i] + carried[i];
       if (r0 < r1) cells.lstm_bwd(st.rows, r0, r1, H);
       std::copy(st.dc_prev + r0 * H, st.dc_prev + r1 * H, st.dc + r0 * H);
+      add_rows(sum_gamma_h, st.rows.dgamma_h_rows, r0, r1, 4 * H);
+      add_rows(sum_bias, st.rows.dgates, r0, r1, 4 * H);
+      add_rows(sum_gamma_c, st.rows.dgamma_c_rows, r0, r1, H);
+      add_rows(sum_beta_c, st.rows.dbeta_c_rows, r0, r1, H);
+    };
+    if (plan.by_rows) {
+      const auto [r0, widest_r1] = share(widest, team, me);
+      for (const Step& st : run) {
+        const int64_t r1 = std::min(widest_r1, st.batch);  // packed: the first steps run hold fewer rows
+        if (r0 >= r1) continue;
+        cell_rows(st, r0, r1);
+        gemm.run(st.dhproj + r0 * K, K, r1 - r0, w, K, 0, panels, carried + r0 * cols, cols, cols);
+      }
+      return;
+    }
+    const auto [p0, p1] = share(panels, team, me);
+    for (const Step& st : run) {
+      const auto [r0, r1] = share(st.batch, team, me);
+      cell_rows(st, r0, r1);
       barrier();
       gemm.run(st.dhproj, K, st.batch, w, K, p0, p1, carried, cols, cols);
       barrier();
@@ -254,9 +317,45 @@ bool lstm_back_steps_cpu(int64_t count, c10::function_ref<LstmBackStep(int64_t)>
   return true;
 }
 
+// x @ weight^T (input_projection): float32 rows in chunks of kProjectionRows over torch's
+// threads, each chunk running every panel of the weight (packed once per call) through the
+// step GEMM's register tiles; an output is summed by one tile whatever the split. MKL's sgemm
+// for these shapes also runs a pass zeroing the output and packs both operands: against
+// F.linear (AMD EPYC Zen 4, 2 threads, same run), rows x in -> out 512x128->512 0.92-0.99x the
+// time, 2048x128->512 0.85-0.89x, 2048x512->2048 0.85x, 4096x1024->4096 0.88-0.92x; below
+// kMinProjectionRows the packing is not paid back (16 rows: 1.5x), so at::linear runs those.
+// The error is no larger than MKL's (blocked sums, kGemmDepth): tests/test_rnn.py.
+constexpr int64_t kProjectionRows = 64, kMinProjectionRows = 256;
+at::Tensor input_projection_cpu(const at::Tensor& x, const at::Tensor& weight) {
+  check_input_projection(x, weight);
+  const int64_t in_features = x.size(-1), rows = in_features ? x.numel() / in_features : 0;
+  if (x.scalar_type() != at::kFloat || rows < kMinProjectionRows || in_features == 0 || weight.size(0) == 0) {
+    return at::linear(x, weight);
+  }
+  const cpu::StepGemm gemm = cpu::cell_kernels().gemm_f32;
+  const int64_t K = weight.size(1), cols = weight.size(0);
+  const at::Tensor a = x.reshape({-1, K}).contiguous();
+  at::Tensor out = at::empty({rows, cols}, a.options());
+  const at::Tensor packed = pack_panels(weight.t(), gemm.panel);
+  const float* in = a.const_data_ptr<float>();
+  const float* w = packed.const_data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  const int64_t panels = packed.size(0), chunks = (rows + kProjectionRows - 1) / kProjectionRows;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = c * kProjectionRows, n = std::min(kProjectionRows, rows - r0);
+      gemm.run(in + r0 * K, K, n, w, K, 0, panels, y + r0 * cols, cols, cols);
+    }
+  });
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(cols);
+  return out.view(shape);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ln_ext, CPU, m) {
+  m.impl("input_projection", &input_projection_cpu);
   m.impl("rnn_cell_fwd", &rnn_cell_fwd_op<rnn_cell_fwd_cpu_kernel>);
   m.impl("rnn_cell_bwd", &rnn_cell_bwd_op<rnn_cell_bwd_cpu_kernel>);
   m.impl("lstm_cell_fwd", &lstm_cell_fwd_op<lstm_cell_fwd_cpu_kernel>);

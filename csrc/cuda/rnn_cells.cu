@@ -90,6 +90,7 @@ void gru_cell_bwd_cuda_kernel(const GruCellArgs& a) {
 }
 
 TORCH_LIBRARY_IMPL(ln_ext, CUDA, m) {
+  m.impl("input_projection", &input_projection_by_linear);  // cuBLAS
   m.impl("rnn_cell_fwd", &rnn_cell_fwd_op<rnn_cell_fwd_cuda_kernel>);
   m.impl("rnn_cell_bwd", &rnn_cell_bwd_op<rnn_cell_bwd_cuda_kernel>);
   m.impl("lstm_cell_fwd", &lstm_cell_fwd_op<lstm_cell_fwd_cuda_kernel>);
