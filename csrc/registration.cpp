@@ -140,10 +140,10 @@ TORCH_LIBRARY(ln_ext, m) {
       "gru_sequence_bwd(Tensor grad_output, Tensor grad_h_n, Tensor weight_hh, Tensor h0, Tensor output, "
       "Tensor hproj, Tensor gates, Tensor stats, Tensor gamma_h, Tensor? batch_sizes, bool reverse) -> "
       "(Tensor d_xzr, Tensor d_xn, Tensor d_weight_hh, Tensor d_h0, Tensor d_gamma_h, Tensor d_beta_h)");
-  // x @ weight^T over x's last dim (F.linear without bias): the LN-RNN input projections of
+  // input @ weight^T over input's last dim (F.linear without bias): the LN-RNN projections of
   // an inference call, on the CPU in float32 by the fused loops' step GEMM (rnn_cpu.cpp);
   // every other dtype and device is at::linear's.
-  m.def("input_projection(Tensor x, Tensor weight) -> Tensor");
+  m.def("input_projection(Tensor input, Tensor weight) -> Tensor");
   // ---- end LN-RNN sequences ----
 }
 

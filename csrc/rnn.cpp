@@ -204,11 +204,11 @@ gru_cell_bwd_impl(const at::Tensor& dh, const at::Tensor& hproj, const at::Tenso
 void check_input_projection(const at::Tensor& x, const at::Tensor& weight) {
   const char* op = "ln_ext.input_projection";
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out_features, in_features], got shape ", weight.sizes());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x's last dim must be weight's in_features ",
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": input's last dim must be weight's in_features ",
               weight.size(1), ", got shape ", x.sizes());
-  TORCH_CHECK(x.device() == weight.device(), op, ": x is on ", x.device(), " but weight is on ", weight.device());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be a floating-point tensor, got ", x.scalar_type());
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": x is ", x.scalar_type(), " but weight is ",
+  TORCH_CHECK(x.device() == weight.device(), op, ": weight is on ", weight.device(), " but input is on ", x.device());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": input must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": input is ", x.scalar_type(), " but weight is ",
               weight.scalar_type());
 }
 

@@ -87,6 +87,8 @@ RULES = {
     "lstm_cell_bwd": Rule((ROW,) * 7 + (PARAM,) * 3, (ROW,) * 6, _BATCH),
     "gru_cell_fwd": Rule((ROW,) * 4 + (PARAM, PARAM), (ROW,) * 3, _BATCH),
     "gru_cell_bwd": Rule((ROW,) * 5 + (PARAM,), (ROW,) * 6, _BATCH),
+    # The LN-RNN input projection (input @ weight^T): any leading dim of input is rows.
+    "input_projection": Rule((ROW, PARAM), (ROW,), lambda a: a.input.ndim - 1),
     # LN-RNN sequences: [T, B, n] sequence tensors (SEQ) beside [B, H] states (ROW), the
     # batch sharded. A packed sequence mixes sequences in its rows: replicated only.
     # batch_sizes (CPU, host-read) is a PARAM.

@@ -44,12 +44,12 @@ def _check_hproj(hproj: torch.Tensor, n_gates: int, op: str, **operands) -> int:
 
 @torch.library.register_fake("ln_ext::input_projection")
 def _input_projection_fake(x, weight):
-    check_same_device("input_projection", "x", x, weight=weight)
+    check_same_device("input_projection", "input", x, weight=weight)
     torch._check(weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1],
-                 lambda: f"ln_ext.input_projection: x's last dim must be weight's in_features, got x "
+                 lambda: f"ln_ext.input_projection: input's last dim must be weight's in_features, got input "
                          f"{list(x.shape)} and weight {list(weight.shape)}")
     torch._check(x.dtype == weight.dtype and x.is_floating_point(),
-                 lambda: f"ln_ext.input_projection: x ({x.dtype}) and weight ({weight.dtype}) must share "
+                 lambda: f"ln_ext.input_projection: input ({x.dtype}) and weight ({weight.dtype}) must share "
                          "a floating-point dtype")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 

@@ -60,12 +60,18 @@ def _sequence_calls(device):
         yield getattr(torch.ops.ln_ext, name).default, args, "weight_hh"
 
 
+def _projection_calls(device):
+    x, w = torch.randn(2, 150, 6, device=device), torch.randn(12, 6, device=device)  # 300 rows: the CPU GEMM
+    yield torch.ops.ln_ext.input_projection.default, [x, w], "input"
+
+
 def every_call(device="cpu"):
     """(op, arguments, name of the argument the others must match) for every ln_ext op."""
     yield from _norm_calls(device)
     yield from _channels_first_calls(device)
     yield from _cell_calls(device)
     yield from _sequence_calls(device)
+    yield from _projection_calls(device)
 
 
 def _tensor_args(op, args):
