@@ -131,6 +131,13 @@ void gemm_tile_rows(int rows, const float* a, int64_t lda, const float* panel, i
 
 void step_gemm(const float* a, int64_t lda, int64_t rows, const float* packed, int64_t K, int64_t p0,
                int64_t p1, float* c, int64_t ldc, int64_t cols) {
+  if (K == 0) {  // an empty sum: the tiles would write nothing
+    const int64_t j1 = std::min(cols, p1 * kGemmPanel);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = p0 * kGemmPanel; j < j1; ++j) c[r * ldc + j] = 0.0f;
+    }
+    return;
+  }
   for (int64_t p = p0; p < p1; ++p) {  // the panel stays in cache across the row tiles
     const float* panel = packed + p * K * kGemmPanel;
     const int64_t width = std::min(kGemmPanel, cols - p * kGemmPanel);
