@@ -121,8 +121,11 @@ struct NormBackward : public torch::autograd::Node {
       d_in = dh;
     }
     const auto as = [&](at::ScalarType dtype) { return d_in.defined() ? d_in.to(dtype) : Tensor(); };
-    return {need_x ? as(x_dtype) : Tensor(), need_residual ? as(residual_dtype) : Tensor(), need_w ? dw : Tensor(),
-            need_b ? db : Tensor()};
+    const Tensor dx = need_x ? as(x_dtype) : Tensor();
+    // x and residual of one dtype (other than h's: a 16-bit residual added in float32) share
+    // one converted gradient, as they share d_in itself when no conversion is needed.
+    const Tensor dres = !need_residual ? Tensor() : (need_x && residual_dtype == x_dtype ? dx : as(residual_dtype));
+    return {dx, dres, need_w ? dw : Tensor(), need_b ? db : Tensor()};
   }
 };
 

@@ -390,3 +390,21 @@ def test_capped_cpu_build_matches_reference(isa):
     (the generic build; the AVX2 one, which an AVX-512 CPU would not pick)."""
     run_with_cpu_isa_cap(["test_norm_family.py::test_rms_norm_matches_float64_reference",
                           "test_norm_family.py::test_add_norm_matches_float64_reference"], isa=isa)
+
+
+@pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
+def test_16bit_input_and_residual_summed_in_float32_convert_their_gradient_once(op):
+    """bf16 x and residual with residual_dtype=float32 (h in float32): the one gradient
+    of h reaches both as bf16 through a single conversion, as it reaches them with no
+    conversion at all when the dtypes match (one tensor for both, not two copies)."""
+    x = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
+    y, h = getattr(ln_ext, op)(x, r, (16,), residual_dtype=torch.float32)
+    assert h.dtype == torch.float32
+    c = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    gx, gr = torch.autograd.grad((y.float() * c).sum() + h.sum(), [x, r])
+    assert gx.dtype == gr.dtype == torch.bfloat16
+    assert gx.data_ptr() == gr.data_ptr()
+    want = torch.autograd.grad((getattr(ln_ext, op)(x.float(), r.float(), (16,))[0] * c).sum()
+                               + (x.float() + r.float()).sum(), x)[0]
+    torch.testing.assert_close(gx.float(), want.to(torch.bfloat16).float(), atol=2e-2, rtol=2e-2)
