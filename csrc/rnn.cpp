@@ -247,8 +247,13 @@ struct InputProjection : public torch::autograd::Function<InputProjection> {
   }
 };
 
-// With a graph to record, the InputProjection node; else straight to the device kernel.
+// With a graph to record, the InputProjection node; with a forward-mode tangent, at::linear
+// (whose forward derivative is ATen's); else straight to the device kernel.
 at::Tensor input_projection_autograd(const at::Tensor& x, const at::Tensor& weight) {
+  if (x._fw_grad(/*level=*/0).defined() || weight._fw_grad(/*level=*/0).defined()) {
+    check_input_projection(x, weight);
+    return at::linear(x, weight);
+  }
   if (torch::autograd::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad())) {
     check_input_projection(x, weight);
     return InputProjection::apply(x, weight);

@@ -1341,6 +1341,11 @@ def test_input_projection_edges_and_autograd():
     xd, wd = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True), torch.randn(6, 5, dtype=torch.float64,
                                                                                     requires_grad=True)
     assert torch.autograd.gradcheck(op, (xd, wd)) and torch.autograd.gradgradcheck(op, (xd, wd))
+    fwad = torch.autograd.forward_ad  # forward mode: at::linear's derivative
+    tangent = torch.randn(300, 5)
+    with fwad.dual_level():
+        primal, jvp = fwad.unpack_dual(op(fwad.make_dual(torch.randn(300, 5), tangent), w))
+    torch.testing.assert_close(jvp, tangent @ w.t())
     x = torch.randn(300, 5, requires_grad=True)
     wg = w.clone().requires_grad_()
     op(x, wg).square().sum().backward()
