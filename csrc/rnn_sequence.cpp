@@ -220,10 +220,10 @@ struct Common {
 // A forward's tensors for its backward (hproj, gates, stats: an inference run keeps no
 // per-step tensor but the output, and returns none), and a backward's parameter gradient
 // rows (a fused loop sums them as it goes).
-struct ForBackward {
+struct PerStepRows {
   at::Tensor rows;  // [N, n] saved, or [B, n] scratch
   bool saved;
-  ForBackward(bool save, int64_t N, int64_t B, int64_t n, const at::TensorOptions& options)
+  PerStepRows(bool save, int64_t N, int64_t B, int64_t n, const at::TensorOptions& options)
       : rows(at::empty({save ? N : B, n}, options)), saved(save) {}
   at::Tensor of_step(const Steps& s, int64_t t) const {
     return saved ? rows_of_step(rows, s, t) : rows_view(rows, 0, s.size[t]);
@@ -288,8 +288,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_sequence_fwd_impl
   a.beta = c.ck.io(beta, "beta", {H});
   const int64_t N = x.size(0);
   at::Tensor out = at::empty({N, H}, x.options());
-  const ForBackward hproj(save, N, B, H, x.options());
-  const ForBackward stats(save, N, B, 2, x.options().dtype(acc_dtype(x.scalar_type())));
+  const PerStepRows hproj(save, N, B, H, x.options());
+  const PerStepRows stats(save, N, B, 2, x.options().dtype(acc_dtype(x.scalar_type())));
   at::Tensor staging = at::empty({B, H}, x.options());
   const at::Tensor w_t = step_gemm_weight(weight_hh);
   for (int64_t k = 0; k < s.count(); ++k) {
@@ -380,9 +380,9 @@ lstm_sequence_fwd_impl(const at::Tensor& xgates, const at::Tensor& weight_hh, co
   // by an inference run). With a projection the cell's h (h_full, [n, H]) is projected
   // to out's [n, P] by weight_hr, and saved for the backward.
   at::Tensor out = at::empty({N, P}, x.options()), cs = at::empty({N, H}, x.options());
-  const ForBackward hproj(save, N, B, 4 * H, x.options());
-  const ForBackward gates(save, N, B, 4 * H, acc), stats(save, N, B, 4, acc);
-  const ForBackward h_full(save && projected, N, B, projected ? H : 0, x.options());
+  const PerStepRows hproj(save, N, B, 4 * H, x.options());
+  const PerStepRows gates(save, N, B, 4 * H, acc), stats(save, N, B, 4, acc);
+  const PerStepRows h_full(save && projected, N, B, projected ? H : 0, x.options());
   at::Tensor staging_h = at::empty({B, P}, x.options()), staging_c = at::empty({B, H}, x.options());
   // Step t's operands; its state staged (a copy of the previous step's rows) where rows start.
   const auto step = [&](int64_t t) {
@@ -467,11 +467,11 @@ lstm_sequence_bwd_impl(const at::Tensor& grad_output, const at::Tensor& grad_h_n
   // step's worth ([B, n]) that every step overwrites.
   const bool fused = run_back_steps != nullptr && !projected && states_are_views(s);
   const auto grad_rows = [&](bool per_step) {
-    return std::array<ForBackward, 3>{ForBackward(per_step, N, B, 4 * H, acc), ForBackward(per_step, N, B, H, acc),
-                                      ForBackward(per_step, N, B, H, acc)};
+    return std::array<PerStepRows, 3>{PerStepRows(per_step, N, B, 4 * H, acc), PerStepRows(per_step, N, B, H, acc),
+                                      PerStepRows(per_step, N, B, H, acc)};
   };
-  std::array<ForBackward, 3> grads = grad_rows(!fused);
-  const ForBackward &dgamma_h_rows = grads[0], &dgamma_c_rows = grads[1], &dbeta_c_rows = grads[2];
+  std::array<PerStepRows, 3> grads = grad_rows(!fused);
+  const PerStepRows &dgamma_h_rows = grads[0], &dgamma_c_rows = grads[1], &dbeta_c_rows = grads[2];
   // Step t's cell operands but dh (its state staged where rows start, as in the forward).
   const auto step = [&](int64_t t) {
     const int64_t n = s.size[t];
@@ -551,7 +551,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_seque
   const int64_t N = x_n.size(0);
   const auto io = x_n.options(), acc = io.dtype(acc_dtype(x_n.scalar_type()));
   at::Tensor out = at::empty({N, H}, io);
-  const ForBackward hproj(save, N, B, 3 * H, io), gates(save, N, B, 4 * H, acc), stats(save, N, B, 4, acc);
+  const PerStepRows hproj(save, N, B, 3 * H, io), gates(save, N, B, 4 * H, acc), stats(save, N, B, 4, acc);
   at::Tensor staging = at::empty({B, H}, io);
   const at::Tensor w_t = step_gemm_weight(weight_hh);
   for (int64_t k = 0; k < s.count(); ++k) {
