@@ -255,8 +255,7 @@ at::Tensor input_projection_autograd(const at::Tensor& x, const at::Tensor& weig
     return at::linear(x, weight);
   }
   if (torch::autograd::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad())) {
-    check_input_projection(x, weight);
-    return InputProjection::apply(x, weight);
+    return InputProjection::apply(x, weight);  // its forward's device kernel checks the arguments
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return input_projection_op().call(x, weight);

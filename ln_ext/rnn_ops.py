@@ -10,6 +10,8 @@ from the op-level composites below instead.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _C  # noqa: F401  (loading it registers torch.ops.ln_ext.*)
@@ -454,9 +456,8 @@ def sequence(mode, xs, weight_hh, state, params, batch_sizes, reverse, eps, relu
     tensors = (*xs, weight_hh, *state, *params) + ((weight_hr,) if weight_hr is not None else ())
     save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     flags = {"RNN": (relu, save), "LSTM": (save, weight_hr), "GRU": (save,)}[mode]
-    if save or torch.compiler.is_compiling():
+    # No graph to record (and not tracing): past the Python autograd kernel (~5 us a call).
+    through_autograd = save or torch.compiler.is_compiling()
+    with contextlib.nullcontext() if through_autograd else torch._C._AutoDispatchBelowAutograd():
         result = fwd(*xs, weight_hh, *state, *params, batch_sizes, reverse, eps, *flags)
-    else:  # no graph to record: past the Python autograd kernel (~5 us a call)
-        with torch._C._AutoDispatchBelowAutograd():
-            result = fwd(*xs, weight_hh, *state, *params, batch_sizes, reverse, eps, *flags)
     return result[: 1 + _N_STATES[mode]]

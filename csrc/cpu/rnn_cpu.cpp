@@ -329,9 +329,7 @@ constexpr int64_t kProjectionRows = 64, kMinProjectionRows = 256;
 at::Tensor input_projection_cpu(const at::Tensor& x, const at::Tensor& weight) {
   check_input_projection(x, weight);
   const int64_t in_features = x.size(-1), rows = in_features ? x.numel() / in_features : 0;
-  if (x.scalar_type() != at::kFloat || rows < kMinProjectionRows || in_features == 0 || weight.size(0) == 0) {
-    return at::linear(x, weight);
-  }
+  if (x.scalar_type() != at::kFloat || rows < kMinProjectionRows) return at::linear(x, weight);
   const cpu::StepGemm gemm = cpu::cell_kernels().gemm_f32;
   const int64_t K = weight.size(1), cols = weight.size(0);
   const at::Tensor a = x.reshape({-1, K}).contiguous();
